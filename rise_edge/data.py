@@ -1,0 +1,341 @@
+"""Domain-folder data sets, the known-data-set registry, and leave-one-domain-out splits.
+
+Layout (DomainBed): `<root>/<dataset folder>/<domain>/<class>/<image>`. The target domain is never
+trained on; all its images form the test set. Validation comes from official split lists where given
+(PACS) or from a seeded holdout of each source domain.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import random
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from rise_edge.config import DataConfig
+from rise_edge.errors import UserError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class KnownDataset:
+    """What the registry knows of a published domain-generalisation data set."""
+
+    folder: str                      # DomainBed folder name under the root
+    domains: tuple[str, ...]
+    classes: tuple[str, ...] | None  # None: discovered from the folders (DomainNet's 345)
+    anchors: tuple[str, ...] | None = None  # RD anchors when domains are not styles
+    build: Callable[[Path], Path] | None = field(default=None, compare=False)  # generates the folder
+
+
+_OFFICE_HOME_CLASSES = tuple("""Alarm_Clock Backpack Batteries Bed Bike Bottle Bucket Calculator Calendar
+Candles Chair Clipboards Computer Couch Curtains Desk_Lamp Drill Eraser Exit_Sign Fan File_Cabinet Flipflops
+Flowers Folder Fork Glasses Hammer Helmet Kettle Keyboard Knives Lamp_Shade Laptop Marker Monitor Mop Mouse
+Mug Notebook Oven Pan Paper_Clip Pen Pencil Postit_Notes Printer Push_Pin Radio Refrigerator Ruler Scissors
+Screwdriver Shelf Sink Sneakers Soda Speaker Spoon TV Table Telephone ToothBrush Toys Trash_Can
+Webcam""".split())
+
+_PHOTO_QUALITY_ANCHORS = ("bright photo", "corrupted photo", "dark photo", "good photo")
+
+KNOWN_DATASETS: dict[str, KnownDataset] = {
+    "PACS": KnownDataset(
+        "PACS", ("art_painting", "cartoon", "photo", "sketch"),
+        ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person")),
+    "VLCS": KnownDataset(
+        "VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007"),
+        ("bird", "car", "chair", "dog", "person"), anchors=_PHOTO_QUALITY_ANCHORS),
+    "OfficeHome": KnownDataset(
+        "office_home", ("Art", "Clipart", "Product", "Real World"), _OFFICE_HOME_CLASSES),
+    "TerraIncognita": KnownDataset(
+        "terra_incognita", ("location_100", "location_38", "location_43", "location_46"),
+        ("bird", "bobcat", "cat", "coyote", "dog", "empty", "opossum", "rabbit", "raccoon", "squirrel"),
+        anchors=_PHOTO_QUALITY_ANCHORS),
+    "DomainNet": KnownDataset(
+        "domain_net", ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"), None),
+}
+
+
+def register_dataset(name: str, spec: KnownDataset) -> None:
+    """Add a data set to the registry (the demo world registers itself this way)."""
+    KNOWN_DATASETS[name] = spec
+
+
+Sample = tuple[str, int]  # (image path, class index)
+
+
+@dataclass(frozen=True)
+class DomainSplits:
+    """Leave-one-domain-out splits: per-source-domain train/val lists and the whole target domain."""
+
+    dataset_dir: Path
+    classes: tuple[str, ...]
+    source_domains: tuple[str, ...]
+    target_domain: str
+    train: dict[str, list[Sample]]
+    val: dict[str, list[Sample]]
+    test: list[Sample]
+    skipped_images: tuple[str, ...] = ()
+
+    @property
+    def train_samples(self) -> list[Sample]:
+        return [s for d in self.source_domains for s in self.train[d]]
+
+    def anchors(self) -> tuple[str, ...]:
+        """Default RD anchors: the registry's, else the source domain names (never the target)."""
+        known = _known(self.dataset_dir.name)
+        if known is not None and known.anchors:
+            return known.anchors
+        return tuple(d.replace("_", " ") for d in self.source_domains)
+
+
+def _known(name: str) -> KnownDataset | None:
+    for key, spec in KNOWN_DATASETS.items():
+        if name in (key, spec.folder):
+            return spec
+    return None
+
+
+def dataset_dir(cfg: DataConfig) -> Path:
+    """The folder holding the domains, generating it first for data sets that are built (the demo)."""
+    known = KNOWN_DATASETS.get(cfg.dataset)
+    if known is not None and known.build is not None:
+        return known.build(Path(cfg.root) if cfg.root else Path())
+    if not cfg.root:
+        raise UserError(f"data.root is empty: set it to the folder that holds '{cfg.dataset}/' "
+                        "(the DomainBed layout <root>/<dataset>/<domain>/<class>/<image>)")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise UserError(f"data.root '{cfg.root}' is not a folder")
+    folder = known.folder if known is not None else cfg.dataset
+    path = root / folder
+    if not path.is_dir():
+        present = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise UserError(f"data set folder '{path}' not found for data.dataset={cfg.dataset}; "
+                        f"folders under {root}: {', '.join(present) or '(none)'}")
+    return path
+
+
+def _subfolders(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def build_splits(cfg: DataConfig, *, check_images: bool = True, progress: bool = True) -> DomainSplits:
+    """Scan the data set, check it, and split it leave-one-domain-out."""
+    path = dataset_dir(cfg)
+    known = _known(cfg.dataset) or _known(path.name)
+    present = _subfolders(path)
+    if not cfg.target_domain:
+        raise UserError(f"data.target_domain is empty; domains of {path.name}: {', '.join(present)}")
+    wanted_sources = cfg.source_domains or tuple(d for d in present if d != cfg.target_domain)
+    for domain in (cfg.target_domain, *wanted_sources):
+        if domain not in present:
+            raise UserError(f"domain '{domain}' not found in {path}; domains present: "
+                            f"{', '.join(present) or '(none)'}")
+    if cfg.target_domain in wanted_sources:
+        raise UserError(f"data.target_domain '{cfg.target_domain}' is also listed in "
+                        "data.source_domains: the unseen domain can never be trained on")
+    if not wanted_sources:
+        raise UserError(f"no source domains left to train on besides '{cfg.target_domain}'")
+    domains = (*wanted_sources, cfg.target_domain)
+    classes = _check_classes(path, domains, known)
+    files = {d: {c: _image_files(path / d / c) for c in classes} for d in domains}
+    empty = [f"{d}/{c}" for d in domains for c in classes if not files[d][c]]
+    if empty:
+        raise UserError(f"no images in {len(empty)} class folder(s) of {path}: {', '.join(empty[:10])}")
+    skipped: tuple[str, ...] = ()
+    if check_images:
+        every = [p for d in domains for c in classes for p in files[d][c]]
+        bad = find_unreadable_images(every, progress=progress)
+        if bad and not cfg.skip_bad_images:
+            listing = "\n  ".join(f"{p}: {why}" for p, why in bad[:20])
+            more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+            raise UserError(f"{len(bad)} unreadable image(s) in {path}:\n  {listing}{more}\n"
+                            "fix or remove them, or set data.skip_bad_images=true to skip them")
+        bad_paths = {p for p, _ in bad}
+        files = {d: {c: [p for p in ps if str(p) not in bad_paths] for c, ps in cs.items()}
+                 for d, cs in files.items()}
+        skipped = tuple(sorted(bad_paths))
+    label = {c: i for i, c in enumerate(classes)}
+    by_domain = {d: [(str(p), label[c]) for c in classes for p in files[d][c]] for d in domains}
+    if cfg.split_lists:
+        train, val = _official_splits(Path(cfg.split_lists), path, wanted_sources, classes,
+                                      set(skipped))
+    else:
+        train, val = {}, {}
+        for d in wanted_sources:
+            train[d], val[d] = _holdout(by_domain[d], cfg.val_fraction, cfg.split_seed, d)
+    return DomainSplits(path, classes, tuple(wanted_sources), cfg.target_domain, train, val,
+                        by_domain[cfg.target_domain], skipped)
+
+
+def _check_classes(path: Path, domains: Sequence[str], known: KnownDataset | None) -> tuple[str, ...]:
+    per_domain = {d: set(_subfolders(path / d)) for d in domains}
+    if known is not None and known.classes is not None:
+        expected = set(known.classes)
+        for d, found in per_domain.items():
+            missing = sorted(expected - found)
+            if missing:
+                raise UserError(f"class folder(s) {', '.join(missing)} missing in {path / d}; "
+                                f"present: {', '.join(sorted(found)) or '(none)'}")
+        return tuple(sorted(expected))
+    union = set().union(*per_domain.values())
+    differ = {d: sorted(union - found) for d, found in per_domain.items() if union - found}
+    if differ:
+        lines = "; ".join(f"{d} lacks {', '.join(m)}" for d, m in differ.items())
+        raise UserError(f"class sets differ between domains of {path}: {lines}")
+    if not union:
+        raise UserError(f"no class folders in the domains of {path}")
+    return tuple(sorted(union))
+
+
+def find_unreadable_images(paths: Sequence[Path], *, progress: bool = True) -> list[tuple[str, str]]:
+    """Fully decode every image (truncation shows only on decode); return (path, reason) pairs."""
+
+    def check(path: Path) -> tuple[str, str] | None:
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as exc:  # PIL raises many types for corrupt files
+            return str(path), f"{type(exc).__name__}: {exc}"
+        return None
+
+    workers = min(8, (os.cpu_count() or 1) * 2)  # PIL releases the GIL while decoding
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        results = list(tqdm(pool.map(check, paths, chunksize=64), total=len(paths), unit="img",
+                            desc="checking images", disable=not progress or None, leave=False))
+    return [r for r in results if r is not None]
+
+
+def _holdout(samples: list[Sample], fraction: float, seed: int, domain: str
+             ) -> tuple[list[Sample], list[Sample]]:
+    """Seeded per-domain holdout; the domain name enters the seed so domains split independently."""
+    order = list(range(len(samples)))
+    random.Random(seed * 1_000_003 + zlib.crc32(domain.encode())).shuffle(order)
+    n_val = max(1, round(fraction * len(samples)))
+    val_idx = set(order[:n_val])
+    return ([s for i, s in enumerate(samples) if i not in val_idx],
+            [s for i, s in enumerate(samples) if i in val_idx])
+
+
+def _official_splits(lists_dir: Path, dataset_path: Path, sources: Sequence[str],
+                     classes: Sequence[str], skipped: set[str]
+                     ) -> tuple[dict[str, list[Sample]], dict[str, list[Sample]]]:
+    """Read `<domain>_train_kfold.txt` / `<domain>_crossval_kfold.txt` (paths relative to the root)."""
+    if not lists_dir.is_dir():
+        raise UserError(f"data.split_lists '{lists_dir}' is not a folder")
+    label = {c: i for i, c in enumerate(classes)}
+    root = dataset_path.parent
+    splits: dict[str, dict[str, list[Sample]]] = {"train": {}, "crossval": {}}
+    for split, per_domain in splits.items():
+        for domain in sources:
+            list_file = lists_dir / f"{domain}_{split}_kfold.txt"
+            if not list_file.is_file():
+                present = ", ".join(sorted(p.name for p in lists_dir.glob("*.txt"))) or "(none)"
+                raise UserError(f"split list {list_file} not found; lists present: {present}")
+            samples = []
+            for n, line in enumerate(list_file.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                rel = line.split()[0]
+                image = root / rel
+                class_name = image.parent.name
+                if class_name not in label or image.parent.parent.name != domain:
+                    raise UserError(f"{list_file}:{n}: '{rel}' is not an image of a known class "
+                                    f"in domain '{domain}'")
+                if str(image) in skipped:
+                    continue
+                if not image.is_file():
+                    raise UserError(f"{list_file}:{n}: image {image} not found")
+                samples.append((str(image), label[class_name]))
+            per_domain[domain] = samples
+    return splits["train"], splits["crossval"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading images
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open any image as RGB: grayscale and palette convert, transparency composites on white."""
+    with Image.open(path) as image:
+        if image.mode == "RGB":
+            return image.copy()
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+
+
+class DomainImages(Dataset):
+    """Images decoded lazily (in DataLoader workers), never all held in memory.
+
+    An index may come with a per-sample seed, `(index, seed)`: augmentation then depends only on the
+    sample and the epoch, not on which worker or process draws it, so resumed and multi-process runs
+    see the same augmented images as an uninterrupted single-process run.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable[[Image.Image], torch.Tensor]):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        path, label = self.samples[index]
+        image = load_rgb(path)
+        if seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), label
+
+
+class EpochBatches:
+    """Batch sampler: a seeded permutation per epoch, global batches, this rank's share of each.
+
+    Every rank sees the same global batches; rank r takes positions r, r + world, ... of each, so N
+    processes together see exactly the batches one process would. Last partial batch dropped.
+    """
+
+    def __init__(self, n_samples: int, global_batch: int, seed: int, *, rank: int = 0,
+                 world_size: int = 1):
+        if global_batch % world_size:
+            raise UserError(f"train.batch_size {global_batch} does not split evenly over "
+                            f"{world_size} processes")
+        if n_samples < global_batch:
+            raise UserError(f"train.batch_size {global_batch} is larger than the {n_samples} "
+                            "training images; lower it")
+        self.n_samples, self.global_batch, self.seed = n_samples, global_batch, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def __len__(self) -> int:
+        return self.n_samples // self.global_batch - self.start_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n_samples, generator=generator).tolist()
+        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+        for b in range(self.start_batch, self.n_samples // self.global_batch):
+            positions = range(b * self.global_batch + self.rank, (b + 1) * self.global_batch,
+                              self.world_size)
+            yield [(order[p], (base + p) % 2**63) for p in positions]

@@ -1,0 +1,199 @@
+"""The run directory: the hand-off between `train`, `export` and `bench`.
+
+    <run>/recipe.yaml            the resolved recipe
+    <run>/student.safetensors    the selected student (weights + metadata in the header)
+    <run>/student.json           the same metadata, readable
+    <run>/metrics.jsonl          one line per logged step and per evaluation
+    <run>/results.json           accuracy of the selected student per domain
+    <run>/resume.safetensors     training state for --resume (model, optimizer, RNG, position)
+    <run>/text_embeddings/       cached teacher text embeddings (RISE)
+    <run>/export/, <run>/bench/  artefacts and reports
+
+Every file is written to a temporary name and renamed, so a kill at any moment leaves either the old
+or the new file, never half of one. Loading never unpickles: tensors come from safetensors, the rest
+from JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rise_edge.config import Recipe, recipe_from_dict
+from rise_edge.errors import UserError
+from rise_edge.student import HeadSpec, Preprocessing, Student, create_backbone
+
+STUDENT_FILE = "student.safetensors"
+RESUME_FILE = "resume.safetensors"
+_META_KEY = "rise_edge"  # safetensors header key holding our JSON metadata
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """safetensors file with our JSON metadata in its header, written atomically."""
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata={_META_KEY: json.dumps(metadata)})
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise UserError(f"{path} is not a readable safetensors file ({exc})") from None
+    if _META_KEY not in header:
+        raise UserError(f"{path} was not written by rise-edge (no '{_META_KEY}' metadata)")
+    return tensors, json.loads(header[_META_KEY])
+
+
+def versions() -> dict[str, str]:
+    import timm
+
+    import rise_edge
+
+    found = {"python": platform.python_version(), "torch": torch.__version__,
+             "timm": timm.__version__, "rise_edge": rise_edge.__version__}
+    try:
+        import open_clip
+        found["open_clip"] = open_clip.__version__
+    except ImportError:
+        pass
+    return found
+
+
+@dataclass(frozen=True)
+class StudentMeta:
+    """Everything needed to rebuild and use the student without the recipe's data or teacher."""
+
+    model: str
+    head: HeadSpec
+    preprocessing: Preprocessing
+    classes: tuple[str, ...]
+    source_domains: tuple[str, ...]
+    target_domain: str
+    step: int
+    selection: dict[str, Any]  # source-val accuracies that selected this checkpoint
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model,
+                "head": {"feature_dim": self.head.feature_dim, "num_classes": self.head.num_classes,
+                         "embed_dim": self.head.embed_dim},
+                "preprocessing": self.preprocessing.to_dict(), "classes": list(self.classes),
+                "source_domains": list(self.source_domains), "target_domain": self.target_domain,
+                "step": self.step, "selection": self.selection}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StudentMeta:
+        return cls(data["model"], HeadSpec(**data["head"]),
+                   Preprocessing.from_dict(data["preprocessing"]), tuple(data["classes"]),
+                   tuple(data["source_domains"]), data["target_domain"], int(data["step"]),
+                   dict(data.get("selection", {})))
+
+
+def save_student(run_dir: Path, student: Student, meta: StudentMeta, recipe: Recipe) -> None:
+    from rise_edge.config import recipe_to_dict
+
+    metadata = {**meta.to_dict(), "recipe": recipe_to_dict(recipe), "versions": versions()}
+    save_tensors(run_dir / STUDENT_FILE, student.state_dict(), metadata)
+    write_json_atomic(run_dir / "student.json", metadata)
+
+
+@dataclass
+class TrainedRun:
+    """A run directory opened for export or bench."""
+
+    path: Path
+    student: Student
+    meta: StudentMeta
+    recipe: Recipe
+
+
+def open_run(run_dir: str | Path) -> TrainedRun:
+    """Load the selected student of a run (eval mode, CPU) with its metadata and recipe."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UserError(f"run directory {path} not found")
+    weights = path / STUDENT_FILE
+    if not weights.is_file():
+        state = "training was interrupted; continue it with `rise-edge train --resume`" if (
+            path / RESUME_FILE).is_file() else "it holds no trained student"
+        raise UserError(f"{path} has no {STUDENT_FILE}: {state}")
+    tensors, metadata = load_tensors(weights)
+    meta = StudentMeta.from_dict(metadata)
+    recipe = recipe_from_dict(metadata["recipe"], f"{weights} (recipe)")
+    student = rebuild_student(meta, recipe)
+    missing, unexpected = student.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{weights} does not match student '{meta.model}': missing "
+                        f"{missing[:3]}, unexpected {unexpected[:3]}")
+    return TrainedRun(path, student.eval(), meta, recipe)
+
+
+def rebuild_student(meta: StudentMeta, recipe: Recipe) -> Student:
+    """The student's architecture with no pretrained weights loaded (they come from the run)."""
+    from dataclasses import replace
+
+    backbone, _ = create_backbone(replace(recipe.student, model=meta.model, pretrained="none"))
+    return Student(backbone, meta.head)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a kill: everything after it is gone too
+    return lines
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; on resume, lines past the checkpoint's step are dropped first."""
+
+    def __init__(self, path: Path, keep: Callable[[dict[str, Any]], bool] | None = None):
+        self.path = path
+        if keep is not None:
+            kept = [r for r in read_jsonl(path) if keep(r)]
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()

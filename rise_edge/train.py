@@ -1,0 +1,366 @@
+"""The training loop: source-domain batches, per-domain evaluation, model selection, checkpoints, resume.
+
+The method lives in rise.py; this loop is the same for ERM and RISE. Model selection uses the mean
+source-domain validation accuracy only; the target domain is evaluated and logged, never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import resource
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from rise_edge.config import Recipe, dump_recipe, recipe_from_dict, recipe_to_dict
+from rise_edge.data import DomainImages, DomainSplits, EpochBatches, build_splits
+from rise_edge.distributed import Distributed
+from rise_edge.errors import UserError
+from rise_edge.paths import cache_root
+from rise_edge.rise import ErmObjective, RiseObjective
+from rise_edge.run_dir import (RESUME_FILE, STUDENT_FILE, MetricsLog, StudentMeta, load_tensors,
+                               save_student, save_tensors, write_json_atomic, write_text_atomic)
+from rise_edge.student import Preprocessing, Student, build_student
+from rise_edge.transforms import eval_transform, train_transform
+
+_RESUMABLE_SECTIONS = ("data", "student", "teacher", "loss", "optim", "train")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    source_domains: tuple[str, ...]
+    target_domain: str
+    selected_step: int
+    accuracy: dict[str, float]  # "val/<domain>", "val_mean", "target/<domain>"
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """Accuracy of the selected student per source domain (validation) and on the unseen target."""
+        rows = [(d, "source (val)", self.accuracy[f"val/{d}"]) for d in self.source_domains]
+        rows.append(("mean of sources", "selection", self.accuracy["val_mean"]))
+        rows.append((self.target_domain, "UNSEEN target", self.accuracy[f"target/{self.target_domain}"]))
+        width = max(len(r[0]) for r in rows) + 2
+        lines = [f"{'domain':<{width}}{'split':<16}accuracy",
+                 *(f"{d:<{width}}{s:<16}{100 * a:6.2f} %" for d, s, a in rows),
+                 f"selected step {self.selected_step}"]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Set-up
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is available; use auto or cpu")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def _absolute_paths(recipe: Recipe) -> Recipe:
+    """Store data paths absolute in the run directory, so export and bench work from anywhere."""
+    data = recipe.data
+    root = str(Path(data.root).expanduser().resolve()) if data.root else ""
+    lists = str(Path(data.split_lists).expanduser().resolve()) if data.split_lists else ""
+    return replace(recipe, data=replace(data, root=root, split_lists=lists))
+
+
+def _run_dir(recipe: Recipe, recipe_name: str, run_dir: Path | None) -> Path:
+    if run_dir is not None:
+        return run_dir
+    name = recipe.train.run_name or (
+        f"{recipe_name}-{recipe.data.target_domain or 'notarget'}-seed{recipe.train.seed}")
+    return Path(recipe.train.output_dir) / name
+
+
+def _prepare_run_dir(path: Path, recipe: Recipe, resume: bool) -> None:
+    """Refuse to overwrite a run; on resume, refuse a recipe that changed what training does."""
+    if not resume:
+        if path.exists() and any(path.iterdir()):
+            hint = ("continue it with --resume" if (path / RESUME_FILE).is_file()
+                    else "it holds a finished run")
+            raise UserError(f"run directory {path} already exists ({hint}); choose another with "
+                            "--run-dir or --set train.run_name=NAME")
+        path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path / "recipe.yaml", dump_recipe(recipe))
+        return
+    if not (path / RESUME_FILE).is_file():
+        state = ("it finished already" if (path / "results.json").is_file()
+                 else "it holds no training state")
+        raise UserError(f"nothing to resume in {path}: {state}")
+    saved = recipe_from_dict(yaml.safe_load((path / "recipe.yaml").read_text()), str(path))
+    old, new = recipe_to_dict(saved), recipe_to_dict(recipe)
+    changed = [f"{s}.{k}" for s in _RESUMABLE_SECTIONS for k in new[s] if old[s][k] != new[s][k]]
+    if changed:
+        raise UserError(f"cannot resume {path}: the recipe changed {', '.join(changed)} since the run "
+                        "started; resume with the same recipe and --set options")
+
+
+def _objective(recipe: Recipe, splits: DomainSplits, device: torch.device, run_dir: Path,
+               cache_dir: Path | None) -> tuple[nn.Module, Student, Preprocessing]:
+    """ERM loads no teacher at all; RISE loads it, embeds the prompts, and sizes the student's head."""
+    torch.manual_seed(recipe.train.seed)
+    if not recipe.uses_teacher:
+        student, pre = build_student(recipe.student, len(splits.classes), None)
+        return ErmObjective(), student, pre
+    from rise_edge.teacher import load_teacher, text_embeddings_cached
+
+    teacher = load_teacher(recipe.teacher, device)
+    anchors = recipe.teacher.anchors or splits.anchors()
+    folders = [run_dir / "text_embeddings"] + ([cache_dir] if cache_dir else [])
+    text = text_embeddings_cached(teacher, splits.classes, recipe.teacher.templates, anchors,
+                                  folders).to(device)
+    student, pre = build_student(recipe.student, len(splits.classes), text.prototypes.shape[1])
+    student.init_classifier_from_text(text.prototypes.cpu())
+    return RiseObjective(recipe.loss, teacher, text, pre), student, pre
+
+
+def _optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
+    o = recipe.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def learning_rate(recipe: Recipe, step: int, total: int) -> float:
+    """The lr at `step` (0-based) of `total`: warm-up, then step, cosine or constant."""
+    o = recipe.optim
+    warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
+    if o.schedule == "step":
+        return o.lr * warm * (o.gamma if step >= round(o.step_at * total) else 1.0)
+    if o.schedule == "cosine":
+        return o.lr * warm * 0.5 * (1.0 + math.cos(math.pi * step / total))
+    return o.lr * warm
+
+
+def _loader(dataset: DomainImages, recipe: Recipe, device: torch.device, **kwargs: Any) -> DataLoader:
+    workers = recipe.data.num_workers
+    return DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
+                      persistent_workers=workers > 0, **kwargs)
+
+
+class _Shard(torch.utils.data.Sampler):
+    """Evaluation indices of this rank: rank, rank + world, ... (counts are summed afterwards)."""
+
+    def __init__(self, n: int, dist: Distributed):
+        self.indices = list(range(dist.rank, n, dist.world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist: Distributed,
+             autocast: contextlib.AbstractContextManager | None = None) -> float:
+    """Top-1 accuracy over the loader's images, summed over all ranks."""
+    model.eval()
+    correct, total = 0, 0
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast or contextlib.nullcontext():
+            logits = model(images)
+        correct += int((logits.argmax(dim=1) == labels).sum())
+        total += int(labels.numel())
+    correct, total = dist.sum([correct, total])
+    return correct / max(total, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run
+
+
+def train_run(recipe: Recipe, *, recipe_name: str = "recipe", run_dir: Path | None = None,
+              resume: bool = False, progress: bool = True, cache_dir: Path | None = None,
+              ) -> TrainResult:
+    """Train per the recipe into a run directory; resume continues an interrupted run exactly."""
+    device = _device(recipe.train.device)
+    dist = Distributed.from_env(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    try:
+        return _train(recipe, recipe_name, run_dir, resume, progress and dist.is_main, device, dist,
+                      cache_dir)
+    finally:
+        dist.close()
+
+
+def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool, progress: bool,
+           device: torch.device, dist: Distributed, cache_dir: Path | None) -> TrainResult:
+    started = time.perf_counter()
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    recipe = _absolute_paths(recipe)
+    path = _run_dir(recipe, recipe_name, run_dir)
+    if dist.is_main:
+        _prepare_run_dir(path, recipe, resume)
+    dist.barrier()
+    splits = dist.share(build_splits(recipe.data, progress=progress) if dist.is_main else None)
+    if splits.skipped_images and dist.is_main:
+        print(f"skipped {len(splits.skipped_images)} unreadable image(s) (data.skip_bad_images)",
+              file=sys.stderr)
+    if cache_dir is None and recipe.uses_teacher:
+        cache_dir = cache_root() / "text_embeddings"
+
+    objective, student, pre = _objective(recipe, splits, device, path, cache_dir)
+    student.to(device)
+    if device.type == "cuda" and recipe.train.channels_last:
+        student.to(memory_format=torch.channels_last)
+    model: nn.Module = student
+    if dist.enabled:
+        model = nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = _optimizer(recipe, student)
+    use_amp = device.type == "cuda" and recipe.train.precision != "fp32"
+    amp_dtype = torch.bfloat16 if recipe.train.precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+
+    train_set = DomainImages(splits.train_samples, train_transform(pre, recipe.train.augment))
+    batches = EpochBatches(len(train_set), recipe.train.batch_size, recipe.train.seed,
+                           rank=dist.rank, world_size=dist.world_size)
+    per_epoch = len(train_set) // recipe.train.batch_size
+    total = recipe.train.steps or recipe.train.epochs * per_epoch
+    eval_every = recipe.train.eval_every or per_epoch
+    eval_sets = {**{f"val/{d}": splits.val[d] for d in splits.source_domains},
+                 f"target/{splits.target_domain}": splits.test}
+    eval_batch = max(1, min(256, 2 * recipe.train.batch_size // dist.world_size))
+    eval_loaders = {name: _loader(DomainImages(samples, eval_transform(pre)), recipe, device,
+                                  batch_size=eval_batch, sampler=_Shard(len(samples), dist))
+                    for name, samples in eval_sets.items()}
+
+    step, best = 0, {"val_mean": -1.0, "step": -1}
+    if resume:
+        step, best = _load_resume(path, student, optimizer, scaler, device)
+    log = MetricsLog(path / "metrics.jsonl", keep=(lambda r: r["step"] <= step) if resume else
+                     None) if dist.is_main else None
+    meta = StudentMeta(recipe.student.model, student.head_spec, pre, splits.classes,
+                       splits.source_domains, splits.target_domain, step, {})
+
+    bar = tqdm(total=total, initial=step, unit="step", desc=f"train {path.name}", disable=not progress,
+               dynamic_ncols=True, file=sys.stderr)
+    window: dict[str, float] = defaultdict(float)
+    window_steps, window_start, seen = 0, time.perf_counter(), 0
+    while step < total:
+        epoch, position = divmod(step, per_epoch)
+        batches.set_epoch(epoch, position)
+        loader = _loader(train_set, recipe, device, batch_sampler=batches)
+        for images, labels in loader:
+            model.train()
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if device.type == "cuda" and recipe.train.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(recipe, step, total)
+            with autocast():
+                terms = objective(model, images, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            seen += images.shape[0] * dist.world_size
+            for name, value in terms.items():
+                window[name] += float(value.detach())
+            window_steps += 1
+            if step % recipe.train.log_every == 0 or step == total:
+                rate = seen / max(time.perf_counter() - window_start, 1e-9)
+                record = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+                          **{k: v / window_steps for k, v in window.items()},
+                          "images_per_s": rate}
+                if log:
+                    log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{rate:.0f}")
+                window.clear()
+                window_steps, window_start, seen = 0, time.perf_counter(), 0
+            bar.update(1)
+            if step % eval_every == 0 or step == total:
+                scores = {name: evaluate(model, dl, device, dist, autocast())
+                          for name, dl in eval_loaders.items()}
+                scores["val_mean"] = sum(scores[f"val/{d}"] for d in splits.source_domains) / len(
+                    splits.source_domains)
+                selected = scores["val_mean"] > best["val_mean"]
+                if selected:
+                    best = {**scores, "step": step}
+                if dist.is_main:
+                    if selected:
+                        save_student(path, student, replace(meta, step=step, selection=best), recipe)
+                    log.write({"step": step, "epoch": epoch, "eval": scores, "selected": selected})
+                    _save_resume(path, student, optimizer, scaler, step, best)
+                    bar.write(f"step {step}: source val {100 * scores['val_mean']:.2f} %"
+                              f"{' (selected)' if selected else ''}, target "
+                              f"{100 * scores[f'target/{splits.target_domain}']:.2f} %")
+            if step >= total:
+                break
+    bar.close()
+    stats = {"wall_time_s": time.perf_counter() - started, "steps": total,
+             "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+             "device": str(device), "world_size": dist.world_size}
+    if device.type == "cuda":
+        stats["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    result = TrainResult(path, splits.source_domains, splits.target_domain, int(best["step"]),
+                         {k: v for k, v in best.items() if k != "step"}, stats)
+    if dist.is_main:
+        write_json_atomic(path / "results.json", {
+            "selected_step": result.selected_step, "accuracy": result.accuracy, "stats": stats,
+            "classes": list(splits.classes), "source_domains": list(splits.source_domains),
+            "target_domain": splits.target_domain,
+            "images": {**{f"train/{d}": len(splits.train[d]) for d in splits.source_domains},
+                       **{k: len(v) for k, v in eval_sets.items()}}})
+        (path / RESUME_FILE).unlink(missing_ok=True)  # finished: nothing left to resume
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume state: model, optimizer, scaler and position in one safetensors file (no pickles).
+
+
+def _save_resume(path: Path, student: Student, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, step: int, best: dict[str, Any]) -> None:
+    tensors = {f"model.{k}": v for k, v in student.state_dict().items()}
+    opt = optimizer.state_dict()
+    for index, state in opt["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    metadata = {"step": step, "best": best, "param_groups": opt["param_groups"],
+                "scaler": scaler.state_dict() if scaler.is_enabled() else {}}
+    save_tensors(path / RESUME_FILE, tensors, metadata)
+
+
+def _load_resume(path: Path, student: Student, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, device: torch.device) -> tuple[int, dict[str, Any]]:
+    tensors, metadata = load_tensors(path / RESUME_FILE)
+    student.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state[int(index)][name] = value.to(device) if value.dim() else value
+    optimizer.load_state_dict({"state": dict(state), "param_groups": metadata["param_groups"]})
+    if metadata["scaler"]:
+        scaler.load_state_dict(metadata["scaler"])
+    torch.set_rng_state(tensors["rng.cpu"])
+    if not (path / STUDENT_FILE).is_file():
+        raise UserError(f"{path}: resume state exists but {STUDENT_FILE} is missing; start again")
+    return int(metadata["step"]), metadata["best"]
+

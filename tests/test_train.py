@@ -1,0 +1,154 @@
+"""`rise-edge train` end to end on tiny synthetic domains: run directory, selection, resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from conftest import TINY_DATASET
+from rise_edge.cli import main
+from rise_edge.config import load_recipe
+from rise_edge.run_dir import open_run
+
+
+def _args(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--run-dir", str(run_dir), "--set", f"data.root={data_root}",
+            "--set", f"data.dataset={TINY_DATASET}", "--set", "data.target_domain=sketch",
+            "--set", "data.val_fraction=0.25", "--set", "data.num_workers=0",
+            "--set", "student.model=test_resnet", "--set", "student.image_size=32",
+            "--set", "train.batch_size=8", "--set", "optim.lr=0.05", *extra]
+
+
+@pytest.fixture
+def recipe_file(tmp_path: Path) -> Path:
+    path = tmp_path / "erm.yaml"
+    path.write_text("loss:\n  w_ce: 1.0\n")
+    return path
+
+
+def test_erm_run_directory(tiny_data_root: Path, recipe_file: Path, tmp_path: Path,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import rise_edge.teacher
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("ERM must not load a teacher")
+
+    monkeypatch.setattr(rise_edge.teacher, "load_teacher", no_teacher)
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", str(recipe_file),
+                                       *_args(tiny_data_root, run_dir, "--set", "train.steps=12",
+                                              "--set", "train.eval_every=4")])
+    assert result.exit_code == 0, result.output
+    assert "UNSEEN target" in result.output and f"run directory: {run_dir}" in result.output
+    for name in ("recipe.yaml", "student.safetensors", "student.json", "metrics.jsonl",
+                 "results.json"):
+        assert (run_dir / name).is_file(), name
+    assert not (run_dir / "resume.safetensors").exists()  # finished runs leave no resume state
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval" in r]
+    assert [r["step"] for r in evals] == [4, 8, 12]
+    assert all({"val/cartoon", "val/photo", "target/sketch", "val_mean"} <= r["eval"].keys()
+               for r in evals)
+    assert all("ce" in r and "images_per_s" in r for r in records if "eval" not in r)
+    # Selection uses source validation only: the selected step has the best val_mean.
+    results = json.loads((run_dir / "results.json").read_text())
+    best = max(evals, key=lambda r: r["eval"]["val_mean"])  # first of equals, as training keeps it
+    assert results["selected_step"] == best["step"]
+    assert results["accuracy"]["target/sketch"] == best["eval"]["target/sketch"]
+    # The run directory is enough to rebuild the student: metadata travels with the weights.
+    run = open_run(run_dir)
+    assert run.meta.classes == ("circle", "square", "triangle")
+    assert run.meta.target_domain == "sketch" and run.meta.preprocessing.input_size == 32
+    assert run.recipe.data.root == str(tiny_data_root.resolve())  # absolute: works from anywhere
+    assert run.student(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+    meta = json.loads((run_dir / "student.json").read_text())
+    assert {"torch", "timm", "rise_edge"} <= meta["versions"].keys()
+
+
+def test_refuses_to_overwrite_a_run(tiny_data_root: Path, recipe_file: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "student.safetensors").write_bytes(b"precious")
+    result = CliRunner().invoke(main, ["train", str(recipe_file),
+                                       *_args(tiny_data_root, run_dir, "--set", "train.steps=2")])
+    assert result.exit_code == 2 and "already exists" in result.output
+    assert (run_dir / "student.safetensors").read_bytes() == b"precious"
+    result = CliRunner().invoke(main, ["train", str(recipe_file), "--resume",
+                                       *_args(tiny_data_root, run_dir, "--set", "train.steps=2")])
+    assert result.exit_code == 2 and "nothing to resume" in result.output
+
+
+def test_open_run_errors(tmp_path: Path) -> None:
+    from rise_edge.errors import UserError
+
+    with pytest.raises(UserError, match="run directory .* not found"):
+        open_run(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no student.safetensors"):
+        open_run(tmp_path / "empty")
+
+
+def test_resume_after_kill_matches_uninterrupted(tiny_data_root: Path, recipe_file: Path,
+                                                 tmp_path: Path) -> None:
+    steps = ["--set", "train.steps=240", "--set", "train.eval_every=12", "--set", "optim.schedule=cosine"]
+    whole = tmp_path / "whole"
+    result = CliRunner().invoke(main, ["train", str(recipe_file),
+                                       *_args(tiny_data_root, whole, *steps)])
+    assert result.exit_code == 0, result.output
+
+    cut = tmp_path / "cut"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rise_edge.cli", "train", str(recipe_file),
+         *_args(tiny_data_root, cut, *steps)], env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = cut / "metrics.jsonl"
+        if metrics.is_file() and (cut / "resume.safetensors").is_file() and any(
+                '"eval"' in line and json.loads(line)["step"] >= 24
+                for line in metrics.read_text().splitlines()):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (cut / "results.json").exists(), "the run finished before it could be killed"
+
+    result = CliRunner().invoke(main, ["train", str(recipe_file), "--resume",
+                                       *_args(tiny_data_root, cut, *steps)])
+    assert result.exit_code == 0, result.output
+    a, b = load_file(str(whole / "student.safetensors")), load_file(str(cut / "student.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    results_a = json.loads((whole / "results.json").read_text())
+    results_b = json.loads((cut / "results.json").read_text())
+    assert results_a["accuracy"] == results_b["accuracy"]
+    assert results_a["selected_step"] == results_b["selected_step"]
+    evals = [json.loads(l)["step"] for l in (cut / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in l]
+    assert evals == list(range(12, 241, 12))  # no duplicate or missing evaluations after resume
+
+
+def test_resume_refuses_a_changed_recipe(tiny_data_root: Path, recipe_file: Path,
+                                         tmp_path: Path) -> None:
+    from rise_edge.train import _prepare_run_dir
+
+    run_dir = tmp_path / "run"
+    recipe = load_recipe(recipe_file, ["train.steps=4"])
+    _prepare_run_dir(run_dir, recipe, resume=False)
+    (run_dir / "resume.safetensors").write_bytes(b"")
+    from rise_edge.errors import UserError
+
+    with pytest.raises(UserError, match="the recipe changed train.steps"):
+        _prepare_run_dir(run_dir, load_recipe(recipe_file, ["train.steps=8"]), resume=True)
