@@ -1,0 +1,91 @@
+"""The method alone: ERM and RISE objectives and their loss terms, vectorised over the batch.
+
+RISE (Huang et al., ICCV 2023): L = w_kd * KD + w_ce * CE + w_dist * (AD + RD), with
+  KD = tau^2 * KL(softmax(q / tau) || softmax(s / tau)), batch mean   (teacher distribution is the target)
+  AD = mean_i [1 - cos(z_i, t_{y_i})]                                  (absolute distance to the class text)
+  RD = 10 * mean_{i,a} (softmax_a cos(z_i, e_{y_i,a}) - softmax_a cos(u_{y_i}, e_{y_i,a}))^2
+where s are student logits, z the projected student embedding, q the teacher's zero-shot logits,
+t / u the normalised / raw class prototypes and e the raw anchor embeddings.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rise_edge.config import LossConfig
+from rise_edge.student import Preprocessing
+from rise_edge.teacher import ClipTeacher, TextEmbeddings
+
+RD_SCALE = 10.0  # the released code's factor on the relative distance
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """(B, C), (B, C) -> scalar. Summed over classes, averaged over the batch, scaled by tau^2."""
+    log_p_student = F.log_softmax(student_logits / tau, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits / tau, dim=-1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * tau**2
+
+
+def absolute_distance(z: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """z (B, D), normalised prototypes t (C, D), labels (B,) -> mean cosine distance to the class text."""
+    return (1.0 - F.cosine_similarity(z, prototypes[labels], dim=-1)).mean()
+
+
+def relative_distance(z: torch.Tensor, raw_prototypes: torch.Tensor, anchors: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor:
+    """z (B, D), raw prototypes u (C, D), raw anchors e (C, A, D), labels (B,) -> scalar.
+
+    Softmax profiles over the anchors of the sample's class: the student's (cosines of z) against the
+    teacher's (cosines of the class prototype u, the same for every image of the class).
+    """
+    class_anchors = F.normalize(anchors[labels], dim=-1)                    # (B, A, D)
+    student = torch.einsum("bd,bad->ba", F.normalize(z, dim=-1), class_anchors)
+    teacher_profile = torch.einsum("cd,cad->ca", F.normalize(raw_prototypes, dim=-1),
+                                   F.normalize(anchors, dim=-1))            # (C, A)
+    p_student = student.softmax(dim=-1)
+    p_teacher = teacher_profile[labels].softmax(dim=-1)
+    return RD_SCALE * (p_student - p_teacher).pow(2).mean()
+
+
+class ErmObjective(nn.Module):
+    """Plain cross-entropy on the source domains: the baseline every RISE result is compared with."""
+
+    def forward(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        logits = student(images)
+        ce = F.cross_entropy(logits.float(), labels)
+        return {"loss": ce, "ce": ce}
+
+
+class RiseObjective(nn.Module):
+    """RISE: CE + distillation from CLIP's zero-shot logits + language-guided embedding distances."""
+
+    def __init__(self, cfg: LossConfig, teacher: ClipTeacher, text: TextEmbeddings,
+                 student_preprocessing: Preprocessing):
+        super().__init__()
+        self.cfg = cfg
+        self.teacher = teacher
+        self.text = text
+        self.student_preprocessing = student_preprocessing
+
+    def forward(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        cfg, text = self.cfg, self.text
+        z, logits = student(images, with_embedding=True)
+        z, logits = z.float(), logits.float()
+        terms: dict[str, torch.Tensor] = {"ce": F.cross_entropy(logits, labels)}
+        total = cfg.w_ce * terms["ce"]
+        if cfg.w_kd > 0:
+            teacher_logits = self.teacher.zero_shot_logits(images, self.student_preprocessing,
+                                                           text.prototypes)
+            terms["kd"] = kd_loss(logits, teacher_logits, cfg.tau)
+            total = total + cfg.w_kd * terms["kd"]
+        if cfg.w_dist > 0 and cfg.absolute_distance:
+            terms["ad"] = absolute_distance(z, text.prototypes, labels)
+            total = total + cfg.w_dist * terms["ad"]
+        if cfg.w_dist > 0 and cfg.relative_distance:
+            terms["rd"] = relative_distance(z, text.raw_prototypes, text.anchors, labels)
+            total = total + cfg.w_dist * terms["rd"]
+        return {"loss": total, **terms}

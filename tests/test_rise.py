@@ -1,0 +1,246 @@
+"""RISE: each loss term against a slow literal version of its formula, invariants, and the teacher."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rise_edge.config import LossConfig, TeacherConfig
+from rise_edge.errors import UserError
+from rise_edge.rise import (RD_SCALE, ErmObjective, RiseObjective, absolute_distance, kd_loss,
+                            relative_distance)
+from rise_edge.student import HeadSpec, Preprocessing, Student
+from rise_edge.teacher import (TextEmbeddings, class_prompt_name, load_teacher,
+                               text_embeddings_cached)
+
+TINY_CLIP = "rise-edge-test-clip"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def register_tiny_clip(folder: Path) -> str:
+    """A one-layer open_clip config with random weights (the real tokenizer comes with it)."""
+    import open_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(folder / f"{TINY_CLIP}.json")
+    return TINY_CLIP
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory):
+    register_tiny_clip(tmp_path_factory.mktemp("clip_config"))
+    torch.manual_seed(0)
+    return load_teacher(TeacherConfig(model=TINY_CLIP, pretrained="none"), torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Literal, per-sample versions of the formulas in the method notes.
+
+
+def literal_kd(s: torch.Tensor, q: torch.Tensor, tau: float) -> float:
+    total = 0.0
+    for i in range(s.shape[0]):
+        p_t = [math.exp(v / tau) for v in q[i].tolist()]
+        p_s = [math.exp(v / tau) for v in s[i].tolist()]
+        zt, zs = sum(p_t), sum(p_s)
+        total += sum((a / zt) * math.log((a / zt) / (b / zs)) for a, b in zip(p_t, p_s))
+    return tau**2 * total / s.shape[0]
+
+
+def _cos(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def literal_ad(z: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> float:
+    return sum(1 - _cos(z[i].tolist(), t[y[i]].tolist()) for i in range(z.shape[0])) / z.shape[0]
+
+
+def _softmax(values: list[float]) -> list[float]:
+    e = [math.exp(v) for v in values]
+    return [v / sum(e) for v in e]
+
+
+def literal_rd(z: torch.Tensor, u: torch.Tensor, e: torch.Tensor, y: torch.Tensor) -> float:
+    total, count = 0.0, 0
+    for i in range(z.shape[0]):
+        c = int(y[i])
+        anchors = range(e.shape[1])
+        p_t = _softmax([_cos(u[c].tolist(), e[c, a].tolist()) for a in anchors])
+        p_s = _softmax([_cos(z[i].tolist(), e[c, a].tolist()) for a in anchors])
+        total += sum((ps - pt) ** 2 for ps, pt in zip(p_s, p_t))
+        count += len(p_t)
+    return RD_SCALE * total / count
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(1)
+    B, C, D, A = 6, 4, 5, 3
+    return {"s": torch.randn(B, C, generator=g) * 3, "q": torch.randn(B, C, generator=g) * 3,
+            "z": torch.randn(B, D, generator=g), "u": torch.randn(C, D, generator=g) * 2,
+            "e": torch.randn(C, A, D, generator=g) * 2, "y": torch.tensor([0, 1, 2, 3, 1, 0])}
+
+
+@pytest.mark.parametrize("tau", [1.0, 3.0])
+def test_kd_matches_literal(batch, tau: float) -> None:
+    assert kd_loss(batch["s"], batch["q"], tau).item() == pytest.approx(
+        literal_kd(batch["s"], batch["q"], tau), rel=1e-5)
+
+
+def test_absolute_distance_matches_literal(batch) -> None:
+    t = F.normalize(batch["u"], dim=-1)
+    assert absolute_distance(batch["z"], t, batch["y"]).item() == pytest.approx(
+        literal_ad(batch["z"], t, batch["y"]), rel=1e-5)
+
+
+def test_relative_distance_matches_literal(batch) -> None:
+    assert relative_distance(batch["z"], batch["u"], batch["e"], batch["y"]).item() == pytest.approx(
+        literal_rd(batch["z"], batch["u"], batch["e"], batch["y"]), rel=1e-5)
+
+
+def test_terms_are_zero_when_the_student_equals_its_target(batch) -> None:
+    y, u, e = batch["y"], batch["u"], batch["e"]
+    assert kd_loss(batch["q"], batch["q"], 3.0).item() == pytest.approx(0.0, abs=1e-6)
+    t = F.normalize(u, dim=-1)
+    assert absolute_distance(u[y] * 2.5, t, y).item() == pytest.approx(0.0, abs=1e-6)
+    assert relative_distance(u[y] * 0.3, u, e, y).item() == pytest.approx(0.0, abs=1e-9)
+    # ...and positive otherwise.
+    assert kd_loss(batch["s"], batch["q"], 3.0) > 0 and relative_distance(
+        batch["z"], u, e, y) > 0
+
+
+def _tiny_student(embed_dim: int | None, classes: int = 3) -> Student:
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4), torch.nn.ReLU(),
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    return Student(backbone, HeadSpec(8, classes, embed_dim))
+
+
+PRE = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_rise_objective_terms_weights_and_no_teacher_gradient(tiny_teacher) -> None:
+    text = tiny_teacher.text_embeddings(["dog", "guitar", "house"], ["a photo of a {}."],
+                                        ["sketch", "cartoon"])
+    student = _tiny_student(text.prototypes.shape[1])
+    student.init_classifier_from_text(text.prototypes)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    cfg = LossConfig(w_ce=0.2, w_kd=0.8, w_dist=1.5, tau=3.0)
+    terms = RiseObjective(cfg, tiny_teacher, text, PRE)(student, images, labels)
+    assert set(terms) == {"loss", "ce", "kd", "ad", "rd"}
+    expected = 0.2 * terms["ce"] + 0.8 * terms["kd"] + 1.5 * (terms["ad"] + terms["rd"])
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    # The teacher logits are exactly the zero-shot ones on the same view.
+    z, logits = student(images, with_embedding=True)
+    q = tiny_teacher.zero_shot_logits(images, PRE, text.prototypes)
+    assert terms["kd"].item() == pytest.approx(kd_loss(logits, q, 3.0).item(), rel=1e-6)
+    terms["loss"].backward()
+    assert all(p.grad is None for p in tiny_teacher.parameters())
+    assert all(not p.requires_grad for p in tiny_teacher.parameters())
+    assert student.projector.weight.grad is not None
+    # Either distance can be switched off.
+    off = RiseObjective(LossConfig(w_kd=0.5, w_dist=1.0, relative_distance=False), tiny_teacher,
+                        text, PRE)(student, images, labels)
+    assert "rd" not in off and "ad" in off
+
+
+def test_erm_objective_is_cross_entropy() -> None:
+    student = _tiny_student(None)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    terms = ErmObjective()(student, images, labels)
+    assert terms.keys() == {"loss", "ce"}
+    assert terms["loss"].item() == pytest.approx(F.cross_entropy(student(images), labels).item())
+
+
+def test_classifier_starts_as_the_text_classifier(tiny_teacher) -> None:
+    text = tiny_teacher.text_embeddings(["a", "b"], ["{}"], ["x"])
+    student = _tiny_student(text.prototypes.shape[1], classes=2)
+    student.init_classifier_from_text(text.prototypes)
+    torch.testing.assert_close(student.classifier.weight, text.prototypes)
+    assert student.projector.weight.std().item() == pytest.approx(0.01, rel=0.3)
+
+
+def test_teacher_sees_its_own_statistics(tiny_teacher) -> None:
+    """Student-normalised input is mapped back to pixels, then into CLIP's mean/std."""
+    pixels = torch.rand(2, 3, 32, 32)
+    student_pre = Preprocessing(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    student_input = (pixels - torch.tensor(student_pre.mean).view(1, 3, 1, 1)) / torch.tensor(
+        student_pre.std).view(1, 3, 1, 1)
+    clip_input = (pixels - tiny_teacher.mean) / tiny_teacher.std
+    expected = F.normalize(tiny_teacher.model.encode_image(clip_input), dim=-1)
+    torch.testing.assert_close(tiny_teacher.encode_images(student_input, student_pre), expected,
+                               rtol=1e-4, atol=1e-5)
+    assert tiny_teacher.logit_scale == pytest.approx(
+        tiny_teacher.model.logit_scale.exp().item())
+
+
+def test_text_embeddings_prototypes_and_anchors(tiny_teacher) -> None:
+    templates = ["itap of a {}.", "art of the {}."]
+    text = tiny_teacher.text_embeddings(["Alarm_Clock", "dog"], templates, ["sketch", "photo"])
+    raw = tiny_teacher.encode_texts(["itap of a Alarm Clock.", "art of the Alarm Clock."]).mean(0)
+    torch.testing.assert_close(text.raw_prototypes[0], raw)
+    torch.testing.assert_close(text.prototypes[0], F.normalize(raw, dim=-1))
+    anchor = tiny_teacher.encode_texts(["a photo of a dog"])[0]
+    torch.testing.assert_close(text.anchors[1, 1], anchor)
+    assert class_prompt_name("Alarm_Clock") == "Alarm Clock"
+
+
+def test_text_embeddings_are_cached_by_key(tiny_teacher, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    args = (["dog", "cat"], ["a {}."], ["sketch"])
+    first = text_embeddings_cached(tiny_teacher, *args, [tmp_path / "run", tmp_path / "shared"])
+    assert len(list((tmp_path / "shared").glob("text-*.safetensors"))) == 1
+
+    def fail(*a, **k):
+        raise AssertionError("should come from the cache")
+
+    monkeypatch.setattr(tiny_teacher, "text_embeddings", fail)
+    again = text_embeddings_cached(tiny_teacher, *args, [tmp_path / "other_run", tmp_path / "shared"])
+    torch.testing.assert_close(again.anchors, first.anchors)
+    monkeypatch.undo()
+    text_embeddings_cached(tiny_teacher, ["dog", "cat"], ["a {}."], ["cartoon"], [tmp_path / "shared"])
+    assert len(list((tmp_path / "shared").glob("text-*.safetensors"))) == 2  # new anchors, new key
+
+
+def test_missing_clip_weights_say_what_was_looked_for_and_where(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as hf_constants
+    import open_clip
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(open_clip, "download_pretrained", offline)
+    with pytest.raises(UserError) as info:
+        load_teacher(TeacherConfig(model="ViT-B-16", pretrained="openai"), torch.device("cpu"))
+    message = str(info.value)
+    assert "ViT-B-16 / openai" in message and "timm/vit_base_patch16_clip_224.openai" in message
+    assert str(tmp_path / "hf") in message and "teacher.pretrained" in message
+    with pytest.raises(UserError, match="neither a file nor an open_clip tag"):
+        load_teacher(TeacherConfig(model="ViT-B-16", pretrained="nope"), torch.device("cpu"))
+    with pytest.raises(UserError, match="not an open_clip model"):
+        load_teacher(TeacherConfig(model="ViT-Q-99", pretrained="openai"), torch.device("cpu"))
+
+
+def test_teacher_from_a_local_file(tiny_teacher, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_teacher.model.state_dict().items()}, str(weights))
+    loaded = load_teacher(TeacherConfig(model=TINY_CLIP, pretrained=str(weights)), torch.device("cpu"))
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.encode_images(images, PRE), tiny_teacher.encode_images(images, PRE))
+    assert isinstance(loaded.text_embeddings(["a"], ["{}"], ["b"]), TextEmbeddings)
