@@ -65,7 +65,94 @@ def train(recipe: Path, overrides: tuple[str, ...], resume: bool, run_dir: Path 
 # -- export command --
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--format", "formats", multiple=True,
+              type=click.Choice(["onnx", "tensorrt", "torch-tensorrt", "all"]),
+              help="Artefacts to make (repeatable; default: the recipe's export.formats).")
+@click.option("--fp16/--no-fp16", default=None, help="Also make FP16 artefacts (GPU formats).")
+@click.option("--int8/--no-int8", default=None,
+              help="Also make INT8 artefacts (ONNX Runtime CPU; TensorRT Q/DQ and engine).")
+@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]),
+              default=None, help="How INT8 activation ranges are calibrated.")
+@click.option("--calibration-size", type=int, default=None,
+              help="Calibration images, balanced over source domains and classes.")
+@click.option("--budget", type=float, default=None,
+              help="Largest INT8 accuracy drop (points) on any source domain before layers fall back.")
+@click.option("--fold-preprocessing/--no-fold-preprocessing", default=None,
+              help="Also export a graph that takes uint8 NHWC camera frames.")
+@click.option("--set", "overrides", multiple=True, metavar="export.KEY=VALUE",
+              help="Override an export field, e.g. --set export.opset=17 (repeatable).")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@_user_errors
+def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: bool | None,
+           calibration_method: str | None, calibration_size: int | None, budget: float | None,
+           fold_preprocessing: bool | None, overrides: tuple[str, ...], quiet: bool) -> None:
+    """Export the trained student of RUN_DIR (ONNX, INT8, TensorRT) into RUN_DIR/export/."""
+    from rise_edge.export import export_run, resolve_export_config
+    from rise_edge.run_dir import open_run
+
+    cfg = resolve_export_config(
+        open_run(run_dir), overrides, formats=list(formats) or None, fp16=fp16, int8=int8,
+        calibration_method=calibration_method, calibration_size=calibration_size,
+        accuracy_budget=budget, fold_preprocessing=fold_preprocessing)
+    result = export_run(run_dir, cfg, progress=not quiet)
+    click.echo(result.table())
+    click.echo(f"artefacts and metadata: {result.path}")
+    if result.failed:
+        click.echo(f"error: {len(result.failed)} artefact(s) failed: {', '.join(result.failed)}",
+                   err=True)
+        sys.exit(1)
+
+
 # -- bench command --
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--domain", "domains", multiple=True, metavar="NAME",
+              help="Domain to score (repeatable), or 'all' (default: the run's target domain).")
+@click.option("--engines", multiple=True, metavar="NAME[,NAME...]",
+              help="pytorch (always run: the reference), onnxruntime, tensorrt, torch-tensorrt, or an "
+                   "artefact name from export.json such as onnx-int8 (default: every artefact).")
+@click.option("--batch", "batch_sizes", multiple=True, type=click.IntRange(min=1),
+              help="Batch size to time (repeatable; default: the recipe's bench.batch_sizes, 1 and 32).")
+@click.option("--iterations", type=click.IntRange(min=1), default=None,
+              help="Timed runs per batch size.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Time each batch size for this many seconds instead of a number of runs.")
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Untimed runs first.")
+@click.option("--cuda-graphs", is_flag=True, default=False,
+              help="Also time CUDA-graph replay where the runner allows it (GPU).")
+@click.option("--max-images", type=click.IntRange(min=0), default=None,
+              help="Score at most this many images per domain (a seeded subset; 0: all).")
+@click.option("--quiet", is_flag=True, help="No progress lines or bars.")
+@_user_errors
+def bench(run_dir: Path, domains: tuple[str, ...], engines: tuple[str, ...],
+          batch_sizes: tuple[int, ...], iterations: int | None, duration: float | None,
+          warmup: int | None, cuda_graphs: bool, max_images: int | None, quiet: bool) -> None:
+    """Accuracy per domain and latency of every artefact of RUN_DIR; report in RUN_DIR/bench/."""
+    from rise_edge.bench import bench_run, resolve_bench_config
+    from rise_edge.run_dir import open_run
+
+    if iterations is not None and duration is not None:
+        raise UserError("give --iterations or --duration, not both")
+    flags: dict[str, Any] = {
+        "domains": domains or None, "batch_sizes": batch_sizes or None, "warmup": warmup,
+        "max_images": max_images, "cuda_graphs": True if cuda_graphs else None,
+        "engines": tuple(e.strip() for item in engines for e in item.split(",") if e.strip()) or None}
+    if iterations is not None:
+        flags.update(iterations=iterations, duration_s=0.0)
+    if duration is not None:
+        flags["duration_s"] = duration
+    cfg = resolve_bench_config(open_run(run_dir), **flags)
+    report = bench_run(run_dir, cfg, progress=not quiet)
+    click.echo(report.table())
+    click.echo(f"report: {report.path / report.data['files']['markdown']} "
+               f"(+ {', '.join(f for k, f in report.data['files'].items() if k != 'markdown')})")
+    if report.failed:
+        click.echo(f"error: {len(report.failed)} engine(s) failed: {', '.join(report.failed)}", err=True)
+        sys.exit(1)
 
 
 # -- demo command --

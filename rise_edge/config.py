@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -126,6 +127,10 @@ class ExportConfig:
     fold_preprocessing: bool = _f(False, "fold resize/normalisation into the ONNX graph "
                                   "(input: uint8 NHWC)")
     parity_tolerance: float = _f(1e-3, "largest max-abs logit difference ONNX vs PyTorch", gt=0.0)
+    calibration_seed: int = _f(0, "seed of the calibration images' shuffle within each "
+                               "(domain, class) cell", min=0)
+    batch_profile: tuple[int, ...] = _f((1, 8, 32), "TensorRT dynamic-batch optimisation profile: "
+                                        "min, opt, max batch")
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,9 @@ class BenchConfig:
     warmup: int = _f(10, "untimed iterations before timing", min=0)
     iterations: int = _f(100, "timed iterations per batch size", min=1)
     duration_s: float = _f(0.0, "time for at least this long instead (0: use iterations)", min=0.0)
+    cuda_graphs: bool = _f(False, "also time CUDA-graph replay where the runner allows (GPU)")
+    max_images: int = _f(0, "accuracy on at most this many images per domain, a seeded subset "
+                         "shared by every engine (0: all)", min=0)
 
 
 @dataclass(frozen=True)
@@ -165,6 +173,20 @@ _SECTION_TYPES: dict[str, type] = {
 # Loading and validation
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` (no dot) as a string; recipes mean a number, as YAML 1.2 does."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"""),
+    list("-+0123456789"))
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds plain data only
+
+
 def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Recipe:
     """Read a recipe file (or the defaults when path is None) and apply `section.key=value` overrides."""
     raw: dict[str, Any] = {}
@@ -175,7 +197,7 @@ def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if not path.is_file():
             raise UserError(f"recipe file not found: {path}" + _nearby_recipes(path))
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = parse_yaml(path.read_text())
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -187,7 +209,7 @@ def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
                             f"({', '.join(_SECTION_TYPES)}), got {type(loaded).__name__}")
         raw = loaded
     for override in overrides:
-        section_key, value = _parse_override(override)
+        section_key, value = parse_override(override)
         section, _, key = section_key.partition(".")
         target = raw.setdefault(section, {}) if section in _SECTION_TYPES else None
         if target is None:
@@ -315,12 +337,12 @@ def _suggest(key: str, valid: typing.Iterable[str], prefix: str = "") -> str:
     return f"; valid keys: {', '.join(prefix + v for v in valid)}"
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or "." not in key or not key.strip():
         raise UserError(f"--set {text}: expected section.key=value, e.g. --set optim.lr=0.01")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = parse_yaml(value) if value.strip() else ""
     except yaml.YAMLError:
         parsed = value
     return key.strip(), parsed

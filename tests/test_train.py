@@ -142,13 +142,40 @@ def test_resume_after_kill_matches_uninterrupted(tiny_data_root: Path, recipe_fi
 
 def test_resume_refuses_a_changed_recipe(tiny_data_root: Path, recipe_file: Path,
                                          tmp_path: Path) -> None:
-    from rise_edge.train import _prepare_run_dir
+    from rise_edge.config import dump_recipe
+    from rise_edge.errors import UserError
+    from rise_edge.train import _check_run_dir
 
     run_dir = tmp_path / "run"
-    recipe = load_recipe(recipe_file, ["train.steps=4"])
-    _prepare_run_dir(run_dir, recipe, resume=False)
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text(dump_recipe(load_recipe(recipe_file, ["train.steps=4"])))
     (run_dir / "resume.safetensors").write_bytes(b"")
-    from rise_edge.errors import UserError
-
     with pytest.raises(UserError, match="the recipe changed train.steps"):
-        _prepare_run_dir(run_dir, load_recipe(recipe_file, ["train.steps=8"]), resume=True)
+        _check_run_dir(run_dir, load_recipe(recipe_file, ["train.steps=8"]), resume=True)
+
+
+def test_a_failed_start_leaves_nothing_behind(tiny_data_root: Path, recipe_file: Path,
+                                              tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    bad = CliRunner().invoke(main, ["train", str(recipe_file), *_args(
+        tiny_data_root, run_dir, "--set", "train.batch_size=4096")])
+    assert bad.exit_code == 2 and not run_dir.exists()
+    good = CliRunner().invoke(main, ["train", str(recipe_file), *_args(
+        tiny_data_root, run_dir, "--set", "train.steps=2")])
+    assert good.exit_code == 0, good.output
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.target_domain=clipart", "domain 'clipart' not found"),
+    ("student.model=resnet_18", "is not a timm model; did you mean: "),
+    ("student.pretrained=missing.safetensors", "weights file missing.safetensors not found"),
+    ("student.pretrained=lite0-offline", "holds weights for 'tf_efficientnet_lite0'"),
+    ("train.batch_size=4096", "larger than the"),
+])
+def test_bad_data_and_student_inputs_exit_2(tiny_data_root: Path, recipe_file: Path, tmp_path: Path,
+                                           override: str, message: str) -> None:
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", str(recipe_file),
+                                       *_args(tiny_data_root, run_dir, "--set", override)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output

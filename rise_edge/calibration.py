@@ -1,0 +1,134 @@
+"""The INT8 calibration set, and the images export checks against.
+
+Calibration images come from the SOURCE domains' training splits only (never validation, never the
+target domain), balanced across (domain, class) cells: each cell is shuffled with its own seed and the
+cells are visited round-robin, so any prefix of the list is as balanced as the data allows. Images are
+preprocessed exactly as at inference (`eval_transform`). The set is identified by a sha256 over its
+file list AND the files' bytes, so a cache keyed on it goes stale when an image changes, not only
+when a name does.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import random
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rise_edge.data import DomainSplits, Sample, load_rgb
+from rise_edge.student import Preprocessing
+from rise_edge.transforms import eval_transform
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Images chosen to calibrate INT8 ranges. `files` are relative to the data set folder."""
+
+    dataset_dir: Path
+    files: tuple[str, ...]
+    labels: tuple[int, ...]
+    sha256: str
+    requested: int
+    seed: int
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.dataset_dir / f for f in self.files]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per source domain and per class index (as strings, for JSON)."""
+        return {"per_domain": dict(Counter(f.split("/")[0] for f in self.files)),
+                "per_class": {str(k): v for k, v in sorted(Counter(self.labels).items())}}
+
+    def to_record(self, classes: Sequence[str]) -> dict[str, Any]:
+        counts = self.counts()
+        return {"sha256": self.sha256, "size": len(self.files), "requested": self.requested,
+                "seed": self.seed, "source": "source-domain training splits",
+                "per_domain": counts["per_domain"],
+                "per_class": {classes[int(k)]: v for k, v in counts["per_class"].items()},
+                "files": list(self.files)}
+
+
+def _relative(path: str, dataset_dir: Path) -> str:
+    return Path(os.path.relpath(path, dataset_dir)).as_posix()
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def select_calibration_set(splits: DomainSplits, size: int, seed: int = 0) -> CalibrationSet:
+    """Up to `size` source-domain training images, round-robin over (domain, class) cells.
+
+    Each cell is shuffled with a seed derived from (seed, domain, class), so adding a domain or class
+    does not reshuffle the others. Capped by the images that exist.
+    """
+    cells: list[list[Sample]] = []
+    for domain in splits.source_domains:  # never splits.target_domain, never splits.val
+        by_class: dict[int, list[Sample]] = {}
+        for sample in splits.train[domain]:
+            by_class.setdefault(sample[1], []).append(sample)
+        for label in sorted(by_class):
+            cell = sorted(by_class[label])
+            random.Random(seed * 1_000_003 + zlib.crc32(f"{domain}/{label}".encode())).shuffle(cell)
+            cells.append(cell)
+    chosen: list[Sample] = []
+    depth = 0
+    while len(chosen) < size and any(depth < len(c) for c in cells):
+        for cell in cells:
+            if depth < len(cell) and len(chosen) < size:
+                chosen.append(cell[depth])
+        depth += 1
+    files = tuple(_relative(p, splits.dataset_dir) for p, _ in chosen)
+    digest = hashlib.sha256()
+    for rel, (path, _) in zip(files, chosen):
+        digest.update(f"{rel}\t{file_sha256(path)}\n".encode())
+    return CalibrationSet(splits.dataset_dir, files, tuple(y for _, y in chosen), digest.hexdigest(),
+                          size, seed)
+
+
+def balanced_val_samples(splits: DomainSplits, count: int) -> list[Sample]:
+    """Up to `count` source-validation images, round-robin over source domains (parity checks)."""
+    pools = [list(splits.val[d]) for d in splits.source_domains]
+    chosen: list[Sample] = []
+    depth = 0
+    while len(chosen) < count and any(depth < len(p) for p in pools):
+        for pool in pools:
+            if depth < len(pool) and len(chosen) < count:
+                chosen.append(pool[depth])
+        depth += 1
+    return chosen
+
+
+def load_images(paths: Sequence[str | Path], preprocessing: Preprocessing, workers: int = 0
+                ) -> np.ndarray:
+    """Decode and preprocess images exactly as at inference -> (N, 3, S, S) float32."""
+    transform = eval_transform(preprocessing)
+
+    def one(path: str | Path) -> np.ndarray:
+        return transform(load_rgb(path)).numpy()
+
+    size = preprocessing.input_size
+    if not paths:
+        return np.zeros((0, 3, size, size), np.float32)
+    workers = workers or min(4, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL
+        return np.stack(list(pool.map(one, paths))).astype(np.float32, copy=False)
+
+
+def cache_key(**parts: Any) -> str:
+    """A sha256 over named parts (calibration hash, method, model hash, ...): cache names use it."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
