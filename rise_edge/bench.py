@@ -1,0 +1,633 @@
+"""`rise-edge bench`: accuracy and latency of every artefact of a run, per domain, in one report.
+
+    report = bench_run("runs/pacs-sketch-seed0", BenchConfig(domains=("all",)))
+    print(report.table())          # and RUN_DIR/bench/{report.json, report.md, *.png}
+
+One row per engine x precision: the PyTorch student in eager FP32 (always: the reference every drop is
+measured against), then every artefact in RUN_DIR/export/export.json (or those `engines` names). A row
+that cannot run still appears, with its status and the reason:
+
+    ok            accuracy and latency measured
+    partial       accuracy measured; some batch size could not be timed (see its latency entry)
+    unavailable   this machine cannot run it (no CUDA GPU, no TensorRT, a graph meant for TensorRT)
+    not-exported  export.json records it, but its export did not succeed (export's status + reason)
+    stale         made from an earlier student.safetensors than the run holds now; re-export it
+    missing       asked for, or listed in export.json, but the file is not there
+    load-failed   the file is there but does not load (damaged, or an engine built for another GPU
+                  or TensorRT version)
+    run-failed    it loaded but failed while running
+
+Engines are benched one after another (load, accuracy over every chosen domain, latency at every
+batch size, unload), so each row's memory peak is its own and a failing engine stops only its row.
+Accuracy: top-1 on the target domain's images (all of them: the unseen test set) and on each source
+domain's validation split (held out from training), with the confusion matrix and the agreement with
+the reference's predictions. Images are decoded and preprocessed in the main thread, timed apart
+from inference: that is the decode + preprocess figure. Latency: see rise_edge.latency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import gc
+import importlib.util
+import json
+import random
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rise_edge.config import BenchConfig, recipe_from_dict, recipe_to_dict
+from rise_edge.data import DomainSplits, Sample, build_splits, load_rgb
+from rise_edge.engines import ENGINES, GPU_FORMATS, Runner, TorchRunner, runner_for
+from rise_edge.errors import UserError
+from rise_edge.latency import PERCENTILE_DEFINITION, TimingPlan, mlperf_style, time_runner
+from rise_edge.resources import GpuMemory, HostMemory, TegraStats, machine_info, software_versions
+from rise_edge.run_dir import STUDENT_FILE, TrainedRun, open_run
+from rise_edge.transforms import eval_transform
+
+BENCH_DIR = "bench"
+EXPORT_DIR, EXPORT_JSON = "export", "export.json"  # written by rise_edge.export
+REFERENCE = "pytorch"
+ACCURACY_BATCH = 32
+SCHEMA = 1
+
+# --engines accepts the reference, a backend (all its artefacts) or an artefact name from export.json.
+BACKEND_OF_FORMAT = {"pytorch": "pytorch", "onnx": "onnxruntime", "tensorrt": "tensorrt",
+                     "torch-tensorrt": "torch-tensorrt"}
+ENGINE_ALIASES = {"torch": "pytorch", "ort": "onnxruntime", "trt": "tensorrt"}
+FAILED = frozenset({"missing", "load-failed", "run-failed"})
+assert set(BACKEND_OF_FORMAT) == set(ENGINES)
+
+
+def _log(progress: bool) -> Callable[[str], None]:
+    def log(message: str) -> None:
+        if progress:
+            print(f"[bench] {message}", file=sys.stderr, flush=True)
+    return log
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration and domains
+
+
+def resolve_bench_config(run: TrainedRun, **flags: Any) -> BenchConfig:
+    """The run's recipe.bench with command-line flags (None = not given) on top, validated like a recipe."""
+    values = recipe_to_dict(run.recipe)["bench"]
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return recipe_from_dict({"bench": values}, "bench options").bench
+
+
+@dataclass(frozen=True)
+class DomainSet:
+    """The images one domain is scored on. `split` says which: the target's all, a source's val."""
+
+    name: str
+    role: str               # "target" or "source"
+    split: str
+    samples: tuple[Sample, ...]
+    available: int          # images in that split before any max_images subset
+
+
+def select_domains(run: TrainedRun, requested: Sequence[str]) -> list[str]:
+    """Domain names to score: the target by default, 'all' for the run's every domain, else as named."""
+    meta = run.meta
+    known = [*meta.source_domains, meta.target_domain]
+    if not requested:
+        return [meta.target_domain]
+    if "all" in requested:
+        return sorted(known)
+    chosen: list[str] = []
+    for name in requested:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            listing = ", ".join([*(f"{d} (source)" for d in meta.source_domains),
+                                 f"{meta.target_domain} (target)"])
+            raise UserError(f"unknown domain '{name}'{hint}; this run's domains: {listing}, or 'all'")
+        if name not in chosen:
+            chosen.append(name)
+    return chosen
+
+
+def domain_sets(run: TrainedRun, splits: DomainSplits, names: Sequence[str], max_images: int
+                ) -> list[DomainSet]:
+    sets = []
+    for name in names:
+        if name == run.meta.target_domain:
+            samples, role, split = splits.test, "target", "all images (unseen target)"
+        else:
+            samples, role, split = splits.val[name], "source", "validation split (held out from training)"
+        chosen = list(samples)
+        if max_images and len(chosen) > max_images:  # seeded, in original order, same for every engine
+            keep = sorted(random.Random(f"bench:{name}").sample(range(len(chosen)), max_images))
+            chosen = [chosen[i] for i in keep]
+        sets.append(DomainSet(name, role, split, tuple(chosen), len(samples)))
+    return sets
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which engines: the reference + export.json's artefacts, each with what stops it from running here
+
+
+@dataclass
+class EngineSpec:
+    name: str                      # row name: "pytorch" or the export artefact's name
+    format: str                    # a key of engines.ENGINES
+    precision: str
+    target: str
+    record: dict[str, Any] | None  # export.json record (None for the reference)
+    path: Path | None
+    device: str = "auto"
+    status: str = "pending"        # "pending": to be run
+    reason: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_export(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / EXPORT_DIR / EXPORT_JSON
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); re-run `rise-edge export {run_dir}`") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _known_artefacts() -> dict[str, Any]:
+    """export's table of artefacts (name -> spec with .format), in its order; {} without onnx."""
+    try:
+        from rise_edge.export import ARTEFACTS
+    except ImportError:  # export needs onnx; a bench of the reference alone does not
+        return {}
+    return dict(ARTEFACTS)
+
+
+def _gpu_reason(fmt: str) -> str | None:
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("no CUDA GPU is visible to PyTorch")
+    package = {"tensorrt": "tensorrt", "torch-tensorrt": "torch_tensorrt"}[fmt]
+    if importlib.util.find_spec(package) is None:
+        missing.append(f"the '{package.replace('_', '-')}' package is not installed")
+    if not missing:
+        return None
+    return (f"{fmt} artefacts run on a CUDA GPU with {package.replace('_', '-')}, but here "
+            f"{' and '.join(missing)}; bench them on the device that built them.")
+
+
+def _ort_has(provider: str) -> bool:
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return provider in onnxruntime.get_available_providers()
+
+
+def _check_record(spec: EngineSpec, explicit: bool, student_sha: str | None) -> None:
+    """Set spec.status/reason/device from its export record and this machine."""
+    record = spec.record or {}
+    if record.get("status") != "ok":
+        spec.status = "not-exported"
+        spec.reason = f"export status '{record.get('status')}': {record.get('reason', 'no reason given')}"
+        return
+    if student_sha and record.get("student_sha256") not in (None, student_sha):
+        spec.status, spec.reason = "stale", (f"made from an earlier {STUDENT_FILE} than this run holds; "
+                                             "re-export it with `rise-edge export`")
+        return
+    if spec.format not in ENGINES:
+        spec.status, spec.reason = "unavailable", f"no runner for artefact format '{spec.format}'"
+        return
+    if spec.format in GPU_FORMATS:
+        reason = _gpu_reason(spec.format)
+        if reason:
+            spec.status, spec.reason = "unavailable", reason
+            return
+    if spec.format == "onnx" and spec.target == "tensorrt":
+        if _ort_has("TensorrtExecutionProvider"):
+            spec.device = "tensorrt"
+        elif explicit:
+            spec.device = "cpu"
+            spec.warnings.append("a Q/DQ graph placed for TensorRT, run on ONNX Runtime's CPU provider "
+                                 "because it was named: its CPU speed says nothing about TensorRT's")
+        else:
+            spec.status, spec.reason = "unavailable", (
+                "a Q/DQ graph placed for TensorRT and ONNX Runtime here has no TensorRT provider: "
+                f"build an engine from it on the device, or name it (--engines {spec.name}) to run it "
+                "on the CPU anyway")
+            return
+    if spec.path is None or not spec.path.is_file():
+        spec.status = "missing"
+        spec.reason = f"{EXPORT_DIR}/{record.get('path')} is listed in {EXPORT_JSON} but not on disk"
+
+
+def plan_engines(run: TrainedRun, export: dict[str, Any], requested: Sequence[str],
+                 student_sha: str | None = None) -> list[EngineSpec]:
+    """The reference first, then the chosen artefacts in export's table order, each with a status."""
+    records: dict[str, dict[str, Any]] = dict(export.get("artefacts", {}))
+    known = _known_artefacts()
+    order = {name: i for i, name in enumerate(known)}
+    ordered = sorted(records, key=lambda n: (order.get(n, len(order)), n))
+    backends = sorted(set(BACKEND_OF_FORMAT.values()) - {REFERENCE})
+    items = [ENGINE_ALIASES.get(t.strip().lower(), t.strip().lower())
+             for item in requested for t in item.split(",") if t.strip()]
+
+    chosen: list[tuple[str, bool]] = []  # (artefact name, named explicitly)
+    missing: list[EngineSpec] = []
+    if not items:
+        chosen = [(n, False) for n in ordered]
+    for item in items:
+        if item == REFERENCE:
+            continue
+        if item in backends:
+            found = [n for n in ordered if BACKEND_OF_FORMAT.get(records[n].get("format", "")) == item]
+            chosen += [(n, False) for n in found]
+            if not found:
+                fmt = next(f for f, b in BACKEND_OF_FORMAT.items() if b == item)
+                missing.append(EngineSpec(item, fmt, "-", "-", None, None, status="missing", reason=(
+                    f"no {fmt} artefact in {EXPORT_DIR}/{EXPORT_JSON}; make one with "
+                    f"`rise-edge export {run.path} --format {fmt}`")))
+        elif item in records:
+            chosen.append((item, True))
+        elif item in order:
+            missing.append(EngineSpec(item, known[item].format, known[item].precision, "-", None, None,
+                                      status="missing",
+                                      reason=f"not exported: {EXPORT_DIR}/{EXPORT_JSON} has no "
+                                      f"'{item}'; make it with `rise-edge export {run.path}`"))
+        else:
+            valid = [REFERENCE, *backends, *ordered, *(n for n in order if n not in records)]
+            close = difflib.get_close_matches(item, valid, n=1, cutoff=0.5)
+            raise UserError(f"unknown engine '{item}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                            + f"; engines: {', '.join(valid)}")
+
+    specs = [EngineSpec(REFERENCE, "pytorch", "fp32", "reference", None, run.path / STUDENT_FILE)]
+    seen = set()
+    for name, explicit in chosen:
+        if name in seen:
+            continue
+        seen.add(name)
+        record = records[name]
+        spec = EngineSpec(name, str(record.get("format", "?")), str(record.get("precision", "?")),
+                          str(record.get("target", "")), record,
+                          run.path / EXPORT_DIR / record["path"] if record.get("path") else None)
+        _check_record(spec, explicit or any(n == name and e for n, e in chosen), student_sha)
+        specs.append(spec)
+    return specs + [m for m in missing if m.name not in seen]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding (timed apart from inference) and accuracy
+
+
+class Decoder:
+    """Decode + preprocess exactly as at inference, in this thread, timing it per domain."""
+
+    def __init__(self, preprocessing: Any):
+        self.transform = eval_transform(preprocessing)
+        self.seconds: dict[str, float] = {}
+        self.images: dict[str, int] = {}
+
+    def __call__(self, samples: Sequence[Sample], domain: str | None = None) -> np.ndarray:
+        # One torch thread, as in a data-loader worker: the transform's tensor ops are tiny, and on a
+        # busy machine a second OpenMP thread waiting for a core made them 20x slower (measured).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        begin = time.perf_counter()
+        try:
+            batch = np.stack([self.transform(load_rgb(path)).numpy() for path, _ in samples])
+        except OSError as exc:
+            raise UserError(f"cannot read an image of domain '{domain}': {exc}; fix or remove it "
+                            "(or set data.skip_bad_images=true and re-train)") from None
+        finally:
+            torch.set_num_threads(threads)
+        if domain is not None:
+            self.seconds[domain] = self.seconds.get(domain, 0.0) + time.perf_counter() - begin
+            self.images[domain] = self.images.get(domain, 0) + len(samples)
+        return batch
+
+    def figure(self) -> dict[str, Any]:
+        seconds, images = sum(self.seconds.values()), sum(self.images.values())
+        per_domain = {d: {"images": self.images[d], "seconds": self.seconds[d],
+                          "images_per_s": self.images[d] / self.seconds[d] if self.seconds[d] else None}
+                      for d in self.seconds}
+        return {"what": "decode (PIL) + resize + to tensor + normalise, one thread, timed during the "
+                        "reference engine's accuracy pass",
+                "images": images, "seconds": seconds,
+                "images_per_s": images / seconds if seconds else None,
+                "ms_per_image": 1e3 * seconds / images if images else None, "per_domain": per_domain}
+
+
+def predict(runner: Runner, domains: Sequence[DomainSet], decode: Decoder, batch: int,
+            bar: tqdm) -> dict[str, np.ndarray]:
+    """Predicted class per image, per domain (runs every image once)."""
+    predictions = {}
+    for domain in domains:
+        found = []
+        for start in range(0, len(domain.samples), batch):
+            chunk = domain.samples[start:start + batch]
+            logits = runner(decode(chunk, domain.name))
+            found.append(np.asarray(logits).argmax(axis=1))
+            bar.update(len(chunk))
+        predictions[domain.name] = np.concatenate(found) if found else np.zeros(0, np.int64)
+    return predictions
+
+
+def score(predictions: np.ndarray, labels: np.ndarray, num_classes: int,
+          reference: np.ndarray | None) -> dict[str, Any]:
+    """Top-1 (percent), confusion matrix (rows: true class, columns: predicted) and agreement."""
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    correct = int((predictions == labels).sum())
+    images = int(labels.size)
+    agreement = None if reference is None else float((predictions == reference).mean()) if images else None
+    return {"top1": 100.0 * correct / images if images else None, "correct": correct, "images": images,
+            "agreement_with_reference": agreement, "confusion_matrix": confusion.tolist()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# One engine
+
+
+@dataclass
+class _Context:
+    run: TrainedRun
+    cfg: BenchConfig
+    domains: list[DomainSet]
+    latency_images: np.ndarray
+    decode: Decoder
+    log: Callable[[str], None]
+    progress: bool
+    host: HostMemory
+    gpu: GpuMemory
+
+
+def _row(spec: EngineSpec, run_dir: Path) -> dict[str, Any]:
+    record = spec.record or {}
+    size = record.get("bytes") or record.get("size_bytes")
+    if size is None and spec.path is not None and spec.path.is_file():
+        size = spec.path.stat().st_size
+    rel = None
+    if spec.path is not None:
+        try:
+            rel = spec.path.relative_to(run_dir).as_posix()
+        except ValueError:
+            rel = str(spec.path)
+    return {"engine": spec.name, "backend": BACKEND_OF_FORMAT.get(spec.format, spec.format),
+            "format": spec.format, "precision": spec.precision, "device": None, "target": spec.target,
+            "path": rel, "status": spec.status, "reason": spec.reason, "warnings": list(spec.warnings),
+            "size_bytes": size, "sha256": record.get("sha256"), "accuracy": {}, "latency": [],
+            "mlperf": None, "resources": {}, "seconds": 0.0}
+
+
+def _load(spec: EngineSpec, ctx: _Context) -> Runner:
+    if spec.record is None:
+        return TorchRunner(module=ctx.run.student, device="auto")
+    return runner_for(spec.record, ctx.run.path / EXPORT_DIR, device=spec.device)
+
+
+def _load_failure(spec: EngineSpec, exc: Exception) -> str:
+    text = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+    text = " ".join(text.split())[:600]
+    expected = (spec.record or {}).get("sha256")
+    if expected and spec.path is not None and spec.path.is_file():
+        from rise_edge.calibration import file_sha256
+        if file_sha256(spec.path) != expected:
+            text += f" ({spec.path.name} no longer matches the sha256 in {EXPORT_JSON}: it changed or " \
+                    "was damaged after export; re-export it)"
+    built_on = (spec.record or {}).get("device")
+    if spec.format == "tensorrt" and built_on:
+        try:
+            from rise_edge.tensorrt_build import device_tag
+            here = device_tag()
+        except Exception:  # no TensorRT or no GPU: the runner's own message already says so
+            here = None
+        if here and here != built_on:
+            text += f" (built on {built_on}, this machine is {here}: rebuild the engine here with " \
+                    "`rise-edge export --format tensorrt`)"
+    return f"could not load {spec.path.name if spec.path else spec.name}: {text}"
+
+
+def _max_batch(spec: EngineSpec) -> int | None:
+    profile = (spec.record or {}).get("batch_profile")
+    return int(profile[-1]) if isinstance(profile, list) and profile else None
+
+
+def _latency_entries(runner: Runner, spec: EngineSpec, ctx: _Context) -> list[dict[str, Any]]:
+    plan = TimingPlan(ctx.cfg.warmup, ctx.cfg.iterations, ctx.cfg.duration_s)
+    entries = []
+    for batch in ctx.cfg.batch_sizes:
+        limit = _max_batch(spec)
+        if limit is not None and batch > limit:
+            entries.append({"batch_size": batch, "status": "unsupported",
+                            "reason": f"beyond the engine's batch profile (max {limit})"})
+            continue
+        images = np.resize(ctx.latency_images, (batch, *ctx.latency_images.shape[1:]))
+        ctx.log(f"{spec.name}: timing batch {batch} ({plan.describe()})")
+        try:
+            with TegraStats() as power:
+                stats = time_runner(runner, images, plan, cuda_graphs=ctx.cfg.cuda_graphs)
+        except Exception as exc:  # a backend failing at one shape must not lose the others
+            entries.append({"batch_size": batch, "status": "failed",
+                            "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"})
+            continue
+        stats["power"] = power.summary(stats["total_ms"] / 1e3, stats["count"] * batch)
+        entries.append({"status": "ok", **stats})
+    return entries
+
+
+def bench_engine(spec: EngineSpec, ctx: _Context, predictions: dict[str, dict[str, np.ndarray]]
+                 ) -> dict[str, Any]:
+    """Load, score on every domain, time at every batch size; a row, whatever happens."""
+    row = _row(spec, ctx.run.path)
+    if spec.status != "pending":
+        return row
+    begin = time.perf_counter()
+    ctx.host.reset()
+    ctx.gpu.reset()
+    before = ctx.host.current_bytes()
+    ctx.log(f"{spec.name}: loading")
+    try:
+        runner = _load(spec, ctx)
+    except Exception as exc:  # damaged files fail inside onnx/onnxruntime/tensorrt in many ways
+        row.update(status="load-failed", reason=_load_failure(spec, exc))
+        ctx.log(f"{spec.name}: {row['reason']}")
+        return row
+    row.update(backend=runner.name, device=runner.device, precision=runner.precision)
+    loaded = ctx.host.current_bytes()
+    total = sum(len(d.samples) for d in ctx.domains)
+    batch = min(ACCURACY_BATCH, _max_batch(spec) or ACCURACY_BATCH)
+    try:
+        with tqdm(total=total, desc=f"{spec.name} accuracy", unit="img", file=sys.stderr,
+                  disable=not ctx.progress, leave=False) as bar:
+            predictions[spec.name] = predict(runner, ctx.domains, ctx.decode if spec.record is None
+                                             else _untimed(ctx.decode), batch, bar)
+        row["latency"] = _latency_entries(runner, spec, ctx)
+        row["status"] = "ok" if all(e["status"] == "ok" for e in row["latency"]) else "partial"
+        if row["status"] == "partial":
+            row["reason"] = "; ".join(f"batch {e['batch_size']}: {e['reason']}"
+                                      for e in row["latency"] if e["status"] != "ok")
+    except UserError:
+        raise
+    except Exception as exc:  # a backend's runtime error stops this row only
+        row.update(status="run-failed", reason=f"{type(exc).__name__}: {' '.join(str(exc).split())[:600]}")
+        ctx.log(f"{spec.name}: FAILED: {row['reason']}")
+    row["mlperf"] = mlperf_style(row["latency"])
+    row["resources"] = {"peak_host_rss_bytes": ctx.host.peak_bytes(), "peak_host_rss_scope": ctx.host.scope,
+                        "host_rss_before_load_bytes": before, "host_rss_load_delta_bytes": loaded - before,
+                        "peak_gpu_allocated_bytes": ctx.gpu.peak_bytes()}
+    row["seconds"] = time.perf_counter() - begin
+    del runner
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def _untimed(decode: Decoder) -> Callable[[Sequence[Sample], str | None], np.ndarray]:
+    """The same decoding without adding to the decode figure (measured once, on the reference)."""
+    return lambda samples, domain=None: decode(samples, None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole bench
+
+
+@dataclass
+class BenchReport:
+    """report.json's content (`data`) and the folder it was written to (`path`)."""
+
+    data: dict[str, Any]
+    path: Path
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.data["rows"]
+
+    @property
+    def failed(self) -> list[str]:
+        return [r["engine"] for r in self.rows if r["status"] in FAILED]
+
+    def table(self) -> str:
+        from rise_edge.report import format_table
+        return format_table(self.data)
+
+
+def _finish_accuracy(rows: list[dict[str, Any]], predictions: dict[str, dict[str, np.ndarray]],
+                     domains: Sequence[DomainSet], num_classes: int) -> None:
+    reference = predictions.get(REFERENCE)
+    for row in rows:
+        found = predictions.get(row["engine"])
+        if found is None or row["status"] == "run-failed":
+            continue
+        for domain in domains:
+            labels = np.array([y for _, y in domain.samples], dtype=np.int64)
+            ref = reference.get(domain.name) if reference else None
+            entry = score(found[domain.name], labels, num_classes, ref)
+            ref_top1 = 100.0 * float((ref == labels).mean()) if ref is not None and labels.size else None
+            entry["drop_points"] = (ref_top1 - entry["top1"]) if ref_top1 is not None else None
+            row["accuracy"][domain.name] = entry
+
+
+def default_command(run_dir: Path, cfg: BenchConfig) -> str:
+    """The `rise-edge bench` command that repeats this bench (every option spelled out)."""
+    parts = ["rise-edge", "bench", str(run_dir)]
+    for domain in cfg.domains:
+        parts += ["--domain", domain]
+    if cfg.engines:
+        parts += ["--engines", ",".join(cfg.engines)]
+    for batch in cfg.batch_sizes:
+        parts += ["--batch", str(batch)]
+    parts += (["--duration", f"{cfg.duration_s:g}"] if cfg.duration_s > 0
+              else ["--iterations", str(cfg.iterations)])
+    parts += ["--warmup", str(cfg.warmup)]
+    if cfg.max_images:
+        parts += ["--max-images", str(cfg.max_images)]
+    if cfg.cuda_graphs:
+        parts.append("--cuda-graphs")
+    return shlex.join(parts)
+
+
+def bench_run(run_dir: str | Path, cfg: BenchConfig, *, progress: bool = True,
+              command: str | None = None) -> BenchReport:
+    """Bench every chosen engine of a run on the chosen domains; write RUN_DIR/bench/ and return it."""
+    from rise_edge.calibration import file_sha256
+    from rise_edge.report import write_report
+
+    run_dir = Path(run_dir)
+    log = _log(progress)
+    if not cfg.batch_sizes or any(b < 1 for b in cfg.batch_sizes):
+        raise UserError(f"batch sizes must be positive integers, got {list(cfg.batch_sizes)}")
+    run = open_run(run_dir)
+    names = select_domains(run, cfg.domains)
+    export = read_export(run_dir)
+    specs = plan_engines(run, export, cfg.engines, file_sha256(run_dir / STUDENT_FILE))
+    splits = build_splits(run.recipe.data, check_images=run.recipe.data.skip_bad_images, progress=False)
+    if tuple(splits.classes) != tuple(run.meta.classes):
+        raise UserError(f"the data set's classes ({', '.join(splits.classes)}) differ from the student's "
+                        f"({', '.join(run.meta.classes)}); is data.root pointing at the right folder?")
+    domains = domain_sets(run, splits, names, cfg.max_images)
+    if not any(d.samples for d in domains):
+        raise UserError(f"no images to score in domain(s) {', '.join(names)}")
+    decode = Decoder(run.meta.preprocessing)
+    first = next(d for d in domains if d.samples)
+    wanted = min(max(cfg.batch_sizes), len(first.samples))
+    latency_images = decode(first.samples[:wanted])
+    ctx = _Context(run, cfg, domains, latency_images, decode, log, progress, HostMemory(), GpuMemory())
+    notes = []
+    if not export:
+        notes.append(f"no {EXPORT_DIR}/{EXPORT_JSON}: only the PyTorch student was benched; make artefacts "
+                     f"with `rise-edge export {run_dir}`")
+    log(f"{len(specs)} engine(s) x {len(domains)} domain(s) "
+        f"({', '.join(f'{d.name}: {len(d.samples)} images' for d in domains)})")
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+    predictions: dict[str, dict[str, np.ndarray]] = {}
+    rows = [bench_engine(spec, ctx, predictions) for spec in specs]
+    _finish_accuracy(rows, predictions, domains, len(run.meta.classes))
+
+    data = {
+        "schema": SCHEMA,
+        "created": started.isoformat(timespec="seconds"),
+        "seconds": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
+        "command": command or default_command(run_dir, cfg),
+        "argv": list(sys.argv),
+        "run_dir": str(run_dir.resolve()),
+        "student": {"model": run.meta.model, "classes": list(run.meta.classes),
+                    "source_domains": list(run.meta.source_domains),
+                    "target_domain": run.meta.target_domain,
+                    "preprocessing": run.meta.preprocessing.to_dict(),
+                    "sha256": file_sha256(run_dir / STUDENT_FILE)},
+        "config": dataclasses.asdict(cfg),
+        "machine": machine_info(),
+        "versions": software_versions(),
+        "reference": REFERENCE,
+        "domains": [{"name": d.name, "role": d.role, "split": d.split, "images": len(d.samples),
+                     "available": d.available} for d in domains],
+        "preprocess": decode.figure(),
+        "latency_input": {"domain": first.name, "distinct_images": int(latency_images.shape[0]),
+                          "note": "real images of that domain, repeated to fill larger batches"},
+        "definitions": {
+            "top1": "percent of images whose arg-max logit is the true class",
+            "drop_points": "reference top-1 minus this engine's top-1, in points (positive: worse)",
+            "latency": "pure inference of one staged batch (run_staged), synchronised after every run",
+            "percentiles": PERCENTILE_DEFINITION,
+            "images_per_s": "batch size x runs / sum of the timed runs",
+            "mlperf": "SingleStream: p90 of batch-1 runs one after another; Offline: best images/s over "
+                      "the batch sizes; MLPerf-style, not LoadGen-driven",
+        },
+        "notes": notes,
+        "rows": rows,
+    }
+    out_dir = run_dir / BENCH_DIR
+    write_report(data, out_dir)  # adds data["files"]
+    return BenchReport(data, out_dir)
