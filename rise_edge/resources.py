@@ -221,7 +221,7 @@ def machine_info() -> dict[str, Any]:
                "count": torch.cuda.device_count()}
     return {"cpu": _cpu_model(), "physical_cores": physical, "logical_cores": logical,
             "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "memory_bytes": memory, "platform": platform.platform(), "hostname": platform.node(),
+            "memory_bytes": memory, "platform": platform.platform(),
             "gpu": gpu, "jetson": _jetson_model(), "tegrastats": shutil.which("tegrastats") is not None,
             "torch_threads": torch.get_num_threads()}
 
