@@ -32,19 +32,10 @@ from rise_edge.calibration import load_images
 from rise_edge.data import build_splits
 from rise_edge.engines import OnnxRuntimeRunner, TorchRunner, physical_cores
 from rise_edge.export import EXPORT_DIR, _versions, export_run, resolve_export_config
+from rise_edge.resources import machine_info
 from rise_edge.run_dir import open_run
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def latency(runners: dict[str, object], batch: np.ndarray, rounds: int, iters: int) -> dict:
@@ -132,7 +123,7 @@ def main() -> None:
     report = {
         "command": command, "run_dir": str(args.run_dir), "student": run.meta.model,
         "trained_steps": run.meta.step, "recipe_train": dataclasses.asdict(run.recipe.train),
-        "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
+        "machine": {"cpu": machine_info()["cpu"], "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
                     "platform": platform.platform()},
         "load_average_1min": {"before_timing": load_before, "after_accuracy": round(os.getloadavg()[0], 2)},
         "versions": _versions(), "export_seconds": export_seconds,

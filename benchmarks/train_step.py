@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from rise_edge.resources import machine_info
 from rise_edge.config import CLIP_TEMPLATES, LossConfig, StudentConfig, TeacherConfig
 from rise_edge.rise import ErmObjective, RiseObjective, absolute_distance, kd_loss, relative_distance
 from rise_edge.student import build_student
@@ -96,7 +97,7 @@ def main() -> None:
     timings["loss_share_of_rise_step"] = timings["loss_terms_s"] / timings["rise_step_s"]
     timings["teacher_share_of_rise_step"] = timings["teacher_forward_s"] / timings["rise_step_s"]
     timings["rise_over_erm"] = timings["rise_step_s"] / timings["erm_step_s"]
-    machine = {"cpu": _cpu_model(), "cores": torch.get_num_threads(),
+    machine = {"cpu": machine_info()["cpu"], "cores": torch.get_num_threads(),
                "python": platform.python_version(), "torch": torch.__version__}
     record = {"args": vars(args) | {"out": str(args.out.name)}, "timings": timings, "machine": machine}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -126,16 +127,6 @@ def main() -> None:
     ]
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

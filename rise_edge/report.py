@@ -8,7 +8,6 @@ Plots use matplotlib's object API with the Agg canvas (no pyplot, no global back
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -324,16 +323,7 @@ def write_report(data: dict[str, Any], folder: Path) -> dict[str, str]:
     data["files"] = files
     write_json_atomic(folder / REPORT_JSON, data)
     write_text_atomic(folder / REPORT_MD, to_markdown(data, plots))
-    for name in files.values():
-        _make_readable(folder / name)
     return files
-
-
-def _make_readable(path: Path) -> None:
-    """Temporary files are created owner-only; a report is readable like any other file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
 
 
 def load_report(folder: Path) -> dict[str, Any]:

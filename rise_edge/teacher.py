@@ -21,12 +21,15 @@ from rise_edge.config import TeacherConfig
 from rise_edge.errors import UserError, missing_extra
 from rise_edge.student import Preprocessing
 
-# Teachers that rise-edge builds itself (the demo's); name -> function returning a weights file.
-BUILT_TEACHERS: dict[str, Callable[[], Path]] = {}
+def _demo_teacher() -> Path:
+    from rise_edge.demo.teacher import build_demo_teacher
+
+    return build_demo_teacher().parent
 
 
-def register_built_teacher(model_name: str, build: Callable[[], Path]) -> None:
-    BUILT_TEACHERS[model_name] = build
+# Teachers rise-edge builds itself; name -> function returning an open_clip 'local-dir:' folder
+# (open_clip_config.json + weights), built on first use.
+BUILT_TEACHERS: dict[str, Callable[[], Path]] = {"rise-edge-demo-clip": _demo_teacher}
 
 
 @dataclass(frozen=True)
@@ -69,12 +72,6 @@ class ClipTeacher(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
-
-    @property
-    def embed_dim(self) -> int:
-        with torch.no_grad():
-            tokens = self.tokenizer(["a"]).to(self.mean.device)
-            return int(self.model.encode_text(tokens).shape[-1])
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, student: Preprocessing) -> torch.Tensor:
