@@ -34,7 +34,8 @@ class KnownDataset:
     domains: tuple[str, ...]
     classes: tuple[str, ...] | None  # None: discovered from the folders (DomainNet's 345)
     anchors: tuple[str, ...] | None = None  # RD anchors when domains are not styles
-    build: Callable[[Path], Path] | None = field(default=None, compare=False)  # generates the folder
+    # Generates the data set (root: data.root, or None for the cache) and returns its folder.
+    build: Callable[[Path | None], Path] | None = field(default=None, compare=False)
 
 
 _OFFICE_HOME_CLASSES = tuple("""Alarm_Clock Backpack Batteries Bed Bike Bottle Bucket Calculator Calendar
@@ -62,6 +63,18 @@ KNOWN_DATASETS: dict[str, KnownDataset] = {
     "DomainNet": KnownDataset(
         "domain_net", ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"), None),
 }
+
+
+def _build_demo_world(root: Path | None) -> Path:
+    from rise_edge.demo.world import default_world_spec, generate_world
+    from rise_edge.paths import cache_root
+
+    return generate_world(root or cache_root(), default_world_spec())
+
+
+# The demo world: shapes in four styles, generated on first use (rise_edge.demo.world).
+KNOWN_DATASETS["demo"] = KnownDataset("demo", ("cartoon", "painting", "photo", "sketch"), None,
+                                      build=_build_demo_world)
 
 
 def register_dataset(name: str, spec: KnownDataset) -> None:
@@ -108,7 +121,7 @@ def dataset_dir(cfg: DataConfig) -> Path:
     """The folder holding the domains, generating it first for data sets that are built (the demo)."""
     known = KNOWN_DATASETS.get(cfg.dataset)
     if known is not None and known.build is not None:
-        return known.build(Path(cfg.root) if cfg.root else Path())
+        return known.build(Path(cfg.root).expanduser() if cfg.root else None)
     if not cfg.root:
         raise UserError(f"data.root is empty: set it to the folder that holds '{cfg.dataset}/' "
                         "(the DomainBed layout <root>/<dataset>/<domain>/<class>/<image>)")

@@ -1,0 +1,164 @@
+"""`rise-edge demo`: the whole toolchain on the built-in demo world, in one command, on a CPU.
+
+1. the demo world (shapes in four styles; generated once per machine into the cache)
+2. the demo teacher (a small CLIP trained on more styles than the student sees; built once)
+3. an ERM student and a RISE student, trained on three styles, tested on the fourth
+4. export of the RISE student: ONNX FP32 and ONNX Runtime INT8 (calibrated on source styles only)
+5. bench of every artefact on all four styles
+
+and one table: per style, the teacher's zero-shot accuracy, ERM, RISE, and the INT8 RISE student with
+its latency. Re-running reuses what is built: the world and teacher (cache) and any finished run
+(output folder) whose recipe has not changed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rise_edge.config import Recipe, load_recipe, recipe_from_dict, recipe_to_dict
+from rise_edge.errors import UserError
+
+STEPS = 5
+
+
+def _say(step: int, text: str) -> None:
+    print(f"[{step}/{STEPS}] {text}", file=sys.stderr, flush=True)
+
+
+def default_demo_recipe() -> Path:
+    """recipes/demo.yaml beside the package (the repository layout an editable install keeps)."""
+    path = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
+    if not path.is_file():
+        raise UserError(f"the demo recipe {path} is missing; pass one with --recipe")
+    return path
+
+
+def _erm(recipe: Recipe) -> Recipe:
+    """The same recipe as plain cross-entropy: no teacher, no distillation."""
+    return replace(recipe, loss=replace(recipe.loss, w_ce=1.0, w_kd=0.0, w_dist=0.0))
+
+
+def _finished(run_dir: Path, recipe: Recipe) -> bool:
+    """A finished run of exactly this recipe (its data paths resolved) is reused, not retrained."""
+    from rise_edge.train import _absolute_paths
+
+    try:
+        saved = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir))
+    except (OSError, UserError, yaml.YAMLError):
+        return False
+    return (run_dir / "results.json").is_file() and recipe_to_dict(saved) == recipe_to_dict(
+        _absolute_paths(recipe))
+
+
+def _train(recipe: Recipe, run_dir: Path, progress: bool) -> dict[str, Any]:
+    from rise_edge.train import train_run
+
+    if _finished(run_dir, recipe):
+        print(f"      reusing {run_dir}", file=sys.stderr)
+    else:
+        if run_dir.exists():
+            import shutil
+            shutil.rmtree(run_dir)  # a run of an older demo recipe, or an unfinished one
+        train_run(recipe, recipe_name=run_dir.name, run_dir=run_dir, progress=progress)
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@dataclass
+class DemoResult:
+    out_dir: Path
+    table: str
+    seconds: float
+    data: dict[str, Any]
+
+
+def run_demo(recipe_path: Path | None = None, out_dir: Path = Path("runs/demo"),
+             overrides: tuple[str, ...] = (), *, progress: bool = True) -> DemoResult:
+    """Run the five steps; return the summary table (also written to OUT/demo.md and demo.json)."""
+    from rise_edge.bench import bench_run
+    from rise_edge.data import KNOWN_DATASETS, build_splits
+    from rise_edge.export import export_run
+    from rise_edge.teacher import BUILT_TEACHERS
+
+    started = time.perf_counter()
+    recipe = load_recipe(recipe_path or default_demo_recipe(), overrides)
+    known = KNOWN_DATASETS.get(recipe.data.dataset)
+    if known is None or known.build is None:
+        raise UserError(f"the demo runs on a data set rise-edge generates (data.dataset=demo), not "
+                        f"'{recipe.data.dataset}'")
+    if recipe.teacher.model not in BUILT_TEACHERS:
+        raise UserError(f"the demo's teacher is one rise-edge builds ({', '.join(BUILT_TEACHERS)}), "
+                        f"not '{recipe.teacher.model}'")
+    _say(1, "demo world: shapes drawn in four styles")
+    splits = build_splits(recipe.data, progress=progress)
+    print(f"      {len(splits.classes)} classes x {len(splits.source_domains) + 1} styles in "
+          f"{splits.dataset_dir}; trained on {', '.join(splits.source_domains)}, unseen: "
+          f"{splits.target_domain}", file=sys.stderr)
+    _say(2, "demo teacher: a small CLIP that has seen more styles than the student")
+    teacher_dir = BUILT_TEACHERS[recipe.teacher.model]()
+    zero_shot = json.loads((teacher_dir / "zero_shot.json").read_text())["accuracy"]["rise"]
+
+    _say(3, "ERM student (cross-entropy only)")
+    erm = _train(_erm(recipe), out_dir / "erm", progress)
+    _say(3, "RISE student (distilled from the teacher, guided by its text embeddings)")
+    rise_dir = out_dir / "rise"
+    rise = _train(recipe, rise_dir, progress)
+
+    _say(4, "export the RISE student: ONNX FP32 + ONNX Runtime INT8")
+    export_cfg = replace(recipe.export, formats=("onnx",), int8=True)
+    exported = export_run(rise_dir, export_cfg, progress=progress)
+    _say(5, "bench every artefact on every style")
+    bench_cfg = replace(recipe.bench, domains=("all",), batch_sizes=(1,))
+    report = bench_run(rise_dir, bench_cfg, progress=progress)
+
+    rows = {row["engine"]: row for row in report.rows}
+    int8 = next((r for r in report.rows if r.get("precision") == "int8" and r["status"] == "ok"),
+                None)
+    domains = [*splits.source_domains, splits.target_domain]
+    table = _table(domains, splits.target_domain, zero_shot, erm, rise, int8, rows.get("pytorch"))
+    seconds = time.perf_counter() - started
+    data = {"recipe": recipe_to_dict(recipe), "zero_shot": zero_shot, "erm": erm["accuracy"],
+            "rise": rise["accuracy"], "int8": int8 and int8["accuracy"],
+            "export": {k: v["status"] for k, v in exported.artefacts.items()},
+            "bench_report": str(report.path), "seconds": seconds}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "demo.md").write_text(table + "\n")
+    (out_dir / "demo.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return DemoResult(out_dir, table, seconds, data)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:5.1f}"
+
+
+def _table(domains: list[str], target: str, zero_shot: dict[str, float], erm: dict[str, Any],
+           rise: dict[str, Any], int8: dict[str, Any] | None, reference: dict[str, Any] | None) -> str:
+    """Markdown table, one line per style; source styles score their validation split."""
+
+    def student(result: dict[str, Any], domain: str) -> float:
+        key = f"target/{domain}" if domain == target else f"val/{domain}"
+        return result["accuracy"][key]
+
+    def int8_acc(domain: str) -> float | None:
+        return None if int8 is None else int8["accuracy"][domain]["top1"] / 100
+
+    lines = ["| style | role | teacher zero-shot | ERM student | RISE student | RISE INT8 (ORT) |",
+             "|---|---|---|---|---|---|"]
+    for domain in domains:
+        role = "UNSEEN target" if domain == target else "source (val)"
+        lines.append(f"| {domain} | {role} | {_pct(zero_shot.get(domain))} | "
+                     f"{_pct(student(erm, domain))} | {_pct(student(rise, domain))} | "
+                     f"{_pct(int8_acc(domain))} |")
+    for name, row in (("RISE FP32 (PyTorch)", reference), ("RISE INT8 (ORT)", int8)):
+        if row and row.get("latency"):
+            b1 = next((e for e in row["latency"] if e.get("batch_size") == 1 and "p50_ms" in e), None)
+            if b1:
+                lines.append(f"\n{name}: p50 {b1['p50_ms']:.2f} ms, p90 {b1['p90_ms']:.2f} ms at "
+                             f"batch 1 ({b1['images_per_s']:.0f} images/s)")
+    return "\n".join(lines)
