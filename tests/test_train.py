@@ -107,7 +107,10 @@ def test_resume_after_kill_matches_uninterrupted(tiny_data_root: Path, recipe_fi
     assert result.exit_code == 0, result.output
 
     cut = tmp_path / "cut"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    # Both runs on the same number of threads: other tests may have changed this process's count,
+    # and a different count changes float reductions.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     process = subprocess.Popen(
         [sys.executable, "-m", "rise_edge.cli", "train", str(recipe_file),
          *_args(tiny_data_root, cut, *steps)], env=env, stdout=subprocess.DEVNULL,
