@@ -85,13 +85,7 @@ def select_calibration_set(splits: DomainSplits, size: int, seed: int = 0) -> Ca
             cell = sorted(by_class[label])
             random.Random(seed * 1_000_003 + zlib.crc32(f"{domain}/{label}".encode())).shuffle(cell)
             cells.append(cell)
-    chosen: list[Sample] = []
-    depth = 0
-    while len(chosen) < size and any(depth < len(c) for c in cells):
-        for cell in cells:
-            if depth < len(cell) and len(chosen) < size:
-                chosen.append(cell[depth])
-        depth += 1
+    chosen = _round_robin(cells, size)
     files = tuple(_relative(p, splits.dataset_dir) for p, _ in chosen)
     digest = hashlib.sha256()
     for rel, (path, _) in zip(files, chosen):
@@ -102,7 +96,11 @@ def select_calibration_set(splits: DomainSplits, size: int, seed: int = 0) -> Ca
 
 def balanced_val_samples(splits: DomainSplits, count: int) -> list[Sample]:
     """Up to `count` source-validation images, round-robin over source domains (parity checks)."""
-    pools = [list(splits.val[d]) for d in splits.source_domains]
+    return _round_robin([list(splits.val[d]) for d in splits.source_domains], count)
+
+
+def _round_robin(pools: list[list[Sample]], count: int) -> list[Sample]:
+    """Up to `count` samples taken one per pool in turn, so any prefix is balanced over the pools."""
     chosen: list[Sample] = []
     depth = 0
     while len(chosen) < count and any(depth < len(p) for p in pools):
