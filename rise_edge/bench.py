@@ -52,11 +52,11 @@ from rise_edge.engines import ENGINES, GPU_FORMATS, Runner, TorchRunner, runner_
 from rise_edge.errors import UserError
 from rise_edge.latency import PERCENTILE_DEFINITION, TimingPlan, mlperf_style, time_runner
 from rise_edge.resources import GpuMemory, HostMemory, TegraStats, machine_info, software_versions
-from rise_edge.run_dir import STUDENT_FILE, TrainedRun, open_run
+from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun, open_run,
+                               read_export_record)
 from rise_edge.transforms import eval_transform
 
 BENCH_DIR = "bench"
-EXPORT_DIR, EXPORT_JSON = "export", "export.json"  # written by rise_edge.export
 REFERENCE = "pytorch"
 ACCURACY_BATCH = 32
 SCHEMA = 1
@@ -151,17 +151,6 @@ class EngineSpec:
     status: str = "pending"        # "pending": to be run
     reason: str = ""
     warnings: list[str] = field(default_factory=list)
-
-
-def read_export(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / EXPORT_DIR / EXPORT_JSON
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); re-run `rise-edge export {run_dir}`") from None
-    return data if isinstance(data, dict) else {}
 
 
 def _known_artefacts() -> dict[str, Any]:
@@ -569,7 +558,7 @@ def bench_run(run_dir: str | Path, cfg: BenchConfig, *, progress: bool = True,
         raise UserError(f"batch sizes must be positive integers, got {list(cfg.batch_sizes)}")
     run = open_run(run_dir)
     names = select_domains(run, cfg.domains)
-    export = read_export(run_dir)
+    export = read_export_record(run_dir, advice=f"re-run `rise-edge export {run_dir}`")
     specs = plan_engines(run, export, cfg.engines, file_sha256(run_dir / STUDENT_FILE))
     splits = build_splits(run.recipe.data, check_images=run.recipe.data.skip_bad_images, progress=False)
     if tuple(splits.classes) != tuple(run.meta.classes):

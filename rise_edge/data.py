@@ -314,9 +314,15 @@ class DomainImages(Dataset):
         image = load_rgb(path)
         if seed is None:
             return self.transform(image), label
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        # Seed only the CPU generator the transforms draw from, and put its state back: torch.manual_seed
+        # would also reseed (and, on CUDA builds, queue work for) every accelerator's generator.
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
             return self.transform(image), label
+        finally:
+            generator.set_state(state)
 
 
 class EpochBatches:

@@ -40,10 +40,9 @@ from rise_edge.calibration import (CalibrationSet, balanced_val_samples, cache_k
 from rise_edge.config import ExportConfig, parse_override, recipe_from_dict, recipe_to_dict
 from rise_edge.engines import META_PREFIX, ENGINES, GPU_FORMATS, OnnxRuntimeRunner, TorchRunner
 from rise_edge.errors import UserError, missing_extra
-from rise_edge.run_dir import STUDENT_FILE, TrainedRun, atomic_path, open_run, versions, write_json_atomic
+from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun, atomic_path, open_run,
+                               read_export_record, versions, write_json_atomic)
 
-EXPORT_DIR = "export"
-EXPORT_JSON = "export.json"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 PARITY_IMAGES = 32  # source-val images for ONNX / engine vs PyTorch checks
 FORMATS = ("onnx", "tensorrt", "torch-tensorrt")
@@ -470,16 +469,6 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def read_export_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); move it aside to start a fresh export") from None
-    return data if isinstance(data, dict) else {}
-
-
 def _reusable(s: ExportSession, name: str, previous: dict[str, Any]) -> bool:
     """An earlier artefact can stand in for a prerequisite when it is intact and made from this
     student (the device case: the workstation exported ONNX + Q/DQ ONNX, the device builds engines)."""
@@ -519,7 +508,7 @@ def export_run(run_dir: str | Path, cfg: ExportConfig, *, progress: bool = True)
     session = ExportSession(run, cfg, log)
     session.dir.mkdir(parents=True, exist_ok=True)
     json_path = session.dir / EXPORT_JSON
-    document = read_export_json(json_path)
+    document = read_export_record(run.path, advice="move it aside to start a fresh export")
     records: dict[str, dict[str, Any]] = dict(document.get("artefacts", {}))
     for name, record in records.items():  # made from an earlier student: say so, keep the record
         if record.get("student_sha256") not in (None, session.student_sha256) and \

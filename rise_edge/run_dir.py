@@ -176,6 +176,22 @@ def rebuild_student(meta: StudentMeta, recipe: Recipe) -> Student:
     return Student(backbone, meta.head)
 
 
+EXPORT_DIR = "export"  # <run>/export/: the artefacts rise-edge export makes
+EXPORT_JSON = "export.json"  # their records; rise-edge bench reads them
+
+
+def read_export_record(run_dir: Path, *, advice: str) -> dict[str, Any]:
+    """<run>/export/export.json as a dict ({} when there is none); `advice` ends the error for bad JSON."""
+    path = run_dir / EXPORT_DIR / EXPORT_JSON
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); {advice}") from None
+    return data if isinstance(data, dict) else {}
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []

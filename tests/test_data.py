@@ -136,3 +136,26 @@ def test_epoch_batches_shard_the_same_global_batches() -> None:
         EpochBatches(50, 7, seed=0, world_size=2)
     with pytest.raises(UserError, match="larger than the 5 training images"):
         EpochBatches(5, 8, seed=0)
+
+
+def test_seeded_augmentation_depends_on_the_seed_alone(data_root: Path) -> None:
+    import torch
+
+    from rise_edge.data import DomainImages
+    from rise_edge.student import Preprocessing
+    from rise_edge.transforms import train_transform
+
+    splits = build_splits(_cfg(data_root), progress=False)
+    images = DomainImages(splits.train_samples, train_transform(Preprocessing(8, (0.5,) * 3, (0.5,) * 3)))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first, label = images[(0, 7)]
+    torch.rand(5)  # whatever the caller draws in between
+    again, _ = images[(0, 7)]
+    other, _ = images[(0, 8)]
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert not torch.equal(first, other)
+    assert label == splits.train_samples[0][1]
+    torch.manual_seed(123)
+    images[(0, 7)]
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's random stream is left as it was
