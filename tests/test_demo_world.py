@@ -247,3 +247,15 @@ def test_training_batches_have_distinct_captions() -> None:
         assert len(set(canonical)) == len(canonical) == len(indices)
         for i, text in zip(indices, texts):
             assert pool.classes[i] in text
+
+
+def test_teacher_threads_leave_the_cores_other_processes_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    teacher = teacher_mod
+    monkeypatch.setattr(teacher.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(teacher.os, "cpu_count", lambda: 2)
+    for busy_fraction, threads in ((0.02, 2), (0.5, 1), (0.95, 1), (0.3, 2)):
+        samples = iter([(0, 0), (int(busy_fraction * 1000), 1000)])
+        monkeypatch.setattr(teacher, "_cpu_times", lambda: next(samples))
+        assert teacher.default_threads(sample_s=0) == threads, busy_fraction
+    monkeypatch.setattr(teacher, "_cpu_times", lambda: None)  # no /proc/stat: every core
+    assert teacher.default_threads(sample_s=0) == 2

@@ -414,18 +414,33 @@ def format_accuracy_table(table: dict[str, dict[str, float]]) -> str:
 
 # -- build and cache -------------------------------------------------------------------------------
 
-def default_threads() -> int:
-    """The usable cores, less those other processes keep busy (1-minute load average).
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat; None off Linux."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def default_threads(sample_s: float = 0.3) -> int:
+    """The usable cores, less those other processes keep busy right now.
 
     On a busy machine, torch's OpenMP threads spin-wait for each other: with 2 threads on 2 cores
     shared with one other busy process we measured a training step 40x slower than with 1 thread.
+    The busy cores are sampled over `sample_s` (this process sleeps meanwhile), not read from the
+    load average, which still counts a `pip install` that ended a minute ago.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = math.ceil(os.getloadavg()[0] - 0.5)
-    except OSError:  # no load average on this platform
-        busy = 0
-    return max(1, min(cores, cores - busy))
+    before = _cpu_times()
+    time.sleep(sample_s)
+    after = _cpu_times()
+    if before is None or after is None or after[1] <= before[1]:
+        return cores
+    total_cores = os.cpu_count() or cores
+    busy = (after[0] - before[0]) / (after[1] - before[1]) * total_cores
+    return max(1, min(cores, cores - math.floor(busy + 0.25)))  # a core 75 % busy counts as taken
 
 
 def build_demo_teacher(cache_dir: Path | None = None, *,
