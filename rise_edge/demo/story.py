@@ -40,7 +40,7 @@ def default_demo_recipe() -> Path:
     return path
 
 
-def _erm(recipe: Recipe) -> Recipe:
+def erm_recipe(recipe: Recipe) -> Recipe:
     """The same recipe as plain cross-entropy: no teacher, no distillation."""
     return replace(recipe, loss=replace(recipe.loss, w_ce=1.0, w_kd=0.0, w_dist=0.0))
 
@@ -57,7 +57,8 @@ def _finished(run_dir: Path, recipe: Recipe) -> bool:
         _absolute_paths(recipe))
 
 
-def _train(recipe: Recipe, run_dir: Path, progress: bool) -> dict[str, Any]:
+def train_or_reuse(recipe: Recipe, run_dir: Path, progress: bool) -> dict[str, Any]:
+    """Train `recipe` into `run_dir` (a finished run of the same recipe is reused); its results.json."""
     from rise_edge.train import train_run
 
     if _finished(run_dir, recipe):
@@ -105,10 +106,10 @@ def run_demo(recipe_path: Path | None = None, out_dir: Path = Path("runs/demo"),
     zero_shot = json.loads((teacher_dir / "zero_shot.json").read_text())["accuracy"]["rise"]
 
     _say(3, "ERM student (cross-entropy only)")
-    erm = _train(_erm(recipe), out_dir / "erm", progress)
+    erm = train_or_reuse(erm_recipe(recipe), out_dir / "erm", progress)
     _say(3, "RISE student (distilled from the teacher, guided by its text embeddings)")
     rise_dir = out_dir / "rise"
-    rise = _train(recipe, rise_dir, progress)
+    rise = train_or_reuse(recipe, rise_dir, progress)
 
     _say(4, "export the RISE student: ONNX FP32 + ONNX Runtime INT8")
     export_cfg = replace(recipe.export, formats=("onnx",), int8=True)
