@@ -93,11 +93,13 @@ def to_markdown(result: dict[str, Any]) -> str:
              f"Teacher: {result['teacher']['folder']} (the same for every seed), zero-shot "
              + ", ".join(f"{k} {100 * v:.1f} %" for k, v in result["teacher"]["zero_shot_rise_templates"].items())
              + ".  ",
-             f"Machine: {machine['cpu']}, {machine['logical_cores']} logical cores, no GPU.  ",
+             f"Machine: {machine['cpu']}, {machine['logical_cores']} logical cores, "
+             + (f"GPU {machine['gpu']['name']}" if machine.get("gpu") else "no GPU") + ".  ",
              "Versions: " + ", ".join(f"{k} {versions[k]}" for k in (
-                 "python", "torch", "timm", "open_clip_torch", "rise_edge") if k in versions) + ".", "",
+                 "python", "torch", "timm", "open_clip", "rise_edge") if k in versions) + ".", "",
              "Accuracy (%) of the selected checkpoint (best mean source validation). Source styles: "
-             "validation split (84 images each); unseen style: all its images.", "",
+             "validation split (84 images each); unseen style: all its images. Train wall time is "
+             "that of the run's own training (a reused run keeps its original time).", "",
              "| seed | method | " + " | ".join(f"{d} (val)" for d in sources)
              + f" | source mean | **{target} (unseen)** | train wall s |",
              "|---|---|" + "---|" * (len(sources) + 3)]

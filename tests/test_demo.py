@@ -47,7 +47,9 @@ def test_demo_end_to_end_and_reuse(miniature_demo: Path, tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     for style in ("cartoon", "painting", "photo", "sketch"):
         assert f"| {style} |" in result.output
-    assert "UNSEEN target" in result.output and "RISE INT8 (ORT): p50" in result.output
+    assert "UNSEEN target" in result.output
+    for engine in ("pytorch (FP32)", "onnx-fp32 (FP32)", "onnx-int8 (INT8)"):
+        assert f"- {engine}: p50" in result.output, engine
     for name in ("erm/results.json", "rise/results.json", "rise/export/export.json",
                  "rise/bench/report.json", "demo.md", "demo.json"):
         assert (out / name).is_file(), name
