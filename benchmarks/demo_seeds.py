@@ -117,7 +117,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {method.upper()} | {s['val_mean']['mean']:.1f} ± {s['val_mean']['std']:.1f} | "
                      f"{s['target']['mean']:.1f} ± {s['target']['std']:.1f} |")
     gains = result["rise_minus_erm_target_points"]
-    lines += ["", f"RISE minus ERM on the unseen style, per seed: "
+    lines += ["", "RISE minus ERM on the unseen style, per seed: "
               + ", ".join(f"{g:+.1f}" for g in gains) + f" points; RISE better on "
               f"{result['rise_better_on_target']} of {len(gains)} seeds."]
     return "\n".join(lines) + "\n"

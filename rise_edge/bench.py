@@ -32,7 +32,6 @@ import datetime
 import difflib
 import gc
 import importlib.util
-import json
 import random
 import shlex
 import sys
