@@ -129,8 +129,9 @@ def main() -> None:
         "versions": _versions(), "export_seconds": export_seconds,
         "export_config": dataclasses.asdict(cfg),
         "parity_onnx_vs_pytorch": fp32_record["parity"], "exporter": fp32_record["exporter"],
-        "quantization": int8_record["quantization"], "calibration": {
-            k: v for k, v in document["calibration"].items() if k != "files"},
+        "quantization": int8_record["quantization"], "calibration": {  # no machine paths in a record
+            k: (Path(os.path.relpath(v)).as_posix() if k == "dataset_dir" else v)
+            for k, v in document["calibration"].items() if k != "files"},
         "budget_step": {k: budget[k] for k in ("budget_points", "met", "kept_fp32_layers",
                                                "accuracy_fp32", "accuracy_int8_before_fallback",
                                                "accuracy_int8", "drop_points")},
