@@ -227,6 +227,9 @@ def _measured(data: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in data["rows"] if r["status"] in MEASURED and r["accuracy"]]
 
 
+MIN_ACCURACY_SPAN = 5.0  # points: the accuracy axis of a panel never spans less
+
+
 def plot_accuracy_latency(data: dict[str, Any], path: Path) -> bool:
     """Top-1 vs p50 latency at the smallest batch size, one point per engine, one panel per domain."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -253,6 +256,10 @@ def plot_accuracy_latency(data: dict[str, Any], path: Path) -> bool:
             ax.scatter(entry["p50_ms"], acc, s=60, color=f"C{n % 10}", label=label, zorder=3)
             ax.annotate(row["engine"], (entry["p50_ms"], acc), textcoords="offset points",
                         xytext=(6, 6 - 11 * (n % 3)), fontsize=8)  # staggered: equal points stay legible
+        accs = [r["accuracy"][domain]["top1"] for r, _ in points if domain in r["accuracy"]]
+        if accs and max(accs) - min(accs) < MIN_ACCURACY_SPAN:  # a tenth of a point must not look large
+            middle = min(max((max(accs) + min(accs)) / 2, MIN_ACCURACY_SPAN / 2), 100 - MIN_ACCURACY_SPAN / 2)
+            ax.set_ylim(middle - MIN_ACCURACY_SPAN / 2, middle + MIN_ACCURACY_SPAN / 2)
         spread = [e["p50_ms"] for _, e in points]
         if min(spread) > 0 and max(spread) / min(spread) > 10:
             ax.set_xscale("log")
