@@ -32,6 +32,7 @@ from rise_edge.calibration import load_images
 from rise_edge.data import build_splits
 from rise_edge.engines import OnnxRuntimeRunner, TorchRunner, physical_cores
 from rise_edge.export import EXPORT_DIR, _versions, export_run, resolve_export_config
+from rise_edge.latency import interleaved_ms
 from rise_edge.resources import machine_info
 from rise_edge.run_dir import open_run
 
@@ -40,17 +41,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def latency(runners: dict[str, object], batch: np.ndarray, rounds: int, iters: int) -> dict:
     """Per-call milliseconds per runner, interleaved so a busy neighbour slows all of them alike."""
-    staged = {name: r.prepare(batch) for name, r in runners.items()}
-    for name, r in runners.items():
-        for _ in range(3):
-            r.run_staged(staged[name])
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, r in runners.items():
-            for _ in range(iters):
-                begin = time.perf_counter()
-                r.run_staged(staged[name])
-                times[name].append((time.perf_counter() - begin) * 1e3)
+    times = interleaved_ms(runners, batch, rounds, iters)
     return {name: {"median_ms": round(statistics.median(t), 3),
                    "p90_ms": round(float(np.percentile(t, 90)), 3), "calls": len(t)}
             for name, t in times.items()}

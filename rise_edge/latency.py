@@ -266,6 +266,24 @@ def _time_cuda_graph(runner: Any, staged: Any, plan: TimingPlan, batch_size: int
 # MLPerf-style summaries of a row's measurements
 
 
+def interleaved_ms(runners: dict[str, Any], images: np.ndarray, rounds: int, iterations: int,
+                   warmup: int = 3) -> dict[str, list[float]]:
+    """Per-call milliseconds per runner (host clock), the runners taking turns round by round so a
+    busy neighbour on a shared CPU slows all of them alike. For CPU runners, compared in one process."""
+    staged = {name: r.prepare(images) for name, r in runners.items()}
+    for name, r in runners.items():
+        for _ in range(warmup):
+            r.run_staged(staged[name])
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, r in runners.items():
+            for _ in range(iterations):
+                begin = time.perf_counter()
+                r.run_staged(staged[name])
+                times[name].append((time.perf_counter() - begin) * 1e3)
+    return times
+
+
 def mlperf_style(latency: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """SingleStream: p90 latency of one-image queries run one after another (the batch-1 measurement).
     Offline: the best images/s over the measured batch sizes, with the batch that gave it.

@@ -16,7 +16,6 @@ import platform
 import shutil
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 
 from rise_edge.calibration import cache_key
 from rise_edge.errors import missing_extra
+from rise_edge.latency import interleaved_ms
 
 # export.calibration_method -> onnxruntime.quantization.CalibrationMethod member name
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -244,18 +244,7 @@ def latency_ms(paths: dict[str, Path], image: np.ndarray, rounds: int = 3, iters
                ) -> dict[str, float]:
     """Median batch-1 latency per model, measured in this process, the models interleaved round by
     round so a busy neighbour on a shared CPU slows all of them alike."""
-    runners = {name: _session(p) for name, p in paths.items()}
-    staged = {name: r.prepare(image) for name, r in runners.items()}
-    samples: dict[str, list[float]] = {name: [] for name in paths}
-    for name, r in runners.items():
-        for _ in range(3):
-            r.run_staged(staged[name])
-    for _ in range(rounds):
-        for name, r in runners.items():
-            for _ in range(iters):
-                begin = time.perf_counter()
-                r.run_staged(staged[name])
-                samples[name].append((time.perf_counter() - begin) * 1e3)
+    samples = interleaved_ms({name: _session(p) for name, p in paths.items()}, image, rounds, iters)
     return {name: round(statistics.median(v), 3) for name, v in samples.items()}
 
 
