@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import json
 import os
 import random
 import zlib
@@ -126,7 +125,3 @@ def load_images(paths: Sequence[str | Path], preprocessing: Preprocessing, worke
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL
         return np.stack(list(pool.map(one, paths))).astype(np.float32, copy=False)
 
-
-def cache_key(**parts: Any) -> str:
-    """A sha256 over named parts (calibration hash, method, model hash, ...): cache names use it."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

@@ -35,11 +35,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from rise_edge.calibration import (CalibrationSet, balanced_val_samples, cache_key, file_sha256,
+from rise_edge.calibration import (CalibrationSet, balanced_val_samples, file_sha256,
                                    load_images, select_calibration_set)
 from rise_edge.config import ExportConfig, parse_override, recipe_from_dict, recipe_to_dict
 from rise_edge.engines import META_PREFIX, ENGINES, GPU_FORMATS, OnnxRuntimeRunner, TorchRunner
 from rise_edge.errors import UserError, missing_extra
+from rise_edge.paths import cache_key
 from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun, atomic_path, open_run,
                                read_export_record, versions, write_json_atomic)
 

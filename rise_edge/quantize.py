@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from rise_edge.calibration import cache_key
 from rise_edge.errors import missing_extra
 from rise_edge.latency import interleaved_ms
+from rise_edge.paths import cache_key
 
 # export.calibration_method -> onnxruntime.quantization.CalibrationMethod member name
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}

@@ -6,8 +6,6 @@ the released RISE code fed ImageNet-normalised tensors to CLIP, a defect we do n
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from torch import nn
 
 from rise_edge.config import TeacherConfig
 from rise_edge.errors import UserError, missing_extra
+from rise_edge.paths import cache_key
 from rise_edge.student import Preprocessing
 
 def _demo_teacher() -> Path:
@@ -123,7 +122,7 @@ def text_embeddings_cached(teacher: ClipTeacher, classes: Sequence[str], templat
 
     key_data = {"teacher": teacher.identity, "templates": list(templates), "classes": list(classes),
                 "anchors": list(anchors)}
-    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()[:16]
+    key = cache_key(**key_data)[:16]
     for folder in folders:
         path = folder / f"text-{key}.safetensors"
         if path.is_file():

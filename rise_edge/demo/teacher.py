@@ -35,6 +35,7 @@ from rise_edge.demo.world import (
     current_umask, default_world_spec, generate_world, iter_samples, make_temp_sibling,
     miniature_world_spec,
 )
+from rise_edge.paths import cache_key
 
 DEMO_TEACHER_MODEL = "rise-edge-demo-clip"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's statistics, not ImageNet's
@@ -86,7 +87,7 @@ class DemoTeacherSettings:
 
     @property
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        return cache_key(**self.to_dict())
 
     @property
     def folder_name(self) -> str:

@@ -13,7 +13,6 @@ knows it is synthetic.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from PIL import Image
 
 from rise_edge.demo import styles as _styles
 from rise_edge.demo.styles import COLOURS, STYLE_RENDERERS, SHAPES
+from rise_edge.paths import cache_key
 
 # Bump when the drawing code changes what a spec produces, so old caches are not reused.
 GENERATOR_VERSION = 1
@@ -73,7 +73,7 @@ class WorldSpec:
     @property
     def hash(self) -> str:
         """Hex digest of the spec and the generator version."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        return cache_key(**self.to_dict())
 
     @property
     def folder_name(self) -> str:
