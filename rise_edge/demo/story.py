@@ -97,7 +97,8 @@ def run_demo(recipe_path: Path | None = None, out_dir: Path = Path("runs/demo"),
         raise UserError(f"the demo's teacher is one rise-edge builds ({', '.join(BUILT_TEACHERS)}), "
                         f"not '{recipe.teacher.model}'")
     _say(1, "demo world: shapes drawn in four styles")
-    splits = build_splits(recipe.data, progress=progress)
+    # Builds the world on first use; its images are decoded and checked by each training run.
+    splits = build_splits(recipe.data, check_images=False, progress=progress)
     print(f"      {len(splits.classes)} classes x {len(splits.source_domains) + 1} styles in "
           f"{splits.dataset_dir}; trained on {', '.join(splits.source_domains)}, unseen: "
           f"{splits.target_domain}", file=sys.stderr)
