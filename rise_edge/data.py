@@ -77,11 +77,6 @@ KNOWN_DATASETS["demo"] = KnownDataset("demo", ("cartoon", "painting", "photo", "
                                       build=_build_demo_world)
 
 
-def register_dataset(name: str, spec: KnownDataset) -> None:
-    """Add a data set to the registry (the demo world registers itself this way)."""
-    KNOWN_DATASETS[name] = spec
-
-
 Sample = tuple[str, int]  # (image path, class index)
 
 
