@@ -558,7 +558,8 @@ def bench_run(run_dir: str | Path, cfg: BenchConfig, *, progress: bool = True,
     run = open_run(run_dir)
     names = select_domains(run, cfg.domains)
     export = read_export_record(run_dir, advice=f"re-run `rise-edge export {run_dir}`")
-    specs = plan_engines(run, export, cfg.engines, file_sha256(run_dir / STUDENT_FILE))
+    student_sha256 = file_sha256(run_dir / STUDENT_FILE)
+    specs = plan_engines(run, export, cfg.engines, student_sha256)
     splits = build_splits(run.recipe.data, check_images=run.recipe.data.skip_bad_images, progress=False)
     if tuple(splits.classes) != tuple(run.meta.classes):
         raise UserError(f"the data set's classes ({', '.join(splits.classes)}) differ from the student's "
@@ -594,7 +595,7 @@ def bench_run(run_dir: str | Path, cfg: BenchConfig, *, progress: bool = True,
                     "source_domains": list(run.meta.source_domains),
                     "target_domain": run.meta.target_domain,
                     "preprocessing": run.meta.preprocessing.to_dict(),
-                    "sha256": file_sha256(run_dir / STUDENT_FILE)},
+                    "sha256": student_sha256},
         "config": dataclasses.asdict(cfg),
         "machine": machine_info(),
         "versions": software_versions(),
