@@ -20,7 +20,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -32,10 +31,11 @@ import torch.nn.functional as F
 
 from rise_edge.demo.world import (
     ALL_STYLES, DEMO_CLASSES, DEMO_COLOURS, STUDENT_STYLES, WorldSpec, caption, default_cache_dir,
-    current_umask, default_world_spec, generate_world, iter_samples, make_temp_sibling,
-    miniature_world_spec,
+    default_world_spec, generate_world, iter_samples, make_temp_sibling, miniature_world_spec,
+    publish_folder,
 )
 from rise_edge.paths import cache_key
+from rise_edge.run_dir import write_json_atomic
 
 DEMO_TEACHER_MODEL = "rise-edge-demo-clip"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's statistics, not ImageNet's
@@ -123,14 +123,6 @@ def preprocess_config(settings: DemoTeacherSettings = DEFAULT_SETTINGS) -> dict:
             "interpolation": "bicubic", "resize_mode": "squash"}
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; the cache may be shared
-    os.replace(tmp, path)
-
-
 def register_demo_teacher_config(settings: DemoTeacherSettings = DEFAULT_SETTINGS,
                                  cache_dir: Path | None = None) -> Path:
     """Make `DEMO_TEACHER_MODEL` known to open_clip with these settings' architecture.
@@ -150,7 +142,7 @@ def _register(config: dict, cache: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{DEMO_TEACHER_MODEL}.json"
     if not path.is_file():
-        _write_json_atomic(path, config)
+        write_json_atomic(path, config)
     open_clip.add_model_config(path)
     return path
 
@@ -459,7 +451,7 @@ def build_demo_teacher(cache_dir: Path | None = None, *,
     torch.set_num_threads(threads or default_threads())
     try:
         _build_into(tmp, settings, cache, progress)
-        _publish(tmp, final, settings)
+        publish_folder(tmp, final, lambda folder: _is_complete(folder, settings))
     finally:
         torch.set_num_threads(previous)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -488,18 +480,18 @@ def _build_into(folder: Path, settings: DemoTeacherSettings, cache: Path, progre
               file=sys.stderr)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))
-    _write_json_atomic(folder / "zero_shot.json", {
+    write_json_atomic(folder / "zero_shot.json", {
         "world": settings.eval_world.folder_name, "classes": list(settings.classes),
         "styles": styles, "chance": 1 / len(settings.classes),
         "templates": {"rise": list(RISE_TEMPLATES), "plain": list(PLAIN_TEMPLATES)},
         "accuracy": table})
-    _write_json_atomic(folder / "config.json", {
+    write_json_atomic(folder / "config.json", {
         "hash": settings.hash, "model_name": DEMO_TEACHER_MODEL, "model_cfg": model_config(settings),
         "preprocess_cfg": preprocess_config(settings), "settings": settings.to_dict(),
         "tokenizer": {"kind": "open_clip SimpleTokenizer", "context_length": settings.context_length},
         "build_seconds": {k: round(v, 1) for k, v in timings.items()},
         "threads": torch.get_num_threads()})
-    _write_json_atomic(folder / "open_clip_config.json", {
+    write_json_atomic(folder / "open_clip_config.json", {
         "model_cfg": model_config(settings), "preprocess_cfg": preprocess_config(settings)})
 
 
@@ -510,15 +502,6 @@ def _is_complete(folder: Path, settings: DemoTeacherSettings) -> bool:
         return False
     return config.get("hash") == settings.hash and (folder / "model.safetensors").is_file()
 
-
-def _publish(tmp: Path, final: Path, settings: DemoTeacherSettings) -> None:
-    if final.exists() and not _is_complete(final, settings):
-        shutil.rmtree(final, ignore_errors=True)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not _is_complete(final, settings):  # another process finished first: keep its teacher
-            raise
 
 
 def demo_teacher_settings(**overrides) -> DemoTeacherSettings:

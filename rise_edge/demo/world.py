@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -180,7 +180,7 @@ def generate_world(root: Path, spec: WorldSpec, *, progress: bool = True) -> Pat
     tmp = make_temp_sibling(final)
     try:
         _write_world(tmp, spec, progress)
-        _publish(tmp, final, spec)
+        publish_folder(tmp, final, lambda folder: is_complete(folder, spec))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -233,12 +233,15 @@ def _write_world(folder: Path, spec: WorldSpec, progress: bool) -> None:
     (folder / MARKER).write_text(json.dumps({"hash": spec.hash, "spec": spec.to_dict()}, indent=2))
 
 
-def _publish(tmp: Path, final: Path, spec: WorldSpec) -> None:
-    """Rename the finished folder into place; keep a complete world another process put there first."""
-    if final.exists() and not is_complete(final, spec):
-        shutil.rmtree(final, ignore_errors=True)  # a leftover without marker: never a valid world
+def publish_folder(tmp: Path, final: Path, complete: Callable[[Path], bool]) -> None:
+    """Rename the finished `tmp` onto `final`; keep a complete one another process put there first.
+
+    A `final` that is not `complete` is a leftover (never a valid build) and is replaced.
+    """
+    if final.exists() and not complete(final):
+        shutil.rmtree(final, ignore_errors=True)
     try:
         os.rename(tmp, final)
     except OSError:
-        if not is_complete(final, spec):
+        if not complete(final):
             raise
