@@ -20,6 +20,7 @@ from rise_edge.errors import UserError, missing_extra
 from rise_edge.paths import cache_key
 from rise_edge.student import Preprocessing
 
+
 def _demo_teacher() -> Path:
     from rise_edge.demo.teacher import build_demo_teacher
 
@@ -52,6 +53,17 @@ class TextEmbeddings:
 def class_prompt_name(class_name: str) -> str:
     """Folder names use underscores; prompts want words ("Alarm_Clock" -> "Alarm Clock")."""
     return class_name.replace("_", " ")
+
+
+def template_mean_embeddings(encode_texts: Callable[[list[str]], torch.Tensor], classes: Sequence[str],
+                             templates: Sequence[str]) -> torch.Tensor:
+    """(C, D) raw text embeddings of "template.format(class)" averaged over the templates, per class.
+
+    `encode_texts` maps N prompts to (N, D) raw embeddings. L2-normalised, these are the zero-shot
+    classifier RISE's teacher logits use.
+    """
+    prompts = [t.format(class_prompt_name(c)) for c in classes for t in templates]
+    return encode_texts(prompts).view(len(classes), len(templates), -1).mean(dim=1)
 
 
 class ClipTeacher(nn.Module):
@@ -101,9 +113,8 @@ class ClipTeacher(nn.Module):
 
     def text_embeddings(self, classes: Sequence[str], templates: Sequence[str],
                         anchors: Sequence[str]) -> TextEmbeddings:
+        raw = template_mean_embeddings(self.encode_texts, classes, templates)
         names = [class_prompt_name(c) for c in classes]
-        prompts = [t.format(n) for n in names for t in templates]
-        raw = self.encode_texts(prompts).view(len(names), len(templates), -1).mean(dim=1)
         anchor_texts = [f"a {a} of a {n}" for n in names for a in anchors]
         anchor_emb = self.encode_texts(anchor_texts).view(len(names), len(anchors), -1)
         return TextEmbeddings(raw, F.normalize(raw, dim=-1), anchor_emb)

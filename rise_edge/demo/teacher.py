@@ -36,6 +36,7 @@ from rise_edge.demo.world import (
 )
 from rise_edge.paths import cache_key
 from rise_edge.run_dir import write_json_atomic
+from rise_edge.teacher import template_mean_embeddings
 
 DEMO_TEACHER_MODEL = "rise-edge-demo-clip"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's statistics, not ImageNet's
@@ -359,10 +360,9 @@ def train_teacher(settings: DemoTeacherSettings, cache_dir: Path, progress: bool
 @torch.no_grad()
 def text_prototypes(model: torch.nn.Module, tokenizer, classes: Sequence[str],
                     templates: Sequence[str]) -> torch.Tensor:
-    """(C, D) normalised class prototypes: raw template embeddings averaged, then normalised."""
-    names = [c.replace("_", " ") for c in classes]
-    tokens = tokenizer([t.format(n) for n in names for t in templates])
-    raw = model.encode_text(tokens).float().view(len(names), len(templates), -1).mean(dim=1)
+    """(C, D) normalised class prototypes, computed as the RISE teacher computes its own."""
+    raw = template_mean_embeddings(lambda texts: model.encode_text(tokenizer(texts)).float(), classes,
+                                   templates)
     return F.normalize(raw, dim=-1)
 
 
