@@ -31,9 +31,9 @@ import numpy as np
 from rise_edge.calibration import load_images
 from rise_edge.data import build_splits
 from rise_edge.engines import OnnxRuntimeRunner, TorchRunner, physical_cores
-from rise_edge.export import EXPORT_DIR, _versions, export_run, resolve_export_config
+from rise_edge.export import EXPORT_DIR, export_run, resolve_export_config
 from rise_edge.latency import interleaved_ms
-from rise_edge.resources import machine_info
+from rise_edge.resources import machine_info, software_versions
 from rise_edge.run_dir import open_run
 
 RESULTS = Path(__file__).parent / "results"
@@ -117,7 +117,7 @@ def main() -> None:
         "machine": {"cpu": machine_info()["cpu"], "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
                     "platform": platform.platform()},
         "load_average_1min": {"before_timing": load_before, "after_accuracy": round(os.getloadavg()[0], 2)},
-        "versions": _versions(), "export_seconds": export_seconds,
+        "versions": software_versions(), "export_seconds": export_seconds,
         "export_config": dataclasses.asdict(cfg),
         "parity_onnx_vs_pytorch": fp32_record["parity"], "exporter": fp32_record["exporter"],
         "quantization": int8_record["quantization"], "calibration": {  # no machine paths in a record

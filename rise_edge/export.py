@@ -41,8 +41,9 @@ from rise_edge.config import ExportConfig, parse_override, recipe_from_dict, rec
 from rise_edge.engines import META_PREFIX, ENGINES, GPU_FORMATS, OnnxRuntimeRunner, TorchRunner
 from rise_edge.errors import UserError, missing_extra
 from rise_edge.paths import cache_key
+from rise_edge.resources import software_versions
 from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun, atomic_path, open_run,
-                               read_export_record, versions, write_json_atomic)
+                               read_export_record, write_json_atomic)
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 PARITY_IMAGES = 32  # source-val images for ONNX / engine vs PyTorch checks
@@ -524,7 +525,7 @@ def export_run(run_dir: str | Path, cfg: ExportConfig, *, progress: bool = True)
 
     def save() -> None:
         document.update({
-            "schema": 1, "updated": _now(), "versions": _versions(),
+            "schema": 1, "updated": _now(), "versions": software_versions(),
             "student": {"file": STUDENT_FILE, "sha256": session.student_sha256, "model": run.meta.model,
                         "classes": list(run.meta.classes), "source_domains": list(run.meta.source_domains),
                         "target_domain": run.meta.target_domain,
@@ -604,13 +605,3 @@ def _write_calibration_tensors(s: ExportSession) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, s.calibration_images.astype(np.float16))
-
-
-def _versions() -> dict[str, str]:
-    found = versions()
-    for module in ("onnx", "onnxruntime", "tensorrt", "torch_tensorrt", "modelopt"):
-        try:
-            found[module] = __import__(module).__version__
-        except (ImportError, AttributeError):
-            pass
-    return found
