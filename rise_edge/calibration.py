@@ -93,6 +93,21 @@ def select_calibration_set(splits: DomainSplits, size: int, seed: int = 0) -> Ca
                           size, seed)
 
 
+def select_fidelity_samples(splits: DomainSplits, per_domain: int, calibration_files: set[str],
+                            seed: int = 0) -> dict[str, list[Sample]]:
+    """Up to `per_domain` labelled images of every SOURCE domain on which INT8 is judged against FP32:
+    the validation split first, then training images outside the calibration set (seeded order).
+    Fidelity to FP32, not generalisation, is what is judged, so training images serve; calibration
+    images would flatter the ranges they set. Never the target domain."""
+    chosen = {}
+    for domain in splits.source_domains:
+        train = [s for s in sorted(splits.train[domain])
+                 if _relative(s[0], splits.dataset_dir) not in calibration_files]
+        random.Random(seed * 1_000_003 + zlib.crc32(domain.encode())).shuffle(train)
+        chosen[domain] = (list(splits.val[domain]) + train)[:per_domain]
+    return chosen
+
+
 def balanced_val_samples(splits: DomainSplits, count: int) -> list[Sample]:
     """Up to `count` source-validation images, round-robin over source domains (parity checks)."""
     return _round_robin([list(splits.val[d]) for d in splits.source_domains], count)

@@ -81,13 +81,19 @@ def train(recipe: Path, overrides: tuple[str, ...], resume: bool, run_dir: Path 
               help="Largest INT8 accuracy drop (points) on any source domain before layers fall back.")
 @click.option("--fold-preprocessing/--no-fold-preprocessing", default=None,
               help="Also export a graph that takes uint8 NHWC camera frames.")
+@click.option("--qat/--no-qat", default=None,
+              help="With --int8: also fine-tune with INT8 fake quantization on the source domains "
+                   "(the run's objective) and export it as an explicit Q/DQ ONNX.")
+@click.option("--qat-steps", type=click.IntRange(min=1), default=None,
+              help="Quantization-aware fine-tuning steps (default: the recipe's export.qat_steps).")
 @click.option("--set", "overrides", multiple=True, metavar="export.KEY=VALUE",
               help="Override an export field, e.g. --set export.opset=17 (repeatable).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @_user_errors
 def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: bool | None,
            calibration_method: str | None, calibration_size: int | None, budget: float | None,
-           fold_preprocessing: bool | None, overrides: tuple[str, ...], quiet: bool) -> None:
+           fold_preprocessing: bool | None, qat: bool | None, qat_steps: int | None,
+           overrides: tuple[str, ...], quiet: bool) -> None:
     """Export the trained student of RUN_DIR (ONNX, INT8, TensorRT) into RUN_DIR/export/."""
     from rise_edge.export import export_run, resolve_export_config
     from rise_edge.run_dir import open_run
@@ -95,7 +101,8 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
     cfg = resolve_export_config(
         open_run(run_dir), overrides, formats=list(formats) or None, fp16=fp16, int8=int8,
         calibration_method=calibration_method, calibration_size=calibration_size,
-        accuracy_budget=budget, fold_preprocessing=fold_preprocessing)
+        accuracy_budget=budget, fold_preprocessing=fold_preprocessing,
+        qat=None if qat is None else ("on" if qat else "off"), qat_steps=qat_steps)
     result = export_run(run_dir, cfg, progress=not quiet)
     click.echo(result.table())
     click.echo(f"artefacts and metadata: {result.path}")

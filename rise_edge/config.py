@@ -124,6 +124,9 @@ class ExportConfig:
     accuracy_budget: float = _f(1.0, "largest INT8 accuracy drop (points) on any source domain "
                                 "before layers fall back to higher precision", min=0.0)
     max_fallback_layers: int = _f(8, "most layers kept in higher precision by the budget step", min=0)
+    fidelity_images: int = _f(500, "source images per domain on which INT8 is judged against FP32 "
+                              "(validation split first, then training images outside the "
+                              "calibration set)", min=1)
     fold_preprocessing: bool = _f(False, "fold resize/normalisation into the ONNX graph "
                                   "(input: uint8 NHWC)")
     parity_tolerance: float = _f(1e-3, "largest max-abs logit difference ONNX vs PyTorch", gt=0.0)
@@ -131,6 +134,14 @@ class ExportConfig:
                                "(domain, class) cell", min=0)
     batch_profile: tuple[int, ...] = _f((1, 8, 32), "TensorRT dynamic-batch optimisation profile: "
                                         "min, opt, max batch")
+    qat: Literal["off", "on", "auto"] = _f(
+        "off", "quantization-aware fine-tuning with the run's objective (INT8 only): on, off, or auto "
+        "(only when post-training INT8 misses the accuracy budget)")
+    qat_steps: int = _f(200, "QAT fine-tuning steps", min=1)
+    qat_lr: float = _f(0.0, "QAT learning rate (0: a tenth of the run's optim.lr)", min=0.0)
+    qat_batch_size: int = _f(0, "QAT batch size (0: the run's train.batch_size)", min=0)
+    qat_eval_every: int = _f(0, "QAT steps between source-validation evaluations (0: a quarter of "
+                             "qat_steps)", min=0)
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,13 @@ import torch
 from torch import nn
 
 from rise_edge.calibration import (CalibrationSet, balanced_val_samples, file_sha256,
-                                   load_images, select_calibration_set)
+                                   load_images, select_calibration_set, select_fidelity_samples)
 from rise_edge.config import ExportConfig, parse_override, recipe_from_dict, recipe_to_dict
 from rise_edge.engines import META_PREFIX, ENGINES, GPU_FORMATS, OnnxRuntimeRunner, TorchRunner
 from rise_edge.errors import UserError, missing_extra
+from rise_edge.graph_form import fold_constants, with_static_padding
 from rise_edge.paths import cache_key
+from rise_edge.quantize import FidelitySet
 from rise_edge.resources import software_versions
 from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun, atomic_path, open_run,
                                read_export_record, write_json_atomic)
@@ -65,6 +67,10 @@ ARTEFACTS: dict[str, ArtefactSpec] = {
     "onnx-int8": ArtefactSpec("onnx", "int8", "model.int8-cpu.onnx", "onnxruntime-cpu", ("onnx-fp32",)),
     "onnx-int8-tensorrt": ArtefactSpec("onnx", "int8", "model.int8-qdq-tensorrt.onnx", "tensorrt",
                                        ("onnx-fp32",)),
+    "onnx-int8-qat": ArtefactSpec("onnx", "int8", "model.int8-qat.onnx",
+                                  "tensorrt (strongly typed) and any ONNX runtime", ("onnx-fp32",)),
+    "onnx-int8-qat-cpu": ArtefactSpec("onnx", "int8", "model.int8-qat-cpu.onnx", "onnxruntime-cpu",
+                                      ("onnx-int8-qat",)),
     "tensorrt-fp32": ArtefactSpec("tensorrt", "fp32", "model.fp32.engine", "tensorrt", ("onnx-fp32",)),
     "tensorrt-fp16": ArtefactSpec("tensorrt", "fp16", "model.fp16.engine", "tensorrt", ("onnx-fp32",)),
     "tensorrt-int8": ArtefactSpec("tensorrt", "int8", "model.int8.engine", "tensorrt", ("onnx-fp32",)),
@@ -91,7 +97,10 @@ def plan_artefacts(cfg: ExportConfig) -> list[str]:
     if "onnx" in formats:
         names += ["onnx-fp32-uint8"] if cfg.fold_preprocessing else []
         names += ["onnx-int8"] if cfg.int8 else []
+        names += ["onnx-int8-qat", "onnx-int8-qat-cpu"] if cfg.int8 and cfg.qat != "off" else []
     if "tensorrt" in formats:
+        if cfg.int8 and cfg.qat != "off" and "onnx-int8-qat" not in names:
+            names += ["onnx-int8", "onnx-int8-qat"]  # the engine is built from QAT's Q/DQ graph
         names += ["onnx-int8-tensorrt", "tensorrt-int8"] if cfg.int8 else []
         names += ["tensorrt-fp16"] if cfg.fp16 else []
         names += ["tensorrt-fp32"] if not (cfg.int8 or cfg.fp16) else []
@@ -147,7 +156,8 @@ class FoldedPreprocessing(nn.Module):
 def export_graph(module: nn.Module, example: torch.Tensor, path: Path, opset: int) -> str:
     """Write `module` as ONNX with a dynamic batch axis; returns the exporter used.
 
-    The legacy TorchScript exporter (dynamo=False) comes first, deliberately: for timm CNNs on CPU it
+    Constant sub-graphs are folded afterwards (graph_form.fold_constants), so pads and quantized
+    weights are initializers, not arithmetic. The legacy TorchScript exporter (dynamo=False) comes first, deliberately: for timm CNNs on CPU it
     exports in a fraction of a second where the torch.export-based one takes seconds (0.1 s vs 3.5 s
     for test_resnet, 0.5 s vs 4.3 s for ResNet-18, torch 2.14), and it emits GlobalAveragePool +
     Flatten, which ONNX Runtime's quantizer and TensorRT both handle as pooling, where the dynamo
@@ -162,6 +172,7 @@ def export_graph(module: nn.Module, example: torch.Tensor, path: Path, opset: in
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                               do_constant_folding=True)
+        fold_constants(path)
         return "torchscript"
     except Exception as legacy_error:  # the exporter raises many types; try the other one
         try:
@@ -174,6 +185,7 @@ def export_graph(module: nn.Module, example: torch.Tensor, path: Path, opset: in
         except Exception as dynamo_error:
             raise UserError(f"ONNX export failed with both exporters: legacy: {legacy_error}; "
                             f"dynamo: {dynamo_error}") from None
+        fold_constants(path)
         return "dynamo"
 
 
@@ -234,11 +246,15 @@ class ExportSession:
         return self._once("calibration_images", load)
 
     @property
-    def source_val(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        def load() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-            return {d: (load_images([p for p, _ in self.splits.val[d]], self.pre),
-                        np.array([y for _, y in self.splits.val[d]])) for d in self.splits.source_domains}
-        return self._once("source_val", load)
+    def fidelity(self) -> FidelitySet:
+        """Source images on which INT8 is judged against FP32 (never the target domain)."""
+        def load() -> FidelitySet:
+            chosen = select_fidelity_samples(self.splits, self.cfg.fidelity_images,
+                                             set(self.calibration.files))
+            self.log(f"loading {sum(len(v) for v in chosen.values())} source images to judge INT8 on")
+            return FidelitySet({d: (load_images([p for p, _ in v], self.pre),
+                                    np.array([y for _, y in v])) for d, v in chosen.items()})
+        return self._once("fidelity", load)
 
     @property
     def parity_images(self) -> np.ndarray:
@@ -303,16 +319,18 @@ class ExportSession:
 
 def make_onnx_fp32(s: ExportSession, tmp: Path) -> dict[str, Any]:
     size = s.pre.input_size
-    exporter = export_graph(s.run.student, torch.randn(2, 3, size, size), tmp, s.cfg.opset)
+    student, static_pads = with_static_padding(s.run.student, size)
+    exporter = export_graph(student, torch.randn(2, 3, size, size), tmp, s.cfg.opset)
     stamp_metadata(tmp, s.metadata("fp32", "float32-nchw"))
     parity = s.check_parity(OnnxRuntimeRunner(tmp), "the FP32 ONNX", s.cfg.parity_tolerance)
     return {"exporter": exporter, "opset": s.cfg.opset, "input": "float32-nchw",
-            "input_shape": ["batch", 3, size, size], "parity": parity}
+            "input_shape": ["batch", 3, size, size], "parity": parity,
+            "static_padding_layers": static_pads}
 
 
 def make_onnx_fp32_uint8(s: ExportSession, tmp: Path) -> dict[str, Any]:
     size = s.pre.input_size
-    folded = FoldedPreprocessing(s.run.student, s.pre.mean, s.pre.std)
+    folded = FoldedPreprocessing(with_static_padding(s.run.student, size)[0], s.pre.mean, s.pre.std)
     exporter = export_graph(folded, torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8), tmp,
                             s.cfg.opset)
     stamp_metadata(tmp, s.metadata("fp32", "uint8-nhwc"))
@@ -337,6 +355,7 @@ def make_onnx_fp32_uint8(s: ExportSession, tmp: Path) -> dict[str, Any]:
 def make_onnx_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
     import onnxruntime
 
+    from rise_edge.graph_form import shape_mismatches
     from rise_edge.quantize import (CpuQuantizer, cpu_quant_settings, latency_ms, preprocess,
                                     quantize_within_budget)
 
@@ -351,8 +370,12 @@ def make_onnx_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
                                  settings, s.dir / "cache",
                                  model_sha256=f"{file_sha256(fp32)}+ort{onnxruntime.__version__}",
                                  calibration_sha256=s.calibration.sha256)
-        budget = quantize_within_budget(quantizer, tmp, s.source_val, s.cfg.accuracy_budget,
+        budget = quantize_within_budget(quantizer, tmp, s.fidelity, s.cfg.accuracy_budget,
                                         s.cfg.max_fallback_layers, work_dir, s.log)
+        mismatches = shape_mismatches(pre, tmp, s.parity_images[:1], INPUT_NAME)
+        if mismatches:
+            raise UserError(f"the INT8 graph computes other shapes than the FP32 graph "
+                            f"({len(mismatches)} node(s), first: {mismatches[0]}); not written")
         models = {"fp32": pre, "int8": work_dir / "int8-all.onnx"}
         if budget.kept_fp32:
             models["int8_with_fallback"] = tmp
@@ -361,11 +384,94 @@ def make_onnx_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
                          "kept_fp32_layers": budget.kept_fp32, "quantization": settings.to_record()})
     parity = s.check_parity(OnnxRuntimeRunner(tmp), "the INT8 ONNX", None)
     if not budget.met:
-        s.log(f"INT8 accuracy budget NOT met with {len(budget.kept_fp32)} layers kept in FP32")
+        s.log(f"INT8 misses the accuracy budget ({budget.final.worst_drop:.2f} > "
+              f"{s.cfg.accuracy_budget:g} points on a source domain) with {len(budget.kept_fp32)} "
+              "layer(s) in FP32: quantization-aware fine-tuning usually recovers it: "
+              "rise-edge export RUN --int8 --qat (or set export.qat: auto)")
     return {"tool": "onnxruntime.quantization.quantize_static", "format_detail": "QDQ",
             "calibration_method": s.cfg.calibration_method, "calibration_sha256": s.calibration.sha256,
             "quantization": settings.to_record(), "accuracy_budget": budget.to_record(),
+            "shapes_checked": "every Conv/Pool/Pad output shape equals the FP32 graph's",
             "latency_batch1_ms": latency, "parity": parity}
+
+
+QAT_PARITY_TOLERANCE = 0.05  # max |logit diff| / max |logit|, fake-quant PyTorch vs ONNX Runtime
+
+
+def _qat(s: ExportSession) -> Any:
+    """Run (or resume) quantization-aware fine-tuning once per export; see rise_edge/qat.py."""
+    def run() -> Any:
+        from rise_edge.qat import qat_finetune
+
+        result = qat_finetune(s.run, s.splits, s.cfg, s.calibration_images, s.dir / "qat",
+                              {"student": s.student_sha256, "calibration": s.calibration.sha256},
+                              s.log)
+        s.run.student.cpu()
+        return result
+    return s._once("qat", run)
+
+
+def make_onnx_int8_qat(s: ExportSession, tmp: Path) -> dict[str, Any]:
+    """The fake-quant student as an explicit Q/DQ graph: symmetric INT8, per-channel weights, Q/DQ on
+    every weighted layer's input (TensorRT's placement: it builds this as a strongly typed engine)."""
+    from rise_edge.qat import QatSettings
+
+    qat = _qat(s)
+    size = s.pre.input_size
+    exporter = export_graph(qat.model, torch.randn(2, 3, size, size), tmp, s.cfg.opset)
+    stamp_metadata(tmp, {**s.metadata("int8", "float32-nchw"), "quantization": "qat"})
+    with torch.no_grad():
+        fake_quant = qat.model(torch.from_numpy(s.parity_images)).numpy()
+    onnx_logits = OnnxRuntimeRunner(tmp)(s.parity_images)
+    relative = float(np.abs(onnx_logits - fake_quant).max() / max(np.abs(fake_quant).max(), 1e-12))
+    if not relative <= QAT_PARITY_TOLERANCE:
+        raise UserError(f"the QAT Q/DQ ONNX disagrees with its fake-quant PyTorch model: max |logit "
+                        f"difference| is {relative:.3g} of the largest logit (tolerance "
+                        f"{QAT_PARITY_TOLERANCE}); not written")
+    parity = s.check_parity(OnnxRuntimeRunner(tmp), "the QAT INT8 ONNX", None)
+    parity["fake_quant_vs_onnxruntime_relative_max_diff"] = relative
+    parity["fake_quant_top1_agreement"] = round(float(
+        (onnx_logits.argmax(1) == fake_quant.argmax(1)).mean()), 4)
+    return {"tool": "torch fake-quant ops -> ONNX Q/DQ", "exporter": exporter, "opset": s.cfg.opset,
+            "scheme": "symmetric int8, per-channel weights, per-tensor activations on the inputs of "
+                      "every Conv/Gemm; BatchNorm folded, static pads",
+            "qat": {**QatSettings.resolve(s.run, s.cfg).to_record(), **qat.to_record()},
+            "objective": "rise (teacher distillation + language terms)" if s.run.recipe.uses_teacher
+                         else "cross-entropy + distillation from the FP32 student",
+            "calibration_sha256": s.calibration.sha256, "parity": parity}
+
+
+def make_onnx_int8_qat_cpu(s: ExportSession, tmp: Path) -> dict[str, Any]:
+    """QAT's fine-tuned weights quantized with ONNX Runtime's CPU placement (uint8 activations on this
+    x86 CPU, Q/DQ around whole Conv+activation groups): the Q/DQ graph of make_onnx_int8_qat is
+    symmetric INT8 for TensorRT, which ONNX Runtime's x86 kernels cannot fuse (measured slower than
+    FP32), so the CPU gets its own placement of the same weights."""
+    import onnxruntime
+
+    from rise_edge.qat import without_fake_quant
+    from rise_edge.quantize import CpuQuantizer, cpu_quant_settings, measure_fidelity, preprocess
+
+    qat = _qat(s)
+    size = s.pre.input_size
+    settings = cpu_quant_settings()
+    with tempfile.TemporaryDirectory(dir=s.dir, prefix=".work-") as work:
+        float_path, pre = Path(work) / "qat-fp32.onnx", Path(work) / "qat-fp32-pre.onnx"
+        export_graph(without_fake_quant(qat.model), torch.randn(2, 3, size, size), float_path,
+                     s.cfg.opset)
+        preprocess(float_path, pre)
+        (s.dir / "cache").mkdir(exist_ok=True)
+        CpuQuantizer(pre, INPUT_NAME, s.calibration_images, s.cfg.calibration_method, settings,
+                     s.dir / "cache", model_sha256=f"{file_sha256(float_path)}+ort{onnxruntime.__version__}",
+                     calibration_sha256=s.calibration.sha256).quantize(tmp)
+    fp32 = s.path_of("onnx-fp32")
+    reference = {d: OnnxRuntimeRunner(fp32)(x) for d, (x, _) in s.fidelity.domains.items()}
+    fidelity = measure_fidelity(reference, tmp, s.fidelity)
+    stamp_metadata(tmp, {**s.metadata("int8", "float32-nchw"), "quantization": "qat-cpu"})
+    parity = s.check_parity(OnnxRuntimeRunner(tmp), "the QAT CPU INT8 ONNX", None)
+    return {"tool": "onnxruntime.quantization.quantize_static on the QAT weights",
+            "format_detail": "QDQ", "quantization": settings.to_record(),
+            "fidelity_vs_fp32": fidelity.to_record(), "calibration_sha256": s.calibration.sha256,
+            "parity": parity}
 
 
 def make_onnx_int8_tensorrt(s: ExportSession, tmp: Path) -> dict[str, Any]:
@@ -396,7 +502,9 @@ def _engine(s: ExportSession, tmp: Path, name: str) -> dict[str, Any]:
             how = "modelopt AutoCast FP16 ONNX, strongly typed"
     elif precision == "int8":
         qdq = s.records.get("onnx-int8-tensorrt", {})
-        if qdq.get("status") == "ok":
+        if s.records.get("onnx-int8-qat", {}).get("status") == "ok":
+            source, how = s.path_of("onnx-int8-qat"), "explicit Q/DQ from QAT, strongly typed"
+        elif qdq.get("status") == "ok":
             source, how = s.path_of("onnx-int8-tensorrt"), "explicit Q/DQ (modelopt), strongly typed"
         elif tensorrt_major() <= 10:
             images, calibration_sha = s.device_calibration()
@@ -441,6 +549,8 @@ MAKERS: dict[str, Callable[[ExportSession, Path], dict[str, Any]]] = {
     "onnx-fp32": make_onnx_fp32,
     "onnx-fp32-uint8": make_onnx_fp32_uint8,
     "onnx-int8": make_onnx_int8,
+    "onnx-int8-qat": make_onnx_int8_qat,
+    "onnx-int8-qat-cpu": make_onnx_int8_qat_cpu,
     "onnx-int8-tensorrt": make_onnx_int8_tensorrt,
     "tensorrt-fp32": lambda s, tmp: _engine(s, tmp, "tensorrt-fp32"),
     "tensorrt-fp16": lambda s, tmp: _engine(s, tmp, "tensorrt-fp16"),
@@ -544,7 +654,12 @@ def export_run(run_dir: str | Path, cfg: ExportConfig, *, progress: bool = True)
                                   "student_sha256": session.student_sha256, "updated": _now()}
         failed_needs = [n for n in spec.needs if records.get(n, {}).get("status") != "ok"]
         reason = _unavailable(name)
-        if name in reusable and _reusable(session, name, previous):
+        ptq = records.get("onnx-int8", {})
+        if name.startswith("onnx-int8-qat") and cfg.qat == "auto" and ptq.get("status") == "ok" \
+                and ptq.get("accuracy_budget", {}).get("met"):
+            record.update(status="skipped", reason="post-training INT8 met the accuracy budget "
+                          "(export.qat=auto)")
+        elif name in reusable and _reusable(session, name, previous):
             record = {**previous, "reused": True}
             log(f"{name}: reusing {spec.filename} (hash matches)")
         elif failed_needs:

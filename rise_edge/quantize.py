@@ -1,9 +1,11 @@
 """INT8 for ONNX Runtime on the CPU: static QDQ quantization, and the accuracy budget.
 
     quant_pre_process (shape inference + graph optimisation)  ->  quantize_static (QDQ, per-channel
-    int8 weights, calibrated activations)  ->  accuracy on every SOURCE domain's validation split,
-    FP32 vs INT8  ->  while the drop on some source domain exceeds the budget: keep the most sensitive
-    remaining layer in FP32 (`nodes_to_exclude`), re-quantize, re-measure.
+    int8 weights, calibrated activations; shape arithmetic never quantized)  ->  fidelity against
+    FP32 on hundreds of SOURCE images per domain (agreement, paired accuracy drop, intervals)  ->
+    first/last-layer policy by measurement  ->  while the drop on some source domain exceeds the
+    budget: keep the real layer that adds the most accumulated noise in FP32, re-quantize,
+    re-measure; ship the best model tried.
 
 Calibrated activation ranges are cached (ONNX Runtime's calibration cache) under a name keyed on the
 FP32 model's sha256, the calibration set's sha256 and the method, so the budget loop re-quantizes
@@ -12,6 +14,7 @@ without re-running calibration, and a changed model, image or method never reuse
 
 from __future__ import annotations
 
+import math
 import platform
 import shutil
 import statistics
@@ -30,7 +33,6 @@ from rise_edge.paths import cache_key
 # export.calibration_method -> onnxruntime.quantization.CalibrationMethod member name
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
-SENSITIVITY_IMAGES = 16  # calibration images used to rank layer sensitivity (cheap, and enough to rank)
 
 
 def _ort_quantization() -> Any:
@@ -150,9 +152,8 @@ class CpuQuantizer:
                         tool="onnxruntime-ranges")
         return self.cache_dir / f"ort-ranges-{key[:24]}.json"
 
-    def quantize(self, out_path: Path, *, exclude: Sequence[str] = (),
-                 only: Sequence[str] | None = None) -> None:
-        """Write a QDQ model to out_path; `exclude` stays FP32; `only` (if given) alone is quantized."""
+    def quantize(self, out_path: Path, *, exclude: Sequence[str] = ()) -> None:
+        """Write a QDQ model to out_path; the real layers in `exclude` stay FP32, inputs included."""
         q = _ort_quantization()
         cached = self.cache_path.is_file()
         # The histogram calibrators (entropy, percentile) stack every batch's activations into one
@@ -174,8 +175,9 @@ class CpuQuantizer:
                 activation_type=getattr(q.QuantType, "QUInt8" if self.settings.activation_type == "uint8"
                                         else "QInt8"),
                 weight_type=q.QuantType.QInt8,
-                nodes_to_exclude=list(exclude) or None,
-                nodes_to_quantize=list(only) if only else None,
+                # Shape arithmetic is never quantized: rounding a pad or a size changes what runs.
+                nodes_to_exclude=sorted(fp32_regions(self.pre_path, exclude)
+                                        | shape_arithmetic_nodes(self.pre_path)) or None,
                 calibrate_method=getattr(q.CalibrationMethod, CALIBRATION_METHODS[self.method]),
                 extra_options={"CalibStridedMinMax": stride,
                                "ActivationSymmetric": self.settings.symmetric_activations,
@@ -187,16 +189,82 @@ class CpuQuantizer:
                 new_cache.replace(self.cache_path)
 
 
-def quantized_nodes(int8_path: Path) -> list[str]:
-    """Names of the compute nodes the quantizer wrapped in Q/DQ (candidates for FP32 fallback), in
-    graph order: every non-Q/DQ node with an input that comes out of a DequantizeLinear."""
+# Inputs that carry shapes, sizes, pads or axes rather than data: whatever computes them is shape
+# arithmetic and must stay exact.
+_SHAPE_INPUTS: dict[str, tuple[int, ...]] = {
+    "Pad": (1, 2, 3), "Reshape": (1,), "Resize": (1, 2, 3), "Upsample": (1,), "Slice": (1, 2, 3, 4),
+    "Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,), "Range": (0, 1, 2), "Unsqueeze": (1,),
+    "Squeeze": (1,), "TopK": (1,), "ReduceMean": (1,), "ReduceMax": (1,), "ReduceSum": (1,),
+    "Split": (1,), "OneHot": (1,)}
+_SHAPE_SOURCES = ("Shape", "Size")
+# Layers with weights: the only candidates for an FP32 fallback (Concat or Clip are not layers).
+REAL_LAYERS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+
+
+def shape_arithmetic_nodes(path: Path) -> set[str]:
+    """Names of the nodes that compute shapes, sizes or pads: everything downstream of a Shape/Size
+    node, and everything upstream of an input that takes a shape, pad or axis (graph_form's
+    docstring says what quantizing them did to TF-padded students)."""
     import onnx
 
-    graph = onnx.load(str(int8_path)).graph
-    dq_outputs = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    return [n.name for n in graph.node
-            if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and n.name
-            and any(i in dq_outputs for i in n.input)]
+    nodes = list(onnx.load(str(path), load_external_data=False).graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    marked: set[str] = set()
+    stack = [n for n in nodes if n.op_type in _SHAPE_SOURCES]
+    while stack:  # downstream of Shape/Size
+        n = stack.pop()
+        if n.name in marked:
+            continue
+        marked.add(n.name)
+        stack += [c for o in n.output for c in consumers.get(o, [])]
+    stack = [producer[n.input[i]] for n in nodes for i in _SHAPE_INPUTS.get(n.op_type, ())
+             if i < len(n.input) and n.input[i] in producer]
+    while stack:  # upstream of shape-taking inputs
+        n = stack.pop()
+        if n.name in marked:
+            continue
+        marked.add(n.name)
+        stack += [producer[i] for i in n.input if i in producer]
+    return {m for m in marked if m}
+
+
+def fp32_regions(path: Path, layers: Sequence[str]) -> set[str]:
+    """The nodes to leave unquantized so that each real layer in `layers` runs in FP32 on FP32
+    inputs: the layer itself and the glue (Add, Relu, pooling, Flatten, ...) that feeds it, back to
+    the previous real layers. Excluding the layer alone would still round its input where the glue
+    before it is quantized."""
+    import onnx
+
+    if not layers:
+        return set()
+    nodes = list(onnx.load(str(path), load_external_data=False).graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    by_name = {n.name: n for n in nodes}
+    region: set[str] = set()
+    for name in layers:
+        if name not in by_name:
+            continue
+        region.add(name)
+        stack = [producer[i] for i in by_name[name].input[:1] if i in producer]
+        while stack:
+            n = stack.pop()
+            if n.name in region or n.op_type in REAL_LAYERS:
+                continue
+            region.add(n.name)
+            stack += [producer[i] for i in n.input if i in producer]
+    return {r for r in region if r}
+
+
+def real_layers(path: Path) -> list[str]:
+    """Names of the weighted layers (Conv, Gemm, MatMul) in graph order."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type in REAL_LAYERS and n.name]
 
 
 def _session(path: Path) -> Any:
@@ -209,35 +277,149 @@ def logits_of(path: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
     return np.concatenate([runner(images[i:i + batch]) for i in range(0, len(images), batch)])
 
 
+# ---------------------------------------------------------------------------------------------------
+# Fidelity: INT8 judged against FP32 on enough source images to mean something
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion, in percent."""
+    if n == 0:
+        return (0.0, 100.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (round(100 * max(0.0, centre - half), 3), round(100 * min(1.0, centre + half), 3))
+
+
+def paired_drop(fp32_right: np.ndarray, int8_right: np.ndarray, z: float = 1.96
+                ) -> tuple[float, float]:
+    """Accuracy drop FP32 - INT8 in points on the same images, and the half-width of its 95 %
+    interval (paired: only the images on which the two disagree carry information)."""
+    n = len(fp32_right)
+    if n == 0:
+        return 0.0, 0.0
+    d = fp32_right.astype(np.float64) - int8_right.astype(np.float64)
+    mean = float(d.mean())
+    half = z * float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+    return 100 * mean, 100 * half
+
+
+@dataclass(frozen=True)
+class FidelitySet:
+    """Labelled source-domain images per domain: (images (N, 3, S, S), labels (N,)). Never the target."""
+
+    domains: dict[str, tuple[np.ndarray, np.ndarray]]
+
+    def all_images(self) -> np.ndarray:
+        return np.concatenate([x for x, _ in self.domains.values()])
+
+
+@dataclass
+class Fidelity:
+    """How one INT8 model compares with FP32 on a FidelitySet."""
+
+    per_domain: dict[str, dict[str, Any]]
+    logit_sqnr_db: float
+
+    @property
+    def worst_drop(self) -> float:
+        return max(d["drop_points"] for d in self.per_domain.values())
+
+    @property
+    def mean_agreement(self) -> float:
+        return float(np.mean([d["agreement"] for d in self.per_domain.values()]))
+
+    def to_record(self) -> dict[str, Any]:
+        return {"per_domain": self.per_domain, "logit_sqnr_db": round(self.logit_sqnr_db, 2),
+                "worst_drop_points": round(self.worst_drop, 3)}
+
+
+def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    noise = float(np.sum((reference.astype(np.float64) - candidate) ** 2))
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    return float("inf") if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
+
+
+def measure_fidelity(reference: dict[str, np.ndarray], path: Path, fidelity: FidelitySet
+                     ) -> Fidelity:
+    """Top-1 agreement with FP32 (Wilson interval), accuracy of both, the paired drop with its
+    interval, per source domain; and the SQNR of the logits over every image. `reference` holds the
+    FP32 logits per domain."""
+    per_domain, ref_all, got_all = {}, [], []
+    for domain, (images, labels) in fidelity.domains.items():
+        ref, got = reference[domain], logits_of(path, images)
+        ref_right, got_right = ref.argmax(1) == labels, got.argmax(1) == labels
+        agree = int((ref.argmax(1) == got.argmax(1)).sum())
+        drop, half = paired_drop(ref_right, got_right)
+        per_domain[domain] = {
+            "images": len(labels), "agreement": round(100 * agree / max(len(labels), 1), 3),
+            "agreement_ci95": wilson_interval(agree, len(labels)),
+            "accuracy_fp32": round(100 * float(ref_right.mean()), 3),
+            "accuracy_int8": round(100 * float(got_right.mean()), 3),
+            "drop_points": round(drop, 3), "drop_ci95_half_width": round(half, 3)}
+        ref_all.append(ref)
+        got_all.append(got)
+    return Fidelity(per_domain, sqnr_db(np.concatenate(ref_all), np.concatenate(got_all)))
+
+
 def accuracy_per_domain(path: Path, domains: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
     """Top-1 accuracy in percent per domain; `domains` maps name -> (images, labels)."""
-    runner = _session(path)
-    result = {}
-    for name, (images, labels) in domains.items():
-        logits = np.concatenate([runner(images[i:i + 32]) for i in range(0, len(images), 32)])
-        result[name] = round(100.0 * float((logits.argmax(1) == labels).mean()), 3)
-    return result
+    return {name: round(100.0 * float((logits_of(path, images).argmax(1) == labels).mean()), 3)
+            for name, (images, labels) in domains.items()}
 
 
-def rank_sensitivity(quantizer: CpuQuantizer, candidates: Sequence[str], images: np.ndarray,
-                     workdir: Path) -> list[tuple[str, float]]:
-    """Rank layers by how much quantizing each ALONE moves the logits: for every candidate node,
-    quantize only that node (calibrated ranges come from the cache, so this costs one graph rewrite
-    and one inference over `images`), and take the mean squared logit difference against the FP32
-    model on a handful of calibration images. Most harmful first.
+# ---------------------------------------------------------------------------------------------------
+# Which layers hurt: error accumulated along the graph
 
-    One-at-a-time isolates each layer's own quantization error (per-layer activation comparisons of
-    the fully quantized model would mix in the error accumulated upstream), and it needs no labels.
+
+def _tensors_along_graph(path: Path, images: np.ndarray, names: Sequence[str], input_name: str
+                         ) -> dict[str, np.ndarray]:
+    """Values of the named tensors when the graph runs on `images` (graph optimisations off, so
+    every watched tensor exists as it is in the file)."""
+    import onnx
+    import onnxruntime
+
+    model = onnx.load(str(path))
+    present = {o for n in model.graph.node for o in n.output}
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name in present and name not in existing:
+            model.graph.output.add().name = name
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                           providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in session.get_outputs() if o.name in set(names)]
+    values = session.run(outputs, {input_name: images})
+    return dict(zip(outputs, values))
+
+
+def rank_by_accumulated_error(fp32_path: Path, int8_path: Path, images: np.ndarray,
+                              input_name: str, candidates: Sequence[str]) -> list[tuple[str, float]]:
+    """Rank real layers by the quantization noise each ADDS along the full INT8 graph, most first.
+
+    Both graphs run on the same images; at every layer, the noise-to-signal ratio (NSR = 1/SQNR) of
+    its output against FP32 is compared with the NSR at its data input: the difference is what that
+    layer (its rounded weights and rounded input) added to the noise it received. Per-tensor errors of
+    isolated layers mislead here (a ReLU6 folded into a uint8 range looks exact alone); the
+    accumulated error is what separates a harmless layer from a harmful one.
     """
-    reference = logits_of(quantizer.pre_path, images)
-    scores = []
-    for i, node in enumerate(candidates):
-        single = workdir / f"single-{i}.onnx"
-        quantizer.quantize(single, only=[node])
-        mse = float(np.mean((logits_of(single, images) - reference) ** 2))
-        single.unlink(missing_ok=True)
-        scores.append((node, mse))
-    return sorted(scores, key=lambda s: -s[1])
+    import onnx
+
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    layers = [n for n in graph.node if n.name in set(candidates)]
+    tensors = sorted({n.input[0] for n in layers} | {n.output[0] for n in layers})
+    ref = _tensors_along_graph(fp32_path, images, tensors, input_name)
+    got = _tensors_along_graph(int8_path, images, tensors, input_name)
+
+    def nsr(name: str) -> float:
+        if name == input_name or name not in ref or name not in got:
+            return 0.0
+        r = ref[name].astype(np.float64)
+        return float(np.sum((r - got[name]) ** 2) / max(float(np.sum(r ** 2)), 1e-30))
+
+    added = [(n.name, max(nsr(n.output[0]) - nsr(n.input[0]), 0.0)) for n in layers]
+    return sorted(added, key=lambda item: -item[1])
 
 
 def latency_ms(paths: dict[str, Path], image: np.ndarray, rounds: int = 3, iters: int = 15
@@ -248,61 +430,142 @@ def latency_ms(paths: dict[str, Path], image: np.ndarray, rounds: int = 3, iters
     return {name: round(statistics.median(v), 3) for name, v in samples.items()}
 
 
+RANKING_IMAGES = 32        # fidelity images (balanced over source domains) used to rank layers
+EDGE_NSR_SHARE = 0.10      # keep the first/last layer in FP32 when it alone adds >= 10 % of the noise
+
+
 @dataclass
-class BudgetResult:
-    accuracy_fp32: dict[str, float]
-    accuracy_int8: dict[str, float]            # before any fallback
-    accuracy_final: dict[str, float]           # after the budget step
+class Tried:
+    """One INT8 model the budget step measured."""
+
     kept_fp32: list[str]
-    sensitivity: list[tuple[str, float]]       # ranked, most harmful first ([] when not needed)
-    budget: float
-    met: bool
-    steps: list[dict[str, Any]]
+    fidelity: Fidelity
+
+    def order(self) -> tuple[float, float, int]:
+        """Smaller is better: worst source drop, then disagreement with FP32, then fewer FP32 layers."""
+        return (round(self.fidelity.worst_drop, 6), -self.fidelity.mean_agreement, len(self.kept_fp32))
 
     def to_record(self) -> dict[str, Any]:
-        drop = {d: round(self.accuracy_fp32[d] - self.accuracy_final[d], 3) for d in self.accuracy_fp32}
+        return {"kept_fp32": list(self.kept_fp32),
+                "worst_drop_points": round(self.fidelity.worst_drop, 3),
+                "mean_agreement": round(self.fidelity.mean_agreement, 3),
+                "logit_sqnr_db": round(self.fidelity.logit_sqnr_db, 2)}
+
+
+@dataclass
+class BudgetResult:
+    budget: float
+    met: bool
+    kept_fp32: list[str]
+    edge_policy: dict[str, Any]
+    all_int8: Fidelity                 # every real layer quantized
+    final: Fidelity                    # the model shipped
+    tried: list[Tried]
+    ranking: list[tuple[str, float]]   # most harmful first ([] when not needed)
+    reason: str
+
+    def to_record(self) -> dict[str, Any]:
         return {"budget_points": self.budget, "met": self.met, "kept_fp32_layers": self.kept_fp32,
-                "accuracy_fp32": self.accuracy_fp32, "accuracy_int8_before_fallback": self.accuracy_int8,
-                "accuracy_int8": self.accuracy_final, "drop_points": drop,
-                "sensitivity_method": "quantize one layer alone; MSE of logits vs FP32 on "
-                                      f"{SENSITIVITY_IMAGES} calibration images",
-                "sensitivity": [{"layer": n, "logit_mse": s} for n, s in self.sensitivity],
-                "steps": self.steps}
+                "judged_on": "agreement with FP32 and paired accuracy drop on source-domain images "
+                             "(validation split, then training images outside the calibration set); "
+                             "the target domain plays no part",
+                "fidelity_all_int8": self.all_int8.to_record(), "fidelity": self.final.to_record(),
+                "edge_policy": self.edge_policy,
+                "ranking_method": "noise-to-signal ratio each real layer adds along the full INT8 "
+                                  f"graph, on {RANKING_IMAGES} source images",
+                "ranking": [{"layer": n, "added_nsr": s} for n, s in self.ranking],
+                "tried": [t.to_record() for t in self.tried], "chosen": self.reason}
 
 
-def _worst_drop(fp32: dict[str, float], int8: dict[str, float]) -> float:
-    return max(fp32[d] - int8[d] for d in fp32)
+def choose_edge_policy(quantizer: CpuQuantizer, reference: dict[str, np.ndarray], fidelity: FidelitySet,
+                       all_int8: Fidelity, workdir: Path) -> tuple[list[str], dict[str, Any]]:
+    """Measure whether the first and the last real layer should stay FP32: each is kept in FP32 alone
+    and the logit noise compared with the all-INT8 model's; a layer that alone adds at least
+    EDGE_NSR_SHARE of the noise stays FP32 (cheap: the stem and the classifier are a few per cent of
+    the compute). Source images only."""
+    layers = real_layers(quantizer.pre_path)
+    if not layers:
+        return [], {"layers": {}}
+    base_nsr = 10 ** (-all_int8.logit_sqnr_db / 10) if math.isfinite(all_int8.logit_sqnr_db) else 0.0
+    keep, record = [], {}
+    for role, layer in (("first", layers[0]), ("last", layers[-1])):
+        if role == "last" and layer == layers[0]:
+            continue  # a one-layer model: already measured as the first
+        trial = workdir / f"edge-{role}.onnx"
+        quantizer.quantize(trial, exclude=[layer])
+        measured = measure_fidelity(reference, trial, fidelity)
+        trial.unlink(missing_ok=True)
+        nsr = 10 ** (-measured.logit_sqnr_db / 10) if math.isfinite(measured.logit_sqnr_db) else 0.0
+        share = (base_nsr - nsr) / base_nsr if base_nsr > 0 else 0.0
+        decision = "fp32" if share >= EDGE_NSR_SHARE and layer not in keep else "int8"
+        if decision == "fp32":
+            keep.append(layer)
+        record[role] = {"layer": layer, "decision": decision, "noise_share": round(share, 4),
+                        "logit_sqnr_db_int8": round(all_int8.logit_sqnr_db, 2),
+                        "logit_sqnr_db_fp32": round(measured.logit_sqnr_db, 2),
+                        "worst_drop_points_fp32": round(measured.worst_drop, 3)}
+    record["rule"] = (f"FP32 when keeping the layer in FP32 removes >= {EDGE_NSR_SHARE:.0%} of the "
+                      "logit noise of the all-INT8 model on source images")
+    return keep, record
 
 
-def quantize_within_budget(quantizer: CpuQuantizer, out_path: Path,
-                           source_val: dict[str, tuple[np.ndarray, np.ndarray]], budget: float,
-                           max_fallback: int, workdir: Path,
+def quantize_within_budget(quantizer: CpuQuantizer, out_path: Path, fidelity: FidelitySet,
+                           budget: float, max_fallback: int, workdir: Path,
                            log: Callable[[str], None] = lambda _: None) -> BudgetResult:
-    """Quantize everything, then keep the most sensitive layers in FP32, one at a time, until the
-    INT8 accuracy drop on every source domain is within `budget` points or `max_fallback` layers are
-    kept. `out_path` ends up holding the last model tried; `workdir`/int8-all.onnx the model with every
-    layer quantized. Source domains only: the target plays no part.
+    """Quantize, decide the first/last-layer policy by measurement, then, while the accuracy drop
+    against FP32 on some source domain exceeds `budget` points, keep the real layer that adds the
+    most accumulated noise in FP32, one at a time (at most `max_fallback`). Every model tried is
+    measured on the same fidelity images; the best one tried is shipped to `out_path`, never merely
+    the last. `workdir`/int8-all.onnx keeps the all-INT8 model (for the latency record).
     """
-    fp32 = accuracy_per_domain(quantizer.pre_path, source_val)
-    everything = workdir / "int8-all.onnx"  # kept for the latency comparison
+    input_name = quantizer.input_name
+    reference = {d: logits_of(quantizer.pre_path, x) for d, (x, _) in fidelity.domains.items()}
+    everything = workdir / "int8-all.onnx"
     quantizer.quantize(everything)
-    shutil.copyfile(everything, out_path)
-    first = accuracy_per_domain(out_path, source_val)
-    current, kept, ranking, steps = first, [], [], []
-    log(f"INT8 accuracy drop (worst source domain): {_worst_drop(fp32, first):.2f} points")
-    if _worst_drop(fp32, current) > budget and max_fallback > 0:
-        candidates = quantized_nodes(out_path)
-        calibration = quantizer.calibration[:SENSITIVITY_IMAGES]
-        log(f"ranking {len(candidates)} quantized layers by sensitivity")
-        ranking = rank_sensitivity(quantizer, candidates, calibration, workdir)
+    all_int8 = measure_fidelity(reference, everything, fidelity)
+    log(f"INT8 drop against FP32 (worst source domain, {sum(len(y) for _, y in fidelity.domains.values())}"
+        f" images): {all_int8.worst_drop:.2f} points, logit SQNR {all_int8.logit_sqnr_db:.1f} dB")
+    kept, edge_record = choose_edge_policy(quantizer, reference, fidelity, all_int8, workdir)
+    best_path = workdir / "best.onnx"
+    if kept:
+        quantizer.quantize(best_path, exclude=kept)
+        first = Tried(list(kept), measure_fidelity(reference, best_path, fidelity))
+        log(f"first/last layer policy: {', '.join(kept)} in FP32: worst drop "
+            f"{first.fidelity.worst_drop:.2f} points")
+    else:
+        shutil.copyfile(everything, best_path)
+        first = Tried([], all_int8)
+    tried, best = [first], first
+    ranking: list[tuple[str, float]] = []
+    if best.fidelity.worst_drop > budget and max_fallback > 0:
+        sample = _balanced_prefix(fidelity, RANKING_IMAGES)
+        ranking = rank_by_accumulated_error(quantizer.pre_path, best_path, sample, input_name,
+                                            [n for n in real_layers(quantizer.pre_path) if n not in kept])
+        log(f"ranked {len(ranking)} layers by the noise they add along the INT8 graph")
+        trial_path = workdir / "trial.onnx"
         for layer, _ in ranking[:max_fallback]:
-            kept.append(layer)
-            quantizer.quantize(out_path, exclude=kept)
-            current = accuracy_per_domain(out_path, source_val)
-            worst = _worst_drop(fp32, current)
-            steps.append({"kept": layer, "worst_drop_points": round(worst, 3)})
-            log(f"kept {layer} in FP32: worst drop {worst:.2f} points")
-            if worst <= budget:
+            exclude = [*tried[-1].kept_fp32, layer]
+            quantizer.quantize(trial_path, exclude=exclude)
+            trial = Tried(exclude, measure_fidelity(reference, trial_path, fidelity))
+            tried.append(trial)
+            log(f"kept {layer} in FP32: worst drop {trial.fidelity.worst_drop:.2f} points")
+            if trial.order() < best.order():
+                best = trial
+                trial_path.replace(best_path)
+            if best.fidelity.worst_drop <= budget:
                 break
-    return BudgetResult(fp32, first, current, kept, ranking, budget,
-                        _worst_drop(fp32, current) <= budget, steps)
+    shutil.copyfile(best_path, out_path)
+    met = best.fidelity.worst_drop <= budget
+    index = tried.index(best)
+    reason = (f"model {index + 1} of {len(tried)} tried: "
+              + ("the first within the budget" if met else "the smallest worst-domain drop of those "
+                 "tried (budget not met)")
+              + (f"; {len(best.kept_fp32)} layer(s) in FP32" if best.kept_fp32 else "; all layers INT8"))
+    return BudgetResult(budget, met, list(best.kept_fp32), edge_record, all_int8, best.fidelity, tried,
+                        ranking, reason)
+
+
+def _balanced_prefix(fidelity: FidelitySet, count: int) -> np.ndarray:
+    """About `count` images taken evenly from every domain of the fidelity set."""
+    per = max(1, count // max(len(fidelity.domains), 1))
+    return np.concatenate([x[:per] for x, _ in fidelity.domains.values()])

@@ -1,0 +1,246 @@
+"""Quantization-aware fine-tuning of a trained student, with the run's own objective.
+
+    student (FP32, from the run)  ->  fake_quant.quantize_model (static pads, BN folded, INT8 fake quant)
+    ->  activation ranges from the source-only calibration set  ->  `steps` of fine-tuning on the
+    SOURCE domains with the run's objective  ->  the step with the best source-validation accuracy
+    (step 0, plain fake-quant PTQ, included)  ->  explicit Q/DQ ONNX.
+
+The objective is the run's: for a RISE run the CLIP teacher keeps distilling (KD + AD + RD with the
+cached text embeddings, CE); for an ERM run, cross-entropy plus distillation from the FP32 student
+itself, which keeps the INT8 model close to what was selected. The target domain plays no part.
+
+State is saved at every evaluation (weights, optimizer, RNG, position, best so far) under
+export/qat/<key>/, keyed on the student, the calibration set and the QAT settings, so a killed export
+resumes where it stopped and a changed student never resumes a stale state.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from rise_edge.config import ExportConfig
+from rise_edge.data import DomainImages, DomainSplits, EpochBatches
+from rise_edge.fake_quant import ActivationQuantizer, QuantConv2d, QuantLinear, calibrate, quantize_model
+from rise_edge.paths import cache_key
+from rise_edge.rise import kd_loss
+from rise_edge.run_dir import TrainedRun, load_tensors, save_tensors
+from rise_edge.transforms import eval_transform, train_transform
+
+STATE_FILE, BEST_FILE = "state.safetensors", "best.safetensors"
+
+
+class SelfDistillObjective(nn.Module):
+    """ERM runs: cross-entropy plus KD (tau = 2) from the FP32 student the run selected."""
+
+    def __init__(self, reference: nn.Module, tau: float = 2.0):
+        super().__init__()
+        self.reference = reference.eval()
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
+        self.tau = tau
+
+    def forward(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        logits = student(images).float()
+        with torch.no_grad():
+            target = self.reference(images).float()
+        terms = {"ce": F.cross_entropy(logits, labels), "kd": kd_loss(logits, target, self.tau)}
+        return {"loss": terms["ce"] + terms["kd"], **terms}
+
+
+def run_objective(run: TrainedRun, splits: DomainSplits, device: torch.device) -> nn.Module:
+    """The objective QAT fine-tunes with: the run's RISE objective, or CE + self-distillation."""
+    recipe = run.recipe
+    if not recipe.uses_teacher:
+        return SelfDistillObjective(copy.deepcopy(run.student).to(device))
+    from rise_edge.rise import RiseObjective
+    from rise_edge.teacher import load_teacher, text_embeddings_cached
+
+    teacher = load_teacher(recipe.teacher, device)
+    anchors = recipe.teacher.anchors or splits.anchors()
+    text = text_embeddings_cached(teacher, splits.classes, recipe.teacher.templates, anchors,
+                                  [run.path / "text_embeddings"]).to(device)
+    return RiseObjective(recipe.loss, teacher, text, run.meta.preprocessing)
+
+
+@dataclass
+class QatSettings:
+    steps: int
+    lr: float
+    batch_size: int
+    eval_every: int
+    seed: int
+
+    @classmethod
+    def resolve(cls, run: TrainedRun, cfg: ExportConfig) -> QatSettings:
+        steps = cfg.qat_steps
+        return cls(steps=steps, lr=cfg.qat_lr or run.recipe.optim.lr / 10,
+                   batch_size=cfg.qat_batch_size or run.recipe.train.batch_size,
+                   eval_every=cfg.qat_eval_every or max(1, steps // 4), seed=run.recipe.train.seed)
+
+    def to_record(self) -> dict[str, Any]:
+        return {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size,
+                "eval_every": self.eval_every, "seed": self.seed, "schedule": "cosine",
+                "optimizer": "sgd momentum 0.9, weight decay 0"}
+
+
+@dataclass
+class QatResult:
+    model: nn.Module                      # the fake-quant student at the selected step (eval mode)
+    selected_step: int
+    val_accuracy: dict[str, float]        # source-val accuracy (%) of the selected step
+    history: list[dict[str, Any]]
+    wall_time_s: float
+    resumed_from: int
+
+    def to_record(self) -> dict[str, Any]:
+        return {"selected_step": self.selected_step, "source_val_accuracy": self.val_accuracy,
+                "history": self.history, "wall_time_s": round(self.wall_time_s, 1),
+                "resumed_from_step": self.resumed_from,
+                "selection": "best mean source-validation accuracy of the fake-quant model "
+                             "(step 0 = calibrated ranges, no fine-tuning)"}
+
+
+@torch.no_grad()
+def _val_accuracy(model: nn.Module, loaders: dict[str, DataLoader], device: torch.device
+                  ) -> dict[str, float]:
+    model.eval()
+    scores = {}
+    for domain, loader in loaders.items():
+        correct = total = 0
+        for images, labels in loader:
+            logits = model(images.to(device))
+            correct += int((logits.argmax(1).cpu() == labels).sum())
+            total += len(labels)
+        scores[domain] = round(100.0 * correct / max(total, 1), 3)
+    return scores
+
+
+def qat_finetune(run: TrainedRun, splits: DomainSplits, cfg: ExportConfig, calibration: np.ndarray,
+                 state_root: Path, key_parts: dict[str, Any], log: Callable[[str], None],
+                 device: torch.device | None = None) -> QatResult:
+    """Fine-tune the run's student with INT8 fake quantization; returns the selected model."""
+    started = time.perf_counter()
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    settings = QatSettings.resolve(run, cfg)
+    pre = run.meta.preprocessing
+    key = cache_key(**key_parts, qat=settings.to_record(), tool="rise-edge-qat")[:16]
+    state_dir = state_root / key
+    state_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(settings.seed)
+    model = quantize_model(run.student, pre.input_size).to(device)
+    images = torch.from_numpy(calibration)
+    calibrate(model, (images[i:i + 32].to(device) for i in range(0, len(images), 32)))
+    objective = run_objective(run, splits, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=0.9)
+    train_set = DomainImages(splits.train_samples, train_transform(pre, run.recipe.train.augment))
+    batches = EpochBatches(len(train_set), settings.batch_size, settings.seed)
+    per_epoch = len(train_set) // settings.batch_size
+    val_loaders = {d: DataLoader(DomainImages(splits.val[d], eval_transform(pre)), batch_size=64)
+                   for d in splits.source_domains}
+
+    step, history, resumed_from = 0, [], 0
+    best: dict[str, Any] = {"step": -1, "mean": -1.0, "accuracy": {}}
+    if (state_dir / STATE_FILE).is_file():
+        step, history, best = _load_state(state_dir, model, optimizer)
+        resumed_from = step
+        log(f"QAT: resuming at step {step} of {settings.steps} ({state_dir})")
+    else:
+        scores = _val_accuracy(model, val_loaders, device)
+        best = {"step": 0, "mean": float(np.mean(list(scores.values()))), "accuracy": scores}
+        history.append({"step": 0, "source_val": scores})
+        _save_best(state_dir, model, best)
+        _save_state(state_dir, model, optimizer, step, history, best)
+        log(f"QAT step 0 (fake-quant, calibrated ranges): source val "
+            f"{best['mean']:.2f} %")
+    while step < settings.steps:
+        epoch, position = divmod(step, per_epoch)
+        batches.set_epoch(epoch, position)
+        for images, labels in DataLoader(train_set, batch_sampler=batches,
+                                         num_workers=run.recipe.data.num_workers):
+            model.train()
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
+            terms = objective(model, images.to(device), labels.to(device))
+            if not torch.isfinite(terms["loss"]):
+                raise FloatingPointError(f"QAT loss became {float(terms['loss'])} at step {step + 1}; "
+                                         "lower export.qat_lr")
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            step += 1
+            if step % settings.eval_every == 0 or step == settings.steps:
+                scores = _val_accuracy(model, val_loaders, device)
+                mean = float(np.mean(list(scores.values())))
+                history.append({"step": step, "loss": round(float(terms["loss"].detach()), 4),
+                                "source_val": scores})
+                if mean > best["mean"]:
+                    best = {"step": step, "mean": mean, "accuracy": scores}
+                    _save_best(state_dir, model, best)
+                _save_state(state_dir, model, optimizer, step, history, best)
+                log(f"QAT step {step}/{settings.steps}: source val {mean:.2f} %"
+                    f"{' (selected)' if best['step'] == step else ''}")
+            if step >= settings.steps:
+                break
+    tensors, _ = load_tensors(state_dir / BEST_FILE)
+    model.load_state_dict(tensors)
+    model.eval().cpu()
+    return QatResult(model, int(best["step"]), best["accuracy"], history,
+                     time.perf_counter() - started, resumed_from)
+
+
+def _save_best(state_dir: Path, model: nn.Module, best: dict[str, Any]) -> None:
+    save_tensors(state_dir / BEST_FILE, model.state_dict(), {"best": best})
+
+
+def _save_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                history: list[dict[str, Any]], best: dict[str, Any]) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for index, state in opt["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    save_tensors(state_dir / STATE_FILE, tensors, {"step": step, "history": history, "best": best,
+                                                  "param_groups": opt["param_groups"]})
+
+
+def _load_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+                ) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
+    tensors, meta = load_tensors(state_dir / STATE_FILE)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    return int(meta["step"]), list(meta["history"]), dict(meta["best"])
+
+
+def without_fake_quant(model: nn.Module) -> nn.Module:
+    """A copy of a fake-quant model with the quantizers removed: the fine-tuned FP32 weights (static
+    pads, BN folded), for quantizers that place their own Q/DQ (ONNX Runtime on the CPU)."""
+    plain = copy.deepcopy(model)
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, (QuantConv2d, QuantLinear)):
+            inner = module.conv if isinstance(module, QuantConv2d) else module.linear
+            parent, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent) if parent else plain, child, inner)
+    assert not any(isinstance(m, ActivationQuantizer) for m in plain.modules())
+    return plain

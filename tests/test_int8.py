@@ -1,0 +1,254 @@
+"""INT8 that keeps what FP32 computes: static pads and no quantized shape arithmetic, a budget that
+never ships a worse model than one it tried, and quantization-aware fine-tuning (agreement with its
+ONNX graph, resume after a kill, no target-domain image)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+
+from conftest import TINY_TARGET
+from rise_edge.config import ExportConfig
+from rise_edge.export import EXPORT_DIR, export_graph, export_run
+from rise_edge.fake_quant import calibrate, quantize_model
+from rise_edge.graph_form import fold_batchnorm, shape_mismatches, with_static_padding
+from rise_edge.quantize import (CpuQuantizer, Fidelity, FidelitySet, cpu_quant_settings, preprocess,
+                                quantize_within_budget, shape_arithmetic_nodes)
+from rise_edge.student import HeadSpec, Student
+
+SIZE = 36  # odd multiples of the strides: TF 'same' pads are asymmetric here
+
+
+def _tf_padding_student() -> Student:
+    """A tiny EfficientNet with TF 'same' padding (timm's Conv2dSame), as tf_efficientnet_lite0."""
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_efficientnet", pad_type="same", num_classes=0)
+    student = Student(backbone, HeadSpec(backbone.num_features, 3)).eval()
+    with torch.no_grad():  # trained-looking BN statistics, so folding has something to fold
+        for m in student.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return student
+
+
+def _quantize(fp32: Path, out: Path, images: np.ndarray, tmp: Path) -> None:
+    pre = tmp / f"{fp32.stem}-pre.onnx"
+    preprocess(fp32, pre)
+    CpuQuantizer(pre, "images", images, "minmax", cpu_quant_settings(), tmp, model_sha256=fp32.name,
+                 calibration_sha256="test").quantize(out)
+
+
+def test_int8_graph_of_a_tf_padding_student_runs_the_fp32_pads_and_shapes(tmp_path: Path) -> None:
+    student = _tf_padding_student()
+    images = np.random.default_rng(0).standard_normal((8, 3, SIZE, SIZE)).astype(np.float32)
+    static, replaced = with_static_padding(student, SIZE)
+    assert replaced == 5  # every Conv2dSame of the model
+    with torch.no_grad():  # the static copy computes exactly what the original computes
+        x = torch.from_numpy(images)
+        assert torch.equal(static(x), student(x))
+
+    # The exported graph has constant pads: no shape arithmetic left to quantize.
+    fp32 = tmp_path / "static.onnx"
+    export_graph(static, torch.randn(2, 3, SIZE, SIZE), fp32, 18)
+    assert not shape_arithmetic_nodes(fp32)
+    ops = {n.op_type for n in onnx.load(str(fp32)).graph.node}
+    assert not ops & {"Shape", "Ceil", "Cast", "ConstantOfShape"}
+    _quantize(fp32, tmp_path / "static-int8.onnx", images, tmp_path)
+    assert shape_mismatches(fp32, tmp_path / "static-int8.onnx", images[:1]) == []
+
+    # A graph that still computes its pads at run time: the quantizer leaves that arithmetic alone.
+    dynamic = tmp_path / "dynamic.onnx"
+    export_graph(student, torch.randn(2, 3, SIZE, SIZE), dynamic, 18)
+    arithmetic = shape_arithmetic_nodes(dynamic)
+    assert arithmetic  # Shape -> ... -> Pad
+    int8 = tmp_path / "dynamic-int8.onnx"
+    _quantize(dynamic, int8, images, tmp_path)
+    graph = onnx.load(str(int8)).graph
+    dq_outputs = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    assert not [n.name for n in graph.node if n.name in arithmetic and set(n.input) & dq_outputs]
+    assert shape_mismatches(dynamic, int8, images[:1]) == []
+
+
+def test_shape_check_notices_a_changed_pad(tmp_path: Path) -> None:
+    student = _tf_padding_student()
+    static, _ = with_static_padding(student, SIZE)
+    reference = tmp_path / "a.onnx"
+    export_graph(static, torch.randn(1, 3, SIZE, SIZE), reference, 18)
+    images = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    assert shape_mismatches(reference, reference, images) == []
+    first = next(m for m in static.modules() if getattr(m, "pads", None) and any(m.pads))
+    first.pads = (0, 0, 0, 0)  # as a rounded pad size would: the feature map shrinks
+    shrunk = tmp_path / "c.onnx"
+    export_graph(static, torch.randn(1, 3, SIZE, SIZE), shrunk, 18)
+    assert shape_mismatches(reference, shrunk, images)
+
+
+def test_batchnorm_folding_keeps_the_function() -> None:
+    student = _tf_padding_student()
+    static, _ = with_static_padding(student, SIZE)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        before = static(x)
+        folded, count = fold_batchnorm(static, SIZE)
+        after = folded(x)
+    assert count >= 10
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in folded.modules())
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
+
+
+class _ScriptedQuantizer:
+    """Stands in for CpuQuantizer: writes a file naming what was excluded."""
+
+    input_name = "images"
+
+    def __init__(self, pre_path: Path):
+        self.pre_path = pre_path
+
+    def quantize(self, out_path: Path, *, exclude=()) -> None:
+        Path(out_path).write_text(json.dumps(sorted(exclude)))
+
+
+def test_budget_loop_ships_the_best_model_it_tried_not_the_last(tmp_path: Path, monkeypatch) -> None:
+    # Worst drops by the set of FP32 layers, as the PACS Lite0 loop measured them: noisy, not monotone.
+    drops = {(): 1.92, ("L3",): 4.33, ("L1", "L3"): 1.44, ("L1", "L2", "L3"): 2.40,
+             ("L1", "L2", "L3", "L4"): 3.37}
+    monkeypatch.setattr("rise_edge.quantize.real_layers", lambda path: ["L0", "L1", "L2", "L3", "L4", "L5"])
+    monkeypatch.setattr("rise_edge.quantize.logits_of", lambda path, x: np.zeros((len(x), 2)))
+    monkeypatch.setattr("rise_edge.quantize.rank_by_accumulated_error",
+                        lambda *a, **k: [("L3", 0.4), ("L1", 0.3), ("L2", 0.2), ("L4", 0.1)])
+
+    def fidelity(reference, path, fid):
+        excluded = tuple(sorted(json.loads(Path(path).read_text())))
+        drop = 9.0 if excluded in (("L0",), ("L5",)) else drops[excluded]  # edges: no help
+        domain = {"drop_points": drop, "agreement": 100 - drop}
+        return Fidelity({"a": domain}, logit_sqnr_db=20.0 - drop if excluded not in (("L0",), ("L5",))
+                        else 10.0)
+
+    monkeypatch.setattr("rise_edge.quantize.measure_fidelity", fidelity)
+    data = FidelitySet({"a": (np.zeros((4, 3, 2, 2), np.float32), np.zeros(4, int))})
+    out = tmp_path / "shipped.onnx"
+    result = quantize_within_budget(_ScriptedQuantizer(tmp_path / "pre.onnx"), out, data, budget=1.0,
+                                    max_fallback=4, workdir=tmp_path)
+    assert [round(t.fidelity.worst_drop, 2) for t in result.tried] == [1.92, 4.33, 1.44, 2.40, 3.37]
+    assert result.met is False
+    assert result.final.worst_drop == 1.44  # the best tried, not the last (3.37)
+    assert sorted(json.loads(out.read_text())) == ["L1", "L3"] == sorted(result.kept_fp32)
+    assert "model 3 of 5" in result.reason
+
+
+def test_qat_fake_quant_agrees_with_its_onnx_runtime_int8_run(tmp_path: Path) -> None:
+    student = _tf_padding_student()
+    model = quantize_model(student, SIZE)
+    images = torch.randn(16, 3, SIZE, SIZE)
+    calibrate(model, [images[:8], images[8:]])
+    path = tmp_path / "qat.onnx"
+    export_graph(model, images[:2], path, 18)
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") >= 10 and "Shape" not in ops
+    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= 10  # weights stored as int8 behind a DequantizeLinear (TensorRT's form)
+    from rise_edge.engines import OnnxRuntimeRunner
+    with torch.no_grad():
+        expected = model(images).numpy()
+    got = OnnxRuntimeRunner(path)(images.numpy())
+    # Stated tolerance: 5 % of the largest logit (export's QAT_PARITY_TOLERANCE); rounding ties and
+    # summation order may flip an activation by one quantization step.
+    assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.9
+
+
+QAT = ["--int8", "--qat", "--quiet", "--set", "export.qat_eval_every=2",
+       "--set", "export.qat_batch_size=8", "--set", "export.calibration_size=12",
+       "--set", "export.fidelity_images=12"]
+
+
+def test_qat_export_records_and_never_reads_a_target_image(tiny_run: Path, monkeypatch) -> None:
+    import rise_edge.calibration
+    import rise_edge.data
+
+    opened: list[str] = []
+    original = rise_edge.data.load_rgb
+
+    def spy(path):
+        opened.append(str(path))
+        return original(path)
+
+    monkeypatch.setattr(rise_edge.data, "load_rgb", spy)
+    monkeypatch.setattr(rise_edge.calibration, "load_rgb", spy)
+    cfg = ExportConfig(int8=True, qat="on", qat_steps=4, qat_eval_every=2, qat_batch_size=8,
+                       calibration_size=12, fidelity_images=12)
+    result = export_run(tiny_run, cfg, progress=False)
+    assert not result.failed, result.table()
+    assert opened and not [p for p in opened if f"/{TINY_TARGET}/" in p]
+    qat = result.artefacts["onnx-int8-qat"]
+    assert qat["status"] == "ok" and "qat" in qat["path"]
+    assert qat["parity"]["fake_quant_vs_onnxruntime_relative_max_diff"] <= 0.05
+    assert [h["step"] for h in qat["qat"]["history"]] == [0, 2, 4]
+    assert qat["qat"]["selected_step"] in (0, 2, 4)
+    cpu = result.artefacts["onnx-int8-qat-cpu"]
+    assert cpu["status"] == "ok" and set(cpu["fidelity_vs_fp32"]["per_domain"]) == {"cartoon", "photo"}
+
+
+def test_qat_auto_runs_only_when_post_training_int8_misses_the_budget(tiny_run: Path) -> None:
+    cfg = ExportConfig(int8=True, qat="auto", qat_steps=2, qat_batch_size=8, calibration_size=12,
+                       fidelity_images=12, accuracy_budget=100.0)
+    records = export_run(tiny_run, cfg, progress=False).artefacts
+    assert records["onnx-int8"]["accuracy_budget"]["met"] is True
+    assert records["onnx-int8-qat"]["status"] == "skipped"
+    assert "export.qat=auto" in records["onnx-int8-qat"]["reason"]
+
+
+def _qat_state_step(run: Path) -> int:
+    from rise_edge.run_dir import load_tensors
+    states = list((run / EXPORT_DIR / "qat").glob("*/state.safetensors"))
+    if not states:
+        return -1
+    try:
+        return int(load_tensors(states[0])[1]["step"])
+    except Exception:  # being written
+        return -1
+
+
+@pytest.mark.slow
+def test_qat_resumes_after_kill_and_ends_where_an_uninterrupted_run_ends(tiny_run: Path,
+                                                                         tmp_path: Path) -> None:
+    twin = Path(shutil.copytree(tiny_run, tmp_path / "twin"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "rise_edge.cli", "export"]
+    steps = ["--qat-steps", "40"]
+    victim = subprocess.Popen([*command, str(tiny_run), *QAT, *steps], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while _qat_state_step(tiny_run) < 4 and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert victim.poll() is None, "the export finished before it could be killed"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = _qat_state_step(tiny_run)
+    assert 0 < killed_at < 40
+    resumed = subprocess.run([*command, str(tiny_run), *QAT, *steps], env=env, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    straight = subprocess.run([*command, str(twin), *QAT, *steps], env=env, capture_output=True,
+                              text=True)
+    assert straight.returncode == 0, straight.stderr
+    a = json.loads((tiny_run / EXPORT_DIR / "export.json").read_text())["artefacts"]["onnx-int8-qat"]
+    b = json.loads((twin / EXPORT_DIR / "export.json").read_text())["artefacts"]["onnx-int8-qat"]
+    assert a["qat"]["resumed_from_step"] >= killed_at > 0 and b["qat"]["resumed_from_step"] == 0
+    assert a["qat"]["history"] == b["qat"]["history"]
+    assert a["qat"]["selected_step"] == b["qat"]["selected_step"]
+    assert a["sha256"] == b["sha256"]  # the same Q/DQ graph, byte for byte
