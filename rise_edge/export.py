@@ -5,12 +5,16 @@
       model.onnx                        FP32, image (N, 3, S, S) float -> logits (N, C), dynamic batch
       model.uint8-nhwc.onnx             the same with preprocessing folded in: uint8 (N, S, S, 3) input
       model.int8-cpu.onnx               INT8 QDQ for ONNX Runtime on the CPU (after the accuracy budget)
+      model.int8-qat.onnx               QAT: explicit symmetric Q/DQ (TensorRT's form; runs anywhere)
+      model.int8-qat-cpu.onnx           QAT's weights with ONNX Runtime's CPU Q/DQ placement
+      qat/<key>/                        QAT state (resume after a kill) and its best step
       model.int8-qdq-tensorrt.onnx      INT8 Q/DQ placed for TensorRT (nvidia-modelopt)
       model.{fp32,fp16,int8}.engine     TensorRT engines (built on the device that runs them)
       model.{fp32,fp16}.torch-trt.ep    Torch-TensorRT ExportedPrograms
       calibration-<sha>.npy, cache/     calibration tensors for the device, range and timing caches
 
-Every file is written under a temporary name and renamed once it passed its checks, so a failing or
+Every graph has constant pads (graph_form.with_static_padding), so no quantizer rounds shape
+arithmetic. Every file is written under a temporary name and renamed once it passed its checks, so a failing or
 interrupted export never replaces a good artefact; each artefact is attempted on its own, so one
 failing format gets a status and a reason while the others complete. export.json is rewritten
 atomically after every artefact and merged with earlier records. The target domain plays no part.
@@ -694,6 +698,18 @@ def export_run(run_dir: str | Path, cfg: ExportConfig, *, progress: bool = True)
             set(FORMATS) if "all" in cfg.formats else set())):
         _write_calibration_tensors(session)
     return ExportResult(records, json_path, names)
+
+
+def recommended_int8(records: dict[str, dict[str, Any]]) -> str | None:
+    """The INT8 artefact export recommends for ONNX Runtime on the CPU: of post-training INT8 and
+    QAT's CPU model, the one with the smaller worst accuracy drop against FP32 on the source-domain
+    fidelity images (the target domain plays no part); None when neither was made."""
+    drops = {}
+    if records.get("onnx-int8", {}).get("status") == "ok":
+        drops["onnx-int8"] = records["onnx-int8"]["accuracy_budget"]["fidelity"]["worst_drop_points"]
+    if records.get("onnx-int8-qat-cpu", {}).get("status") == "ok":
+        drops["onnx-int8-qat-cpu"] = records["onnx-int8-qat-cpu"]["fidelity_vs_fp32"]["worst_drop_points"]
+    return min(drops, key=lambda name: (drops[name], name != "onnx-int8")) if drops else None
 
 
 def resolve_export_config(run: TrainedRun, overrides: Sequence[str] = (), **flags: Any) -> ExportConfig:
