@@ -110,6 +110,13 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
     if recommended:
         click.echo(f"INT8 for ONNX Runtime on the CPU: {recommended} (smallest drop against FP32 on "
                    "source images)")
+    ptq = result.artefacts.get("onnx-int8", {})
+    if ptq.get("status") == "ok" and not ptq["accuracy_budget"]["met"] and cfg.qat == "off":
+        worst = ptq["accuracy_budget"]["fidelity"]["worst_drop_points"]
+        click.echo(f"note: post-training INT8 misses the accuracy budget ({worst:.2f} > "
+                   f"{cfg.accuracy_budget:g} points on a source domain); quantization-aware "
+                   f"fine-tuning usually recovers it: rise-edge export {run_dir} --int8 --qat",
+                   err=True)
     if result.failed:
         click.echo(f"error: {len(result.failed)} artefact(s) failed: {', '.join(result.failed)}",
                    err=True)

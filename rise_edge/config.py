@@ -138,7 +138,7 @@ class ExportConfig:
         "off", "quantization-aware fine-tuning with the run's objective (INT8 only): on, off, or auto "
         "(only when post-training INT8 misses the accuracy budget)")
     qat_steps: int = _f(200, "QAT fine-tuning steps", min=1)
-    qat_lr: float = _f(0.0, "QAT learning rate (0: a tenth of the run's optim.lr)", min=0.0)
+    qat_lr: float = _f(0.0, "QAT learning rate (0: a hundredth of the run's optim.lr)", min=0.0)
     qat_batch_size: int = _f(0, "QAT batch size (0: the run's train.batch_size)", min=0)
     qat_eval_every: int = _f(0, "QAT steps between source-validation evaluations (0: a quarter of "
                              "qat_steps)", min=0)

@@ -46,7 +46,7 @@ from rise_edge.engines import META_PREFIX, ENGINES, GPU_FORMATS, OnnxRuntimeRunn
 from rise_edge.errors import UserError, missing_extra
 from rise_edge.graph_form import fold_constants, with_static_padding
 from rise_edge.paths import cache_key
-from rise_edge.quantize import FidelitySet
+from rise_edge.quantize import FidelitySet, sqnr_db
 from rise_edge.resources import software_versions
 from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun, atomic_path, open_run,
                                read_export_record, write_json_atomic)
@@ -399,7 +399,12 @@ def make_onnx_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
             "latency_batch1_ms": latency, "parity": parity}
 
 
-QAT_PARITY_TOLERANCE = 0.05  # max |logit diff| / max |logit|, fake-quant PyTorch vs ONNX Runtime
+# Fake-quant PyTorch vs the Q/DQ graph in ONNX Runtime: its fused integer kernels round a few
+# activations one step differently, and in a deep network those steps add up (Lite0: 5.7 % of the
+# largest logit at worst, about 30 dB), while a wrong scale or placement costs far more. Judged on
+# the logits' SQNR and top-1 agreement over the parity images.
+QAT_PARITY_MIN_SQNR_DB = 20.0
+QAT_PARITY_MIN_AGREEMENT = 0.9
 
 
 def _qat(s: ExportSession) -> Any:
@@ -427,15 +432,20 @@ def make_onnx_int8_qat(s: ExportSession, tmp: Path) -> dict[str, Any]:
     with torch.no_grad():
         fake_quant = qat.model(torch.from_numpy(s.parity_images)).numpy()
     onnx_logits = OnnxRuntimeRunner(tmp)(s.parity_images)
-    relative = float(np.abs(onnx_logits - fake_quant).max() / max(np.abs(fake_quant).max(), 1e-12))
-    if not relative <= QAT_PARITY_TOLERANCE:
-        raise UserError(f"the QAT Q/DQ ONNX disagrees with its fake-quant PyTorch model: max |logit "
-                        f"difference| is {relative:.3g} of the largest logit (tolerance "
-                        f"{QAT_PARITY_TOLERANCE}); not written")
+    sqnr = sqnr_db(fake_quant, onnx_logits)
+    agreement = float((onnx_logits.argmax(1) == fake_quant.argmax(1)).mean())
+    if not (sqnr >= QAT_PARITY_MIN_SQNR_DB and agreement >= QAT_PARITY_MIN_AGREEMENT):
+        raise UserError(f"the QAT Q/DQ ONNX disagrees with its fake-quant PyTorch model on "
+                        f"{len(fake_quant)} source images: logit SQNR {sqnr:.1f} dB (at least "
+                        f"{QAT_PARITY_MIN_SQNR_DB:g} needed), top-1 agreement {agreement:.1%} (at "
+                        f"least {QAT_PARITY_MIN_AGREEMENT:.0%}); not written")
     parity = s.check_parity(OnnxRuntimeRunner(tmp), "the QAT INT8 ONNX", None)
-    parity["fake_quant_vs_onnxruntime_relative_max_diff"] = relative
-    parity["fake_quant_top1_agreement"] = round(float(
-        (onnx_logits.argmax(1) == fake_quant.argmax(1)).mean()), 4)
+    parity["fake_quant_vs_onnxruntime"] = {
+        "logit_sqnr_db": round(sqnr, 2), "top1_agreement": round(agreement, 4),
+        "relative_max_diff": float(np.abs(onnx_logits - fake_quant).max()
+                                   / max(np.abs(fake_quant).max(), 1e-12)),
+        "tolerance": {"min_sqnr_db": QAT_PARITY_MIN_SQNR_DB,
+                      "min_top1_agreement": QAT_PARITY_MIN_AGREEMENT}}
     return {"tool": "torch fake-quant ops -> ONNX Q/DQ", "exporter": exporter, "opset": s.cfg.opset,
             "scheme": "symmetric int8, per-channel weights, per-tensor activations on the inputs of "
                       "every Conv/Gemm; BatchNorm folded, static pads",
@@ -453,7 +463,8 @@ def make_onnx_int8_qat_cpu(s: ExportSession, tmp: Path) -> dict[str, Any]:
     import onnxruntime
 
     from rise_edge.qat import without_fake_quant
-    from rise_edge.quantize import CpuQuantizer, cpu_quant_settings, measure_fidelity, preprocess
+    from rise_edge.quantize import (CpuQuantizer, cpu_quant_settings, logits_of, measure_fidelity,
+                                    preprocess)
 
     qat = _qat(s)
     size = s.pre.input_size
@@ -468,7 +479,7 @@ def make_onnx_int8_qat_cpu(s: ExportSession, tmp: Path) -> dict[str, Any]:
                      s.dir / "cache", model_sha256=f"{file_sha256(float_path)}+ort{onnxruntime.__version__}",
                      calibration_sha256=s.calibration.sha256).quantize(tmp)
     fp32 = s.path_of("onnx-fp32")
-    reference = {d: OnnxRuntimeRunner(fp32)(x) for d, (x, _) in s.fidelity.domains.items()}
+    reference = {d: logits_of(fp32, x) for d, (x, _) in s.fidelity.domains.items()}  # in batches
     fidelity = measure_fidelity(reference, tmp, s.fidelity)
     stamp_metadata(tmp, {**s.metadata("int8", "float32-nchw"), "quantization": "qat-cpu"})
     parity = s.check_parity(OnnxRuntimeRunner(tmp), "the QAT CPU INT8 ONNX", None)

@@ -35,7 +35,8 @@ from rise_edge.data import DomainImages, DomainSplits, EpochBatches
 from rise_edge.fake_quant import ActivationQuantizer, QuantConv2d, QuantLinear, calibrate, quantize_model
 from rise_edge.paths import cache_key
 from rise_edge.rise import kd_loss
-from rise_edge.run_dir import TrainedRun, load_tensors, save_tensors
+from rise_edge.run_dir import (TrainedRun, load_tensors, load_training_state, save_tensors,
+                               save_training_state)
 from rise_edge.transforms import eval_transform, train_transform
 
 STATE_FILE, BEST_FILE = "state.safetensors", "best.safetensors"
@@ -78,7 +79,7 @@ def run_objective(run: TrainedRun, splits: DomainSplits, device: torch.device) -
 @dataclass
 class QatSettings:
     steps: int
-    lr: float
+    lr: float             # default: a hundredth of the run's optim.lr
     batch_size: int
     eval_every: int
     seed: int
@@ -86,14 +87,16 @@ class QatSettings:
     @classmethod
     def resolve(cls, run: TrainedRun, cfg: ExportConfig) -> QatSettings:
         steps = cfg.qat_steps
-        return cls(steps=steps, lr=cfg.qat_lr or run.recipe.optim.lr / 10,
+        # A hundredth of the training lr: measured on PACS Lite0 (SGD, BN folded), a tenth drove
+        # source-val accuracy from 89.8 % to 57.7 % in 25 steps; a hundredth raised it to 90.5 %.
+        return cls(steps=steps, lr=cfg.qat_lr or run.recipe.optim.lr / 100,
                    batch_size=cfg.qat_batch_size or run.recipe.train.batch_size,
                    eval_every=cfg.qat_eval_every or max(1, steps // 4), seed=run.recipe.train.seed)
 
     def to_record(self) -> dict[str, Any]:
         return {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size,
                 "eval_every": self.eval_every, "seed": self.seed, "schedule": "cosine",
-                "optimizer": "sgd momentum 0.9, weight decay 0"}
+                "optimizer": "the run's optim.name (SGD or AdamW), no weight decay"}
 
 
 @dataclass
@@ -146,7 +149,9 @@ def qat_finetune(run: TrainedRun, splits: DomainSplits, cfg: ExportConfig, calib
     calibrate(model, (images[i:i + 32].to(device) for i in range(0, len(images), 32)))
     objective = run_objective(run, splits, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=0.9)
+    optimizer = (torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+                 if run.recipe.optim.name == "adamw" else
+                 torch.optim.SGD(params, lr=settings.lr, momentum=run.recipe.optim.momentum))
     train_set = DomainImages(splits.train_samples, train_transform(pre, run.recipe.train.augment))
     batches = EpochBatches(len(train_set), settings.batch_size, settings.seed)
     per_epoch = len(train_set) // settings.batch_size
@@ -209,27 +214,13 @@ def _save_best(state_dir: Path, model: nn.Module, best: dict[str, Any]) -> None:
 
 def _save_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
                 history: list[dict[str, Any]], best: dict[str, Any]) -> None:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    opt = optimizer.state_dict()
-    for index, state in opt["state"].items():
-        for name, value in state.items():
-            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
-    tensors["rng.cpu"] = torch.get_rng_state()
-    save_tensors(state_dir / STATE_FILE, tensors, {"step": step, "history": history, "best": best,
-                                                  "param_groups": opt["param_groups"]})
+    save_training_state(state_dir / STATE_FILE, model, optimizer,
+                        {"step": step, "history": history, "best": best})
 
 
 def _load_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
                 ) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
-    tensors, meta = load_tensors(state_dir / STATE_FILE)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.cpu"])
+    meta = load_training_state(state_dir / STATE_FILE, model, optimizer)
     return int(meta["step"]), list(meta["history"]), dict(meta["best"])
 
 

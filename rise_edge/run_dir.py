@@ -73,6 +73,34 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         save_file(contiguous, str(tmp), metadata={_META_KEY: json.dumps(metadata)})
 
 
+def save_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        metadata: dict[str, Any]) -> None:
+    """Model, optimizer and CPU RNG in one safetensors file (no pickles), with JSON `metadata`."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for index, state in opt["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
+    tensors["rng.cpu"] = torch.get_rng_state()
+    save_tensors(path, tensors, {**metadata, "param_groups": opt["param_groups"]})
+
+
+def load_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        device: torch.device | None = None) -> dict[str, Any]:
+    """Restore what save_training_state wrote (model, optimizer, CPU RNG); returns its metadata."""
+    tensors, metadata = load_tensors(path)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = (value.to(device) if device is not None
+                                                      and value.dim() else value)
+    optimizer.load_state_dict({"state": state, "param_groups": metadata["param_groups"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    return metadata
+
+
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -28,8 +28,9 @@ from rise_edge.distributed import Distributed
 from rise_edge.errors import UserError
 from rise_edge.paths import cache_root
 from rise_edge.rise import ErmObjective, RiseObjective
-from rise_edge.run_dir import (RESUME_FILE, STUDENT_FILE, MetricsLog, StudentMeta, load_tensors,
-                               save_student, save_tensors, write_json_atomic, write_text_atomic)
+from rise_edge.run_dir import (RESUME_FILE, STUDENT_FILE, MetricsLog, StudentMeta, load_training_state,
+                               save_student, save_training_state, write_json_atomic,
+                               write_text_atomic)
 from rise_edge.student import Preprocessing, Student, build_student
 from rise_edge.transforms import eval_transform, train_transform
 
@@ -343,31 +344,15 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
 
 def _save_resume(path: Path, student: Student, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, step: int, best: dict[str, Any]) -> None:
-    tensors = {f"model.{k}": v for k, v in student.state_dict().items()}
-    opt = optimizer.state_dict()
-    for index, state in opt["state"].items():
-        for name, value in state.items():
-            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
-    tensors["rng.cpu"] = torch.get_rng_state()
-    metadata = {"step": step, "best": best, "param_groups": opt["param_groups"],
-                "scaler": scaler.state_dict() if scaler.is_enabled() else {}}
-    save_tensors(path / RESUME_FILE, tensors, metadata)
+    save_training_state(path / RESUME_FILE, student, optimizer, {
+        "step": step, "best": best, "scaler": scaler.state_dict() if scaler.is_enabled() else {}})
 
 
 def _load_resume(path: Path, student: Student, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, device: torch.device) -> tuple[int, dict[str, Any]]:
-    tensors, metadata = load_tensors(path / RESUME_FILE)
-    student.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state[int(index)][name] = value.to(device) if value.dim() else value
-    optimizer.load_state_dict({"state": dict(state), "param_groups": metadata["param_groups"]})
+    metadata = load_training_state(path / RESUME_FILE, student, optimizer, device)
     if metadata["scaler"]:
         scaler.load_state_dict(metadata["scaler"])
-    torch.set_rng_state(tensors["rng.cpu"])
     if not (path / STUDENT_FILE).is_file():
         raise UserError(f"{path}: resume state exists but {STUDENT_FILE} is missing; start again")
     return int(metadata["step"]), metadata["best"]
-

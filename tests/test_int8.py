@@ -21,11 +21,12 @@ import torch
 
 from conftest import TINY_TARGET
 from rise_edge.config import ExportConfig
-from rise_edge.export import EXPORT_DIR, export_graph, export_run
+from rise_edge.export import (EXPORT_DIR, QAT_PARITY_MIN_AGREEMENT, QAT_PARITY_MIN_SQNR_DB,
+                              export_graph, export_run)
 from rise_edge.fake_quant import calibrate, quantize_model
 from rise_edge.graph_form import fold_batchnorm, shape_mismatches, with_static_padding
 from rise_edge.quantize import (CpuQuantizer, Fidelity, FidelitySet, cpu_quant_settings, preprocess,
-                                quantize_within_budget, shape_arithmetic_nodes)
+                                quantize_within_budget, shape_arithmetic_nodes, sqnr_db)
 from rise_edge.student import HeadSpec, Student
 
 SIZE = 36  # odd multiples of the strides: TF 'same' pads are asymmetric here
@@ -165,10 +166,10 @@ def test_qat_fake_quant_agrees_with_its_onnx_runtime_int8_run(tmp_path: Path) ->
     with torch.no_grad():
         expected = model(images).numpy()
     got = OnnxRuntimeRunner(path)(images.numpy())
-    # Stated tolerance: 5 % of the largest logit (export's QAT_PARITY_TOLERANCE); rounding ties and
-    # summation order may flip an activation by one quantization step.
-    assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
-    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.9
+    # Stated tolerance (export.QAT_PARITY_MIN_*): logit SQNR >= 20 dB and top-1 agreement >= 90 %;
+    # ONNX Runtime's fused integer kernels may round an activation one step differently.
+    assert sqnr_db(expected, got) >= QAT_PARITY_MIN_SQNR_DB
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= QAT_PARITY_MIN_AGREEMENT
 
 
 QAT = ["--int8", "--qat", "--quiet", "--set", "export.qat_eval_every=2",
@@ -196,11 +197,19 @@ def test_qat_export_records_and_never_reads_a_target_image(tiny_run: Path, monke
     assert opened and not [p for p in opened if f"/{TINY_TARGET}/" in p]
     qat = result.artefacts["onnx-int8-qat"]
     assert qat["status"] == "ok" and "qat" in qat["path"]
-    assert qat["parity"]["fake_quant_vs_onnxruntime_relative_max_diff"] <= 0.05
+    check = qat["parity"]["fake_quant_vs_onnxruntime"]
+    assert check["logit_sqnr_db"] >= 20 and check["top1_agreement"] >= 0.9
     assert [h["step"] for h in qat["qat"]["history"]] == [0, 2, 4]
     assert qat["qat"]["selected_step"] in (0, 2, 4)
     cpu = result.artefacts["onnx-int8-qat-cpu"]
     assert cpu["status"] == "ok" and set(cpu["fidelity_vs_fp32"]["per_domain"]) == {"cartoon", "photo"}
+
+    from rise_edge.bench import bench_run
+    from rise_edge.config import BenchConfig
+    report = bench_run(tiny_run, BenchConfig(batch_sizes=(1,), warmup=1, iterations=2), progress=False)
+    rows = {r["engine"]: r for r in report.rows}
+    for name in ("onnx-int8-qat", "onnx-int8-qat-cpu"):
+        assert rows[name]["status"] == "ok" and rows[name]["precision"] == "int8"
 
 
 def test_qat_auto_runs_only_when_post_training_int8_misses_the_budget(tiny_run: Path) -> None:
@@ -252,3 +261,19 @@ def test_qat_resumes_after_kill_and_ends_where_an_uninterrupted_run_ends(tiny_ru
     assert a["qat"]["history"] == b["qat"]["history"]
     assert a["qat"]["selected_step"] == b["qat"]["selected_step"]
     assert a["sha256"] == b["sha256"]  # the same Q/DQ graph, byte for byte
+
+
+@pytest.mark.gpu
+def test_tensorrt_builds_the_qat_qdq_graph_as_a_strongly_typed_int8_engine(tiny_run: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (none visible) for tensorrt")
+    import importlib.util
+    if importlib.util.find_spec("tensorrt") is None:
+        pytest.skip("needs the 'tensorrt' package (pip install 'rise-edge[gpu]')")
+    cfg = ExportConfig(formats=("tensorrt",), int8=True, qat="on", qat_steps=2, qat_batch_size=8,
+                       calibration_size=12, fidelity_images=12)
+    records = export_run(tiny_run, cfg, progress=False).artefacts
+    engine = records["tensorrt-int8"]
+    assert engine["status"] == "ok", engine
+    assert engine["built_from"] == "explicit Q/DQ from QAT, strongly typed"
+    assert engine["parity"]["top1_agreement"] >= 0.9
