@@ -124,8 +124,8 @@ def main() -> None:
             k: (Path(os.path.relpath(v)).as_posix() if k == "dataset_dir" else v)
             for k, v in document["calibration"].items() if k != "files"},
         "budget_step": {k: budget[k] for k in ("budget_points", "met", "kept_fp32_layers",
-                                               "accuracy_fp32", "accuracy_int8_before_fallback",
-                                               "accuracy_int8", "drop_points")},
+                                               "fidelity_all_int8", "fidelity", "edge_policy",
+                                               "chosen")},
         "latency_batch1": lat1, "latency_batch32": lat32,
         "speedup_int8_vs_fp32": {"batch1": round(speedup1, 2), "batch32": round(speedup32, 2)},
         "accuracy": acc, "source_drops_within_budget": source_ok,
@@ -176,7 +176,9 @@ def markdown(r: dict, sources: tuple[str, ...], target: str) -> str:
     b = r["budget_step"]
     c = r["calibration"]
     lines += ["", f"Budget step: budget {b['budget_points']} point(s) on every source domain; met: "
-              f"{b['met']}; layers kept in FP32: {', '.join(b['kept_fp32_layers']) or 'none'}. "
+              f"{b['met']} (worst drop {b['fidelity']['worst_drop_points']:.2f} points against FP32 on "
+              f"{sum(d['images'] for d in b['fidelity']['per_domain'].values())} source images; "
+              f"{b['chosen']}); layers kept in FP32: {', '.join(b['kept_fp32_layers']) or 'none'}. "
               f"Source-domain INT8 drops within the budget (measured above): "
               f"{r['source_drops_within_budget']}. The target-domain drop is reported as it is; "
               "the target took no part in export.", "",
