@@ -412,12 +412,22 @@ def _qat(s: ExportSession) -> Any:
     def run() -> Any:
         from rise_edge.qat import qat_finetune
 
+        keep = _edge_layers_in_fp32(s)
         result = qat_finetune(s.run, s.splits, s.cfg, s.calibration_images, s.dir / "qat",
                               {"student": s.student_sha256, "calibration": s.calibration.sha256},
-                              s.log)
+                              s.log, keep_fp32=keep)
         s.run.student.cpu()
         return result
     return s._once("qat", run)
+
+
+def _edge_layers_in_fp32(s: ExportSession) -> list[str]:
+    """Module names of the first/last layers that post-training INT8 measured better in FP32
+    (export.json's edge_policy), so QAT keeps the same policy: an ONNX node '/backbone/conv_stem/Conv'
+    is the module 'backbone.conv_stem' (the TorchScript exporter names nodes by module path)."""
+    policy = s.records.get("onnx-int8", {}).get("accuracy_budget", {}).get("edge_policy", {})
+    layers = [v["layer"] for v in policy.values() if isinstance(v, dict) and v.get("decision") == "fp32"]
+    return [layer.strip("/").rsplit("/", 1)[0].replace("/", ".") for layer in layers]
 
 
 def make_onnx_int8_qat(s: ExportSession, tmp: Path) -> dict[str, Any]:
@@ -448,7 +458,9 @@ def make_onnx_int8_qat(s: ExportSession, tmp: Path) -> dict[str, Any]:
                       "min_top1_agreement": QAT_PARITY_MIN_AGREEMENT}}
     return {"tool": "torch fake-quant ops -> ONNX Q/DQ", "exporter": exporter, "opset": s.cfg.opset,
             "scheme": "symmetric int8, per-channel weights, per-tensor activations on the inputs of "
-                      "every Conv/Gemm; BatchNorm folded, static pads",
+                      "every Conv/Gemm but the first/last layers post-training INT8 measured better "
+                      "in FP32; BatchNorm folded, static pads",
+            "kept_fp32_modules": _edge_layers_in_fp32(s),
             "qat": {**QatSettings.resolve(s.run, s.cfg).to_record(), **qat.to_record()},
             "objective": "rise (teacher distillation + language terms)" if s.run.recipe.uses_teacher
                          else "cross-entropy + distillation from the FP32 student",

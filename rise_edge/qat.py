@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,18 +133,23 @@ def _val_accuracy(model: nn.Module, loaders: dict[str, DataLoader], device: torc
 
 def qat_finetune(run: TrainedRun, splits: DomainSplits, cfg: ExportConfig, calibration: np.ndarray,
                  state_root: Path, key_parts: dict[str, Any], log: Callable[[str], None],
-                 device: torch.device | None = None) -> QatResult:
-    """Fine-tune the run's student with INT8 fake quantization; returns the selected model."""
+                 device: torch.device | None = None, keep_fp32: Sequence[str] = ()) -> QatResult:
+    """Fine-tune the run's student with INT8 fake quantization; returns the selected model.
+    `keep_fp32`: module names left unquantized (the measured first/last-layer policy)."""
     started = time.perf_counter()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = QatSettings.resolve(run, cfg)
     pre = run.meta.preprocessing
-    key = cache_key(**key_parts, qat=settings.to_record(), tool="rise-edge-qat")[:16]
+    key = cache_key(**key_parts, qat=settings.to_record(), keep_fp32=sorted(keep_fp32),
+                    tool="rise-edge-qat")[:16]
     state_dir = state_root / key
     state_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(settings.seed)
-    model = quantize_model(run.student, pre.input_size).to(device)
+    model = quantize_model(run.student, pre.input_size, keep_fp32).to(device)
+    unknown = sorted(set(keep_fp32) - {name for name, _ in model.named_modules()})
+    if unknown:
+        raise ValueError(f"QAT: no module named {', '.join(unknown)} to keep in FP32")
     images = torch.from_numpy(calibration)
     calibrate(model, (images[i:i + 32].to(device) for i in range(0, len(images), 32)))
     objective = run_objective(run, splits, device)

@@ -200,6 +200,15 @@ def test_qat_export_records_and_never_reads_a_target_image(tiny_run: Path, monke
     check = qat["parity"]["fake_quant_vs_onnxruntime"]
     assert check["logit_sqnr_db"] >= 20 and check["top1_agreement"] >= 0.9
     assert [h["step"] for h in qat["qat"]["history"]] == [0, 2, 4]
+    # QAT follows the first/last-layer policy post-training INT8 measured: those layers stay FP32.
+    policy = result.artefacts["onnx-int8"]["accuracy_budget"]["edge_policy"]
+    kept = [v["layer"] for v in policy.values() if isinstance(v, dict) and v["decision"] == "fp32"]
+    assert len(qat["kept_fp32_modules"]) == len(kept)
+    graph = onnx.load(str(tiny_run / EXPORT_DIR / qat["path"])).graph
+    dq_outputs = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    for layer in kept:
+        node = next(n for n in graph.node if n.name == layer)
+        assert not set(node.input) & dq_outputs, layer
     assert qat["qat"]["selected_step"] in (0, 2, 4)
     cpu = result.artefacts["onnx-int8-qat-cpu"]
     assert cpu["status"] == "ok" and set(cpu["fidelity_vs_fp32"]["per_domain"]) == {"cartoon", "photo"}
