@@ -44,7 +44,7 @@ from rise_edge.calibration import (CalibrationSet, balanced_val_samples, file_sh
 from rise_edge.config import ExportConfig, parse_override, recipe_from_dict, recipe_to_dict
 from rise_edge.engines import META_PREFIX, ENGINES, GPU_FORMATS, OnnxRuntimeRunner, TorchRunner
 from rise_edge.errors import UserError, missing_extra
-from rise_edge.graph_form import fold_constants, with_static_padding
+from rise_edge.graph_form import fold_constants, module_of_onnx_node, with_static_padding
 from rise_edge.paths import cache_key
 from rise_edge.quantize import FidelitySet, sqnr_db
 from rise_edge.resources import software_versions
@@ -423,11 +423,10 @@ def _qat(s: ExportSession) -> Any:
 
 def _edge_layers_in_fp32(s: ExportSession) -> list[str]:
     """Module names of the first/last layers that post-training INT8 measured better in FP32
-    (export.json's edge_policy), so QAT keeps the same policy: an ONNX node '/backbone/conv_stem/Conv'
-    is the module 'backbone.conv_stem' (the TorchScript exporter names nodes by module path)."""
+    (export.json's edge_policy), so QAT keeps the same policy."""
     policy = s.records.get("onnx-int8", {}).get("accuracy_budget", {}).get("edge_policy", {})
     layers = [v["layer"] for v in policy.values() if isinstance(v, dict) and v.get("decision") == "fp32"]
-    return [layer.strip("/").rsplit("/", 1)[0].replace("/", ".") for layer in layers]
+    return [module_of_onnx_node(s.run.student, layer) for layer in layers]
 
 
 def make_onnx_int8_qat(s: ExportSession, tmp: Path) -> dict[str, Any]:

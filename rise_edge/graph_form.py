@@ -145,6 +145,21 @@ def fold_batchnorm(model: nn.Module, input_size: int) -> tuple[nn.Module, int]:
     return model, folded
 
 
+def module_of_onnx_node(model: nn.Module, node: str) -> str:
+    """The module an ONNX node of the TorchScript exporter belongs to: '/backbone/conv1/conv1.0/Conv'
+    is the module 'backbone.conv1.0' (a numbered child's scope repeats its parent's name)."""
+    def scopes(name: str) -> str:
+        parts, out = name.split("."), []
+        for part in parts:
+            out.append(f"{out[-1]}.{part}" if part.isdigit() and out else part)
+        return "/" + "/".join(out)
+    path = node.rsplit("/", 1)[0]
+    for name, _ in model.named_modules():
+        if name and scopes(name) == path:
+            return name
+    raise ValueError(f"no module of the model matches the ONNX node {node}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Shape check between two ONNX graphs of one model
 

@@ -286,3 +286,18 @@ def test_tensorrt_builds_the_qat_qdq_graph_as_a_strongly_typed_int8_engine(tiny_
     assert engine["status"] == "ok", engine
     assert engine["built_from"] == "explicit Q/DQ from QAT, strongly typed"
     assert engine["parity"]["top1_agreement"] >= 0.9
+
+
+@pytest.mark.parametrize("arch", ["test_resnet", "resnet10t", "test_efficientnet"])
+def test_every_onnx_layer_maps_back_to_its_module(arch: str, tmp_path: Path) -> None:
+    from rise_edge.graph_form import module_of_onnx_node
+
+    backbone = timm.create_model(arch, num_classes=0)
+    student = Student(backbone, HeadSpec(backbone.num_features, 3)).eval()
+    path = tmp_path / "m.onnx"
+    export_graph(with_static_padding(student, SIZE)[0], torch.randn(1, 3, SIZE, SIZE), path, 18)
+    layers = [n.name for n in onnx.load(str(path)).graph.node if n.op_type in ("Conv", "Gemm")]
+    modules = dict(student.named_modules())
+    for layer in layers:
+        module = modules[module_of_onnx_node(student, layer)]
+        assert isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)), layer
