@@ -51,7 +51,7 @@ from rise_edge.engines import ENGINES, GPU_FORMATS, Runner, TorchRunner, runner_
 from rise_edge.errors import UserError
 from rise_edge.latency import PERCENTILE_DEFINITION, TimingPlan, mlperf_style, time_runner
 from rise_edge.resources import GpuMemory, HostMemory, TegraStats, machine_info, software_versions
-from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun, open_run,
+from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun, open_run, run_lock,
                                read_export_record)
 from rise_edge.transforms import eval_transform
 
@@ -64,7 +64,7 @@ SCHEMA = 1
 BACKEND_OF_FORMAT = {"pytorch": "pytorch", "onnx": "onnxruntime", "tensorrt": "tensorrt",
                      "torch-tensorrt": "torch-tensorrt"}
 ENGINE_ALIASES = {"torch": "pytorch", "ort": "onnxruntime", "trt": "tensorrt"}
-FAILED = frozenset({"missing", "load-failed", "run-failed"})
+FAILED = frozenset({"missing", "load-failed", "run-failed", "tampered"})
 assert set(BACKEND_OF_FORMAT) == set(ENGINES)
 
 
@@ -193,6 +193,15 @@ def _check_record(spec: EngineSpec, explicit: bool, student_sha: str | None) -> 
         spec.status, spec.reason = "stale", (f"made from an earlier {STUDENT_FILE} than this run holds; "
                                              "re-export it with `rise-edge export`")
         return
+    if spec.path is not None and record.get("sha256"):
+        # Verified before it runs: a file swapped for another model of the same shape would
+        # otherwise be benchmarked and reported as this run's.
+        from rise_edge.calibration import file_sha256
+        if spec.path.is_file() and file_sha256(spec.path) != record["sha256"]:
+            spec.status, spec.reason = "tampered", (
+                f"{spec.path.name} does not match the sha256 {EXPORT_JSON} recorded for it: it was "
+                "changed or replaced after export; re-export it with `rise-edge export`")
+            return
     if spec.format not in ENGINES:
         spec.status, spec.reason = "unavailable", f"no runner for artefact format '{spec.format}'"
         return
@@ -548,14 +557,21 @@ def default_command(run_dir: Path, cfg: BenchConfig) -> str:
 def bench_run(run_dir: str | Path, cfg: BenchConfig, *, progress: bool = True,
               command: str | None = None) -> BenchReport:
     """Bench every chosen engine of a run on the chosen domains; write RUN_DIR/bench/ and return it."""
-    from rise_edge.calibration import file_sha256
-    from rise_edge.report import write_report
-
     run_dir = Path(run_dir)
     log = _log(progress)
     if not cfg.batch_sizes or any(b < 1 for b in cfg.batch_sizes):
         raise UserError(f"batch sizes must be positive integers, got {list(cfg.batch_sizes)}")
     run = open_run(run_dir)
+    with run_lock(run_dir, "bench"):
+        return _bench(run, cfg, log, progress, command)
+
+
+def _bench(run: TrainedRun, cfg: BenchConfig, log: Callable[[str], None], progress: bool,
+           command: str | None) -> BenchReport:
+    from rise_edge.calibration import file_sha256
+    from rise_edge.report import write_report
+
+    run_dir = run.path
     names = select_domains(run, cfg.domains)
     export = read_export_record(run_dir, advice=f"re-run `rise-edge export {run_dir}`")
     student_sha256 = file_sha256(run_dir / STUDENT_FILE)

@@ -1,6 +1,8 @@
 """The `rise-edge` command line: each command parses, calls one library function, says where results went.
 
-Every UserError becomes one message on stderr and exit status 2, never a traceback.
+Exit status: 0 done; 1 an artefact or engine failed; 2 bad input (one message on stderr, never a
+traceback); 3 done, but what was asked for includes artefacts this machine cannot make; 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 import click
 
 from rise_edge.errors import UserError
+
+EXIT_UNAVAILABLE = 3
 
 
 def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -121,6 +125,11 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
         click.echo(f"error: {len(result.failed)} artefact(s) failed: {', '.join(result.failed)}",
                    err=True)
         sys.exit(1)
+    unavailable = [n for n in result.attempted if result.artefacts[n]["status"] == "unavailable"]
+    if unavailable:  # scripts must notice that what they asked for was not made
+        click.echo(f"note: {', '.join(unavailable)} cannot be made on this machine (reasons above); "
+                   "the other artefacts are done", err=True)
+        sys.exit(EXIT_UNAVAILABLE)
 
 
 # -- bench command --

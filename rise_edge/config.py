@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -279,6 +280,8 @@ def _check_value(value: Any, hint: Any, meta: typing.Mapping[str, Any], name: st
     if checked is _INVALID:
         raise UserError(f"{where}: '{name}' must be {_describe(hint)}, got {value!r}"
                         f" ({type(value).__name__})")
+    if isinstance(checked, float) and not math.isfinite(checked):
+        raise UserError(f"{where}: '{name}' must be a finite number, got {value!r}")
     if isinstance(checked, (int, float)) and not isinstance(checked, bool):
         low, high, above = meta.get("min"), meta.get("max"), meta.get("gt")
         if (low is not None and checked < low) or (high is not None and checked > high) or (

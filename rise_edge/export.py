@@ -49,7 +49,7 @@ from rise_edge.paths import cache_key
 from rise_edge.quantize import FidelitySet, sqnr_db
 from rise_edge.resources import software_versions
 from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun, atomic_path, open_run,
-                               read_export_record, write_json_atomic)
+                               read_export_record, run_lock, write_json_atomic)
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 PARITY_IMAGES = 32  # source-val images for ONNX / engine vs PyTorch checks
@@ -633,6 +633,12 @@ def export_run(run_dir: str | Path, cfg: ExportConfig, *, progress: bool = True)
     A failing artefact does not stop the others: it gets status 'failed' and a reason (artefacts that
     need it get 'skipped'); one that this machine cannot make gets 'unavailable' and a sentence why.
     """
+    run = open_run(run_dir)  # says what is missing before anything is locked or written
+    with run_lock(run.path, "export"):
+        return _export(run, cfg, progress)
+
+
+def _export(run: TrainedRun, cfg: ExportConfig, progress: bool) -> ExportResult:
     def log(message: str) -> None:
         if progress:
             print(f"[export] {message}", file=sys.stderr, flush=True)
@@ -643,7 +649,6 @@ def export_run(run_dir: str | Path, cfg: ExportConfig, *, progress: bool = True)
     except ImportError as exc:
         raise missing_extra(exc.name or "onnx", "cpu", "rise-edge export") from None
     names = plan_artefacts(cfg)
-    run = open_run(run_dir)
     session = ExportSession(run, cfg, log)
     session.dir.mkdir(parents=True, exist_ok=True)
     json_path = session.dir / EXPORT_JSON

@@ -57,6 +57,41 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+@contextmanager
+def run_lock(run_dir: Path, command: str) -> Iterator[None]:
+    """Own a run directory for the duration of one command: a second train, export or bench on the
+    same run stops with a UserError naming the holder instead of mixing its files with ours.
+
+    The lock is an flock on `.<name>.rise-edge.lock` beside the run directory (so a failed start
+    leaves no run directory behind); the kernel releases it when the process ends, kill -9 included,
+    so a crash never leaves a run locked.
+    """
+    import fcntl
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run directory; choose another path")
+    parent = run_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(parent / f".{run_dir.name}.rise-edge.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(f"cannot use {run_dir}: {exc.strerror or exc} ({exc.filename or parent}); "
+                        "choose a writable folder") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise UserError(f"{run_dir} is in use by {holder}; wait for it to finish or use another "
+                            "run directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"rise-edge {command} (pid {os.getpid()})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -29,7 +29,7 @@ from rise_edge.errors import UserError
 from rise_edge.paths import cache_root
 from rise_edge.rise import ErmObjective, RiseObjective
 from rise_edge.run_dir import (RESUME_FILE, STUDENT_FILE, MetricsLog, StudentMeta, load_training_state,
-                               save_student, save_training_state, write_json_atomic,
+                               run_lock, save_student, save_training_state, write_json_atomic,
                                write_text_atomic)
 from rise_edge.student import Preprocessing, Student, build_student
 from rise_edge.transforms import eval_transform, train_transform
@@ -199,9 +199,11 @@ def train_run(recipe: Recipe, *, recipe_name: str = "recipe", run_dir: Path | No
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
+    path = _run_dir(_absolute_paths(recipe), recipe_name, run_dir)
     try:
-        return _train(recipe, recipe_name, run_dir, resume, progress and dist.is_main, device, dist,
-                      cache_dir)
+        with run_lock(path, "train") if dist.is_main else contextlib.nullcontext():
+            return _train(recipe, recipe_name, run_dir, resume, progress and dist.is_main, device,
+                          dist, cache_dir)
     finally:
         dist.close()
 
@@ -281,6 +283,13 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
                 group["lr"] = learning_rate(recipe, step, total)
             with autocast():
                 terms = objective(model, images, labels)
+            if not torch.isfinite(terms["loss"].detach()):
+                bar.close()
+                kept = (f"{STUDENT_FILE} keeps the student selected at step {best['step']}"
+                        if best["step"] > 0 else "no student was saved")
+                raise UserError(f"training loss became {float(terms['loss'].detach())} at step {step + 1} of "
+                                f"{total} in {path}; {kept}; lower optim.lr (now "
+                                f"{recipe.optim.lr:g}) and start a new run")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["loss"]).backward()
             scaler.step(optimizer)
@@ -306,7 +315,10 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
                           for name, dl in eval_loaders.items()}
                 scores["val_mean"] = sum(scores[f"val/{d}"] for d in splits.source_domains) / len(
                     splits.source_domains)
-                selected = scores["val_mean"] > best["val_mean"]
+                # A student with a non-finite weight is never selected, whatever it scored.
+                selected = scores["val_mean"] > best["val_mean"] and all(
+                    bool(torch.isfinite(t).all()) for t in student.state_dict().values()
+                    if t.is_floating_point())
                 if selected:
                     best = {**scores, "step": step}
                 if dist.is_main:

@@ -292,7 +292,7 @@ def _gpu_stack_present() -> bool:
 def test_gpu_format_on_cpu_machine_is_unavailable_with_one_sentence(tiny_run: Path) -> None:
     result = CliRunner().invoke(main, ["export", str(tiny_run), "--format", "tensorrt", "--format",
                                        "onnx", "--format", "torch-tensorrt", "--fp16", "--quiet"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 3, result.output  # done, but not all that was asked for
     records = _export_json(tiny_run)["artefacts"]
     assert records["onnx-fp32"]["status"] == "ok"  # the CPU format still completes
     for name in ("tensorrt-fp16", "torch-tensorrt-fp16"):

@@ -57,6 +57,23 @@ def _finished(run_dir: Path, recipe: Recipe) -> bool:
         _absolute_paths(recipe))
 
 
+DEMO_MARK = ".rise-edge-demo"  # in every run folder the demo made: the only folders it ever deletes
+
+
+def _clear_own_run(run_dir: Path) -> None:
+    """Delete a demo run that is unfinished or of an older recipe, before training it again; a
+    folder the demo did not make (no DEMO_MARK) is never deleted: a UserError says what to do."""
+    if not run_dir.exists():
+        return
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        return
+    if not run_dir.is_dir() or not (run_dir / DEMO_MARK).is_file():
+        raise UserError(f"{run_dir} exists and was not made by rise-edge demo, which never deletes "
+                        "what it did not make; move it aside or choose another --out")
+    import shutil
+    shutil.rmtree(run_dir)
+
+
 def train_or_reuse(recipe: Recipe, run_dir: Path, progress: bool) -> dict[str, Any]:
     """Train `recipe` into `run_dir` (a finished run of the same recipe is reused); its results.json."""
     from rise_edge.train import train_run
@@ -64,9 +81,9 @@ def train_or_reuse(recipe: Recipe, run_dir: Path, progress: bool) -> dict[str, A
     if _finished(run_dir, recipe):
         print(f"      reusing {run_dir}", file=sys.stderr)
     else:
-        if run_dir.exists():
-            import shutil
-            shutil.rmtree(run_dir)  # a run of an older demo recipe, or an unfinished one
+        _clear_own_run(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / DEMO_MARK).write_text("made by rise-edge demo; it may delete and retrain this folder\n")
         train_run(recipe, recipe_name=run_dir.name, run_dir=run_dir, progress=progress)
     return json.loads((run_dir / "results.json").read_text())
 
