@@ -30,6 +30,11 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # a full disk, a read-only file system, a folder that is a file...
+            where = f" ({exc.filename})" if exc.filename else ""
+            click.echo(f"error: {exc.strerror or exc}{where}; files already in place were kept (each "
+                       "is written under a temporary name, then renamed)", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

@@ -195,6 +195,23 @@ _RecipeLoader.add_implicit_resolver(
     list("-+0123456789"))
 
 
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    """YAML keeps the last of two equal keys silently; a recipe with a section or key written twice
+    is refused instead, at the line of the second."""
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"'{key}' is written twice (first at line {seen[key] + 1}); keep one",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds plain data only
 
@@ -209,7 +226,12 @@ def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if not path.is_file():
             raise UserError(f"recipe file not found: {path}" + _nearby_recipes(path))
         try:
-            loaded = parse_yaml(path.read_text())
+            loaded = parse_yaml(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path}: a recipe is UTF-8 text, but byte {exc.start} is not UTF-8 "
+                            f"({exc.object[exc.start:exc.start + 1]!r}); is it the right file?") from None
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

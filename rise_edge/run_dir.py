@@ -250,9 +250,13 @@ def read_export_record(run_dir: Path, *, advice: str) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON ({exc}); {advice}") from None
-    return data if isinstance(data, dict) else {}
+    artefacts = data.get("artefacts", {}) if isinstance(data, dict) else None
+    if not isinstance(artefacts, dict) or not all(isinstance(r, dict) for r in artefacts.values()):
+        raise UserError(f"{path} is not an export record (an object whose 'artefacts' maps names to "
+                        f"records); it was changed by hand or damaged; {advice}")
+    return data
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -86,26 +86,38 @@ def _run_dir(recipe: Recipe, recipe_name: str, run_dir: Path | None) -> Path:
     return Path(recipe.train.output_dir) / name
 
 
-_TRAINING_OUTPUTS = (STUDENT_FILE, RESUME_FILE, "results.json", "metrics.jsonl")
 
 
 def _check_run_dir(path: Path, recipe: Recipe, resume: bool) -> None:
     """Refuse to overwrite a run; on resume, refuse a recipe that changed what training does.
 
-    A folder holding no training output (a start that failed before the first step) is reused.
+    A folder holding no training output (a start that failed before the first step) is reused, and
+    so is one whose run was interrupted before its first checkpoint (only its log is left: it is
+    started again, as nothing could be resumed).
     """
+    checkpointed = any((path / name).exists() for name in (STUDENT_FILE, RESUME_FILE, "results.json"))
     if not resume:
-        if any((path / name).exists() for name in _TRAINING_OUTPUTS):
+        if checkpointed:
             hint = ("continue it with --resume" if (path / RESUME_FILE).is_file()
                     else "it holds a trained run")
             raise UserError(f"run directory {path} already exists ({hint}); choose another with "
                             "--run-dir or --set train.run_name=NAME")
+        if (path / "metrics.jsonl").exists():
+            print(f"{path} was interrupted before its first checkpoint: starting it again",
+                  file=sys.stderr)
+            (path / "metrics.jsonl").unlink()
         return
     if not (path / RESUME_FILE).is_file():
-        state = ("it finished already" if (path / "results.json").is_file()
-                 else "it holds no training state")
+        state = ("it finished already" if (path / "results.json").is_file() else
+                 "it was interrupted before its first checkpoint; run the same command without "
+                 "--resume to start it again" if (path / "recipe.yaml").is_file() else
+                 "it holds no training state")
         raise UserError(f"nothing to resume in {path}: {state}")
-    saved = recipe_from_dict(yaml.safe_load((path / "recipe.yaml").read_text()), str(path))
+    try:
+        saved = recipe_from_dict(yaml.safe_load((path / "recipe.yaml").read_text()), str(path))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, TypeError) as exc:
+        raise UserError(f"cannot resume {path}: its recipe.yaml is unreadable ({' '.join(str(exc).split())}"
+                        "); it was changed or damaged after the run started") from None
     old, new = recipe_to_dict(saved), recipe_to_dict(recipe)
     changed = [f"{s}.{k}" for s in _RESUMABLE_SECTIONS for k in new[s] if old[s][k] != new[s][k]]
     if changed:

@@ -178,3 +178,69 @@ def _fake_teacher(tmp_path: Path) -> Path:
     folder.mkdir(exist_ok=True)
     (folder / "zero_shot.json").write_text('{"accuracy": {"rise": {}}}')
     return folder
+
+
+def test_a_section_written_twice_is_refused_at_its_line(tmp_path: Path, tiny_data_root: Path) -> None:
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("optim:\n  lr: 0.1\nloss:\n  w_ce: 1.0\noptim:\n  lr: 0.01\n")
+    result = CliRunner().invoke(main, ["train", str(recipe), *_args(tiny_data_root, tmp_path / "r")])
+    _one_clean_line(result, "'optim' is written twice", "line 5")
+
+
+def test_a_recipe_that_is_not_utf8_is_refused(tmp_path: Path, tiny_data_root: Path) -> None:
+    recipe = tmp_path / "latin1.yaml"
+    recipe.write_bytes("loss:\n  w_ce: 1.0  # caf\u00e9\n".encode("latin-1"))
+    result = CliRunner().invoke(main, ["train", str(recipe), *_args(tiny_data_root, tmp_path / "r")])
+    _one_clean_line(result, "UTF-8")
+
+
+def test_a_full_disk_is_one_line_not_a_traceback(tiny_data_root: Path, recipe_file: Path,
+                                                 tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import rise_edge.train
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(rise_edge.train, "write_text_atomic", full)
+    result = CliRunner().invoke(main, ["train", str(recipe_file),
+                                       *_args(tiny_data_root, tmp_path / "r")])
+    _one_clean_line(result, "No space left on device", "recipe.yaml")
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_be_started_again(
+        tiny_data_root: Path, recipe_file: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text("loss:\n  w_ce: 1.0\n")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # all a kill left
+    resumed = CliRunner().invoke(main, ["train", str(recipe_file),
+                                        *_args(tiny_data_root, run_dir), "--resume"])
+    _one_clean_line(resumed, "interrupted before its first checkpoint", "without --resume")
+    again = CliRunner().invoke(main, ["train", str(recipe_file), *_args(tiny_data_root, run_dir)])
+    assert again.exit_code == 0, again.output
+    assert (run_dir / "results.json").is_file()
+    steps = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps and '"step": 1, "loss": 1.0' not in steps[0]  # the stale log was not kept
+
+
+def test_a_damaged_recipe_in_the_run_directory_stops_resume_with_one_line(
+        tiny_data_root: Path, recipe_file: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text("data: [unclosed\n")
+    (run_dir / "resume.safetensors").write_bytes(b"")
+    result = CliRunner().invoke(main, ["train", str(recipe_file), *_args(tiny_data_root, run_dir),
+                                       "--resume"])
+    _one_clean_line(result, "recipe.yaml is unreadable")
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"artefacts": 5}'])
+def test_a_malformed_export_json_is_one_line(tiny_run: Path, content: str) -> None:
+    (tiny_run / "export").mkdir(exist_ok=True)
+    (tiny_run / "export" / "export.json").write_text(content)
+    for command in (["bench", str(tiny_run), "--quiet"], ["export", str(tiny_run), "--quiet"]):
+        result = CliRunner().invoke(main, command)
+        _one_clean_line(result, "export.json")
+    assert (tiny_run / "export" / "export.json").read_text() == content  # left for the user to see
