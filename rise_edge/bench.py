@@ -46,13 +46,13 @@ import torch
 from tqdm import tqdm
 
 from rise_edge.config import BenchConfig, recipe_from_dict, recipe_to_dict
-from rise_edge.data import DomainSplits, Sample, build_splits, load_rgb
+from rise_edge.data import DomainSplits, Sample, load_rgb
 from rise_edge.engines import ENGINES, GPU_FORMATS, Runner, TorchRunner, runner_for
 from rise_edge.errors import UserError
 from rise_edge.latency import PERCENTILE_DEFINITION, TimingPlan, mlperf_style, time_runner
 from rise_edge.resources import GpuMemory, HostMemory, TegraStats, machine_info, software_versions
 from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun, open_run, run_lock,
-                               read_export_record)
+                               read_export_record, run_splits)
 from rise_edge.transforms import eval_transform
 
 BENCH_DIR = "bench"
@@ -555,7 +555,7 @@ def default_command(run_dir: Path, cfg: BenchConfig) -> str:
 
 
 def bench_run(run_dir: str | Path, cfg: BenchConfig, *, progress: bool = True,
-              command: str | None = None) -> BenchReport:
+              command: str | None = None, data_root: str | None = None) -> BenchReport:
     """Bench every chosen engine of a run on the chosen domains; write RUN_DIR/bench/ and return it."""
     run_dir = Path(run_dir)
     log = _log(progress)
@@ -563,11 +563,11 @@ def bench_run(run_dir: str | Path, cfg: BenchConfig, *, progress: bool = True,
         raise UserError(f"batch sizes must be positive integers, got {list(cfg.batch_sizes)}")
     run = open_run(run_dir)
     with run_lock(run_dir, "bench"):
-        return _bench(run, cfg, log, progress, command)
+        return _bench(run, cfg, log, progress, command, data_root)
 
 
 def _bench(run: TrainedRun, cfg: BenchConfig, log: Callable[[str], None], progress: bool,
-           command: str | None) -> BenchReport:
+           command: str | None, data_root: str | None) -> BenchReport:
     from rise_edge.calibration import file_sha256
     from rise_edge.report import write_report
 
@@ -576,7 +576,7 @@ def _bench(run: TrainedRun, cfg: BenchConfig, log: Callable[[str], None], progre
     export = read_export_record(run_dir, advice=f"re-run `rise-edge export {run_dir}`")
     student_sha256 = file_sha256(run_dir / STUDENT_FILE)
     specs = plan_engines(run, export, cfg.engines, student_sha256)
-    splits = build_splits(run.recipe.data, check_images=run.recipe.data.skip_bad_images, progress=False)
+    splits = run_splits(run, data_root)
     if tuple(splits.classes) != tuple(run.meta.classes):
         raise UserError(f"the data set's classes ({', '.join(splits.classes)}) differ from the student's "
                         f"({', '.join(run.meta.classes)}); is data.root pointing at the right folder?")

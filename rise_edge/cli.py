@@ -48,6 +48,26 @@ def main() -> None:
     """Train domain-robust compact classifiers with a CLIP teacher (RISE), export them, benchmark them."""
 
 
+def _data_root(overrides: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
+    """Take `data.root=PATH` out of export/bench --set options: the one data field that may change
+    after training (the data moved); the splits themselves are the ones training recorded."""
+    from rise_edge.config import parse_override
+
+    root, rest = None, []
+    for text in overrides:
+        key, value = parse_override(text)
+        if key == "data.root":
+            if not isinstance(value, str) or not value:
+                raise UserError(f"--set {text}: data.root must be a folder path")
+            root = value
+        elif key.startswith("data."):
+            raise UserError(f"--set {text}: after training only data.root can change (the data "
+                            "moved); the splits are the ones training recorded")
+        else:
+            rest.append(text)
+    return root, tuple(rest)
+
+
 _set_option = click.option(
     "--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
     help="Override a recipe field, e.g. --set optim.lr=0.01 (repeatable).")
@@ -96,7 +116,8 @@ def train(recipe: Path, overrides: tuple[str, ...], resume: bool, run_dir: Path 
 @click.option("--qat-steps", type=click.IntRange(min=1), default=None,
               help="Quantization-aware fine-tuning steps (default: the recipe's export.qat_steps).")
 @click.option("--set", "overrides", multiple=True, metavar="export.KEY=VALUE",
-              help="Override an export field, e.g. --set export.opset=17 (repeatable).")
+              help="Override an export field, e.g. --set export.opset=17, or give the data's new "
+                   "root after it moved: --set data.root=PATH (repeatable).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @_user_errors
 def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: bool | None,
@@ -107,12 +128,13 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
     from rise_edge.export import export_run, recommended_int8, resolve_export_config
     from rise_edge.run_dir import open_run
 
+    data_root, overrides = _data_root(overrides)
     cfg = resolve_export_config(
         open_run(run_dir), overrides, formats=list(formats) or None, fp16=fp16, int8=int8,
         calibration_method=calibration_method, calibration_size=calibration_size,
         accuracy_budget=budget, fold_preprocessing=fold_preprocessing,
         qat=None if qat is None else ("on" if qat else "off"), qat_steps=qat_steps)
-    result = export_run(run_dir, cfg, progress=not quiet)
+    result = export_run(run_dir, cfg, progress=not quiet, data_root=data_root)
     click.echo(result.table())
     click.echo(f"artefacts and metadata: {result.path}")
     recommended = recommended_int8(result.artefacts)
@@ -158,17 +180,24 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
               help="Also time CUDA-graph replay where the runner allows it (GPU).")
 @click.option("--max-images", type=click.IntRange(min=0), default=None,
               help="Score at most this many images per domain (a seeded subset; 0: all).")
+@click.option("--set", "overrides", multiple=True, metavar="data.root=PATH",
+              help="The data set's new root, when it moved since training.")
 @click.option("--quiet", is_flag=True, help="No progress lines or bars.")
 @_user_errors
 def bench(run_dir: Path, domains: tuple[str, ...], engines: tuple[str, ...],
           batch_sizes: tuple[int, ...], iterations: int | None, duration: float | None,
-          warmup: int | None, cuda_graphs: bool, max_images: int | None, quiet: bool) -> None:
+          warmup: int | None, cuda_graphs: bool, max_images: int | None,
+          overrides: tuple[str, ...], quiet: bool) -> None:
     """Accuracy per domain and latency of every artefact of RUN_DIR; report in RUN_DIR/bench/."""
     from rise_edge.bench import bench_run, resolve_bench_config
     from rise_edge.run_dir import open_run
 
     if iterations is not None and duration is not None:
         raise UserError("give --iterations or --duration, not both")
+    data_root, rest = _data_root(overrides)
+    if rest:
+        raise UserError(f"--set {rest[0]}: bench takes only --set data.root=PATH; its own settings "
+                        "are flags (see rise-edge bench --help)")
     flags: dict[str, Any] = {
         "domains": domains or None, "batch_sizes": batch_sizes or None, "warmup": warmup,
         "max_images": max_images, "cuda_graphs": True if cuda_graphs else None,
@@ -178,7 +207,7 @@ def bench(run_dir: Path, domains: tuple[str, ...], engines: tuple[str, ...],
     if duration is not None:
         flags["duration_s"] = duration
     cfg = resolve_bench_config(open_run(run_dir), **flags)
-    report = bench_run(run_dir, cfg, progress=not quiet)
+    report = bench_run(run_dir, cfg, progress=not quiet, data_root=data_root)
     click.echo(report.table())
     click.echo(f"report: {report.path / report.data['files']['markdown']} "
                f"(+ {', '.join(f for k, f in report.data['files'].items() if k != 'markdown')})")

@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -103,6 +104,39 @@ class DomainSplits:
         if known is not None and known.anchors:
             return known.anchors
         return tuple(d.replace("_", " ") for d in self.source_domains)
+
+
+SPLITS_FILE = "splits.json"  # in the run directory: the exact lists training used
+
+
+def splits_to_record(splits: DomainSplits) -> dict[str, Any]:
+    """The splits as JSON: paths relative to the data set folder, so the record survives a move."""
+    def rel(samples: Sequence[Sample]) -> list[list[Any]]:
+        return [[Path(os.path.relpath(p, splits.dataset_dir)).as_posix(), y] for p, y in samples]
+    return {"schema": 1, "dataset_dir": str(splits.dataset_dir), "classes": list(splits.classes),
+            "source_domains": list(splits.source_domains), "target_domain": splits.target_domain,
+            "train": {d: rel(v) for d, v in splits.train.items()},
+            "val": {d: rel(v) for d, v in splits.val.items()}, "test": rel(splits.test),
+            "skipped_images": [Path(os.path.relpath(p, splits.dataset_dir)).as_posix()
+                               for p in splits.skipped_images]}
+
+
+def splits_from_record(record: dict[str, Any], data_root: str | None = None) -> DomainSplits:
+    """Rebuild the splits training used from its record; `data_root` (when the data moved) replaces
+    the recorded folder's root, the data set's folder name staying the same."""
+    recorded = Path(record["dataset_dir"])
+    folder = recorded if not data_root else Path(data_root).expanduser().resolve() / recorded.name
+    if not folder.is_dir():
+        raise UserError(f"the data set this run was trained on is not at {folder} any more; if it "
+                        f"moved, give its new root with --set data.root=PATH (the folder holding "
+                        f"{recorded.name}/)")
+
+    def absolute(samples: list[list[Any]]) -> list[Sample]:
+        return [(str(folder / p), int(y)) for p, y in samples]
+    return DomainSplits(folder, tuple(record["classes"]), tuple(record["source_domains"]),
+                        record["target_domain"], {d: absolute(v) for d, v in record["train"].items()},
+                        {d: absolute(v) for d, v in record["val"].items()}, absolute(record["test"]),
+                        tuple(str(folder / p) for p in record.get("skipped_images", [])))
 
 
 def _known(name: str) -> KnownDataset | None:

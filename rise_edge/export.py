@@ -49,7 +49,7 @@ from rise_edge.paths import cache_key
 from rise_edge.quantize import FidelitySet, sqnr_db
 from rise_edge.resources import software_versions
 from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun, atomic_path, open_run,
-                               read_export_record, run_lock, write_json_atomic)
+                               read_export_record, run_lock, run_splits, write_json_atomic)
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 PARITY_IMAGES = 32  # source-val images for ONNX / engine vs PyTorch checks
@@ -213,8 +213,9 @@ def stamp_metadata(path: Path, values: dict[str, Any]) -> None:
 
 
 class ExportSession:
-    def __init__(self, run: TrainedRun, cfg: ExportConfig, log: Callable[[str], None]):
-        self.run, self.cfg, self.log = run, cfg, log
+    def __init__(self, run: TrainedRun, cfg: ExportConfig, log: Callable[[str], None],
+                 data_root: str | None = None):
+        self.run, self.cfg, self.log, self.data_root = run, cfg, log, data_root
         self.dir = run.path / EXPORT_DIR
         self.student_sha256 = file_sha256(run.path / STUDENT_FILE)
         self.pre = run.meta.preprocessing
@@ -232,10 +233,8 @@ class ExportSession:
 
     @property
     def splits(self) -> Any:
-        from rise_edge.data import build_splits
-
-        return self._once("splits", lambda: build_splits(self.run.recipe.data, check_images=False,
-                                                         progress=False))
+        """The splits training recorded (images it skipped stay out), re-rooted when data moved."""
+        return self._once("splits", lambda: run_splits(self.run, self.data_root))
 
     @property
     def calibration(self) -> CalibrationSet:
@@ -627,7 +626,8 @@ def _reusable(s: ExportSession, name: str, previous: dict[str, Any]) -> bool:
     return False
 
 
-def export_run(run_dir: str | Path, cfg: ExportConfig, *, progress: bool = True) -> ExportResult:
+def export_run(run_dir: str | Path, cfg: ExportConfig, *, progress: bool = True,
+               data_root: str | None = None) -> ExportResult:
     """Export a trained run's student as `cfg` asks; returns the records and export.json's path.
 
     A failing artefact does not stop the others: it gets status 'failed' and a reason (artefacts that
@@ -635,10 +635,11 @@ def export_run(run_dir: str | Path, cfg: ExportConfig, *, progress: bool = True)
     """
     run = open_run(run_dir)  # says what is missing before anything is locked or written
     with run_lock(run.path, "export"):
-        return _export(run, cfg, progress)
+        return _export(run, cfg, progress, data_root)
 
 
-def _export(run: TrainedRun, cfg: ExportConfig, progress: bool) -> ExportResult:
+def _export(run: TrainedRun, cfg: ExportConfig, progress: bool, data_root: str | None
+            ) -> ExportResult:
     def log(message: str) -> None:
         if progress:
             print(f"[export] {message}", file=sys.stderr, flush=True)
@@ -649,7 +650,7 @@ def _export(run: TrainedRun, cfg: ExportConfig, progress: bool) -> ExportResult:
     except ImportError as exc:
         raise missing_extra(exc.name or "onnx", "cpu", "rise-edge export") from None
     names = plan_artefacts(cfg)
-    session = ExportSession(run, cfg, log)
+    session = ExportSession(run, cfg, log, data_root)
     session.dir.mkdir(parents=True, exist_ok=True)
     json_path = session.dir / EXPORT_JSON
     document = read_export_record(run.path, advice="move it aside to start a fresh export")

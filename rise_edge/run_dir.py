@@ -243,6 +243,26 @@ EXPORT_DIR = "export"  # <run>/export/: the artefacts rise-edge export makes
 EXPORT_JSON = "export.json"  # their records; rise-edge bench reads them
 
 
+def run_splits(run: TrainedRun, data_root: str | None = None) -> Any:
+    """The DomainSplits training used, from <run>/splits.json (images it skipped stay out), with the
+    data set re-rooted at `data_root` when it moved. Runs trained before the record existed rebuild
+    the splits from their recipe, as training did."""
+    from dataclasses import replace
+
+    from rise_edge.data import SPLITS_FILE, build_splits, splits_from_record
+
+    path = run.path / SPLITS_FILE
+    if not path.is_file():
+        data = replace(run.recipe.data, root=data_root) if data_root else run.recipe.data
+        return build_splits(data, check_images=data.skip_bad_images, progress=False)
+    try:
+        return splits_from_record(json.loads(path.read_text()), data_root)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError,
+            ValueError) as exc:
+        raise UserError(f"{path} is damaged ({type(exc).__name__}: {exc}); it records the images "
+                        "training used and cannot be rebuilt exactly: re-train the run") from None
+
+
 def read_export_record(run_dir: Path, *, advice: str) -> dict[str, Any]:
     """<run>/export/export.json as a dict ({} when there is none); `advice` ends the error for bad JSON."""
     path = run_dir / EXPORT_DIR / EXPORT_JSON

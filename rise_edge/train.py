@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from rise_edge.config import Recipe, dump_recipe, recipe_from_dict, recipe_to_dict
-from rise_edge.data import DomainImages, DomainSplits, EpochBatches, build_splits
+from rise_edge.data import (SPLITS_FILE, DomainImages, DomainSplits, EpochBatches, build_splits,
+                            splits_to_record)
 from rise_edge.distributed import Distributed
 from rise_edge.errors import UserError
 from rise_edge.paths import cache_root
@@ -238,6 +239,9 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
     if dist.is_main and not resume:
         path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path / "recipe.yaml", dump_recipe(recipe))
+    if dist.is_main and not (resume and (path / SPLITS_FILE).is_file()):
+        # export and bench read these lists instead of rebuilding them: one truth about the data
+        write_json_atomic(path / SPLITS_FILE, splits_to_record(splits))
     dist.barrier()
     if cache_dir is None and recipe.uses_teacher:
         cache_dir = cache_root() / "text_embeddings"

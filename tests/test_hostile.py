@@ -244,3 +244,55 @@ def test_a_malformed_export_json_is_one_line(tiny_run: Path, content: str) -> No
         result = CliRunner().invoke(main, command)
         _one_clean_line(result, "export.json")
     assert (tiny_run / "export" / "export.json").read_text() == content  # left for the user to see
+
+
+def _train_tiny(data_root: Path, recipe_file: Path, run_dir: Path, *extra: str) -> None:
+    result = CliRunner().invoke(main, ["train", str(recipe_file), *_args(data_root, run_dir, *extra)])
+    assert result.exit_code == 0, result.output
+
+
+def test_export_and_bench_use_the_splits_training_recorded(tiny_data_root: Path, recipe_file: Path,
+                                                           tmp_path: Path) -> None:
+    import json
+
+    data = Path(shutil.copytree(tiny_data_root, tmp_path / "data"))
+    bad = data / TINY_DATASET / "cartoon" / "circle" / "zz-truncated.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # a header and nothing else
+    run_dir = tmp_path / "run"
+    _train_tiny(data, recipe_file, run_dir, "--set", "data.skip_bad_images=true")
+    record = json.loads((run_dir / "splits.json").read_text())
+    assert record["skipped_images"] == ["cartoon/circle/zz-truncated.png"]
+    recorded_train = {p for samples in record["train"].values() for p, _ in samples}
+    assert "cartoon/circle/zz-truncated.png" not in recorded_train
+    result = CliRunner().invoke(main, ["export", str(run_dir), "--int8", "--quiet",
+                                       "--set", "export.calibration_size=12",
+                                       "--set", "export.fidelity_images=12"])
+    assert result.exit_code == 0, result.output  # never tripped over the image training skipped
+    calibration = json.loads((run_dir / "export" / "export.json").read_text())["calibration"]["files"]
+    assert set(calibration) <= {f"{p}" for p in recorded_train}
+    bench = CliRunner().invoke(main, ["bench", str(run_dir), "--domain", "all", "--batch", "1",
+                                      "--iterations", "1", "--warmup", "0", "--quiet"])
+    assert bench.exit_code == 0, bench.output
+    report = json.loads((run_dir / "bench" / "report.json").read_text())
+    scored = {d["name"]: d["images"] for d in report["domains"]} if "domains" in report else {}
+    if scored:
+        assert scored["cartoon"] == len(record["val"]["cartoon"])
+
+
+def test_data_that_moved_is_found_again_with_data_root(tiny_data_root: Path, recipe_file: Path,
+                                                       tmp_path: Path) -> None:
+    data = Path(shutil.copytree(tiny_data_root, tmp_path / "data"))
+    run_dir = tmp_path / "run"
+    _train_tiny(data, recipe_file, run_dir)
+    moved = tmp_path / "elsewhere"
+    data.rename(moved)
+    _one_clean_line(CliRunner().invoke(main, ["bench", str(run_dir), "--quiet"]), "--set data.root=")
+    assert not (run_dir / "bench").exists()
+    export = CliRunner().invoke(main, ["export", str(run_dir), "--quiet"])  # a failed artefact row
+    assert export.exit_code == 1 and "--set data.root=" in export.output
+    assert "Traceback" not in export.output
+    for command in (["export", str(run_dir), "--quiet"], ["bench", str(run_dir), "--quiet"]):
+        result = CliRunner().invoke(main, [*command, "--set", f"data.root={moved}"])
+        assert result.exit_code == 0, result.output
+    wrong = CliRunner().invoke(main, ["export", str(run_dir), "--set", "data.target_domain=photo"])
+    _one_clean_line(wrong, "only data.root can change")
