@@ -607,6 +607,21 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def _kept_if_intact(s: ExportSession, name: str, previous: dict[str, Any], record: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """The record export.json keeps for `name`: a failed or skipped remake never downgrades the
+    record of an earlier artefact of this student whose file is intact (bench goes on using it);
+    the record says what the last attempt did."""
+    if record["status"] not in ("failed", "skipped") or previous.get("status") != "ok":
+        return record
+    path = s.path_of(name)
+    if not (previous.get("sha256") and previous.get("student_sha256") == s.student_sha256
+            and path.is_file() and file_sha256(path) == previous["sha256"]):
+        return record
+    kept = {k: v for k, v in previous.items() if k not in ("last_attempt", "reused")}
+    return {**kept, "last_attempt": {k: record[k] for k in ("status", "reason", "updated")}}
+
+
 def _reusable(s: ExportSession, name: str, previous: dict[str, Any]) -> bool:
     """An earlier artefact can stand in for a prerequisite when it is intact and made from this
     student (the device case: the workstation exported ONNX + Q/DQ ONNX, the device builds engines)."""
@@ -680,6 +695,7 @@ def _export(run: TrainedRun, cfg: ExportConfig, progress: bool, data_root: str |
                                        "dataset_dir": str(session.calibration.dataset_dir)}
         write_json_atomic(json_path, document)
 
+    outcomes: dict[str, dict[str, Any]] = {}  # what this export did; records: what export.json keeps
     for name in names:
         spec, previous = ARTEFACTS[name], records.get(name, {})
         record: dict[str, Any] = {"format": spec.format, "precision": spec.precision,
@@ -719,14 +735,15 @@ def _export(run: TrainedRun, cfg: ExportConfig, progress: bool, data_root: str |
                 if session.path_of(name).is_file() and good.get("sha256"):
                     record["previous"] = {k: good[k] for k in ("sha256", "updated") if k in good}
                     record["reason"] += f" (the earlier {spec.filename} was kept)"
-        records[name] = record
+        outcomes[name] = record
+        records[name] = _kept_if_intact(session, name, previous, record)
         save()
     if not names:
         save()
     if "calibration" in session._cache and cfg.int8 and "tensorrt" in (set(cfg.formats) | (
             set(FORMATS) if "all" in cfg.formats else set())):
         _write_calibration_tensors(session)
-    return ExportResult(records, json_path, names)
+    return ExportResult({**records, **outcomes}, json_path, names)
 
 
 def recommended_int8(records: dict[str, dict[str, Any]]) -> str | None:

@@ -296,3 +296,26 @@ def test_data_that_moved_is_found_again_with_data_root(tiny_data_root: Path, rec
         assert result.exit_code == 0, result.output
     wrong = CliRunner().invoke(main, ["export", str(run_dir), "--set", "data.target_domain=photo"])
     _one_clean_line(wrong, "only data.root can change")
+
+
+def test_a_failed_reexport_never_hides_intact_artefacts_from_bench(tiny_run: Path) -> None:
+    import json
+
+    first = CliRunner().invoke(main, ["export", str(tiny_run), "--int8", "--quiet",
+                                      "--set", "export.calibration_size=12"])
+    assert first.exit_code == 0, first.output
+    before = json.loads((tiny_run / "export" / "export.json").read_text())["artefacts"]
+    again = CliRunner().invoke(main, ["export", str(tiny_run), "--int8", "--quiet",
+                                      "--set", "export.parity_tolerance=1e-12"])
+    assert again.exit_code == 1 and "Traceback" not in again.output
+    after = json.loads((tiny_run / "export" / "export.json").read_text())["artefacts"]
+    fp32 = after["onnx-fp32"]
+    assert fp32["status"] == "ok" and fp32["sha256"] == before["onnx-fp32"]["sha256"]
+    assert fp32["last_attempt"]["status"] == "failed"
+    assert "parity_tolerance" in fp32["last_attempt"]["reason"]
+    assert after["onnx-int8"]["status"] == "ok"  # remade from the intact FP32 graph
+    bench = CliRunner().invoke(main, ["bench", str(tiny_run), "--batch", "1", "--iterations", "1",
+                                      "--warmup", "0", "--quiet"])
+    assert bench.exit_code == 0, bench.output
+    rows = {r["engine"]: r for r in json.loads((tiny_run / "bench" / "report.json").read_text())["rows"]}
+    assert rows["onnx-fp32"]["status"] == rows["onnx-int8"]["status"] == "ok"
