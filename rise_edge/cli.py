@@ -81,14 +81,30 @@ _set_option = click.option(
               help="Run directory (default: <train.output_dir>/<train.run_name>).")
 @_user_errors
 def train(recipe: Path, overrides: tuple[str, ...], resume: bool, run_dir: Path | None) -> None:
-    """Train a student on the source domains of RECIPE and test it on the unseen target domain."""
-    from rise_edge.config import load_recipe
+    """Train a student on the source domains of RECIPE (a file, or a shipped recipe's name: see
+    `rise-edge recipes`) and test it on the unseen target domain."""
+    from rise_edge.config import load_recipe, resolve_recipe
     from rise_edge.train import train_run
 
-    result = train_run(load_recipe(recipe, overrides), recipe_name=recipe.stem, run_dir=run_dir,
+    path = resolve_recipe(recipe)
+    result = train_run(load_recipe(path, overrides), recipe_name=path.stem, run_dir=run_dir,
                        resume=resume)
     click.echo(result.table())
     click.echo(f"run directory: {result.run_dir}")
+
+
+@main.command()
+@_user_errors
+def recipes() -> None:
+    """List the recipes that ship with rise-edge (train one by name: rise-edge train NAME)."""
+    from rise_edge.config import recipe_summary, shipped_recipes
+
+    shipped = shipped_recipes()
+    width = max((len(n) for n in shipped), default=0)
+    for name, path in shipped.items():
+        click.echo(f"{name:<{width}}  {recipe_summary(path)}")
+    click.echo(f"\n{len(shipped)} recipes in {next(iter(shipped.values())).parent if shipped else '-'}; "
+               "data sets are read from data.root or $RISE_EDGE_DATA")
 
 
 # -- export command --

@@ -42,11 +42,13 @@ def _f(default: Any, help: str, **bounds: float) -> Any:
 class DataConfig:
     dataset: str = _f("demo", "a known data set (PACS, VLCS, OfficeHome, TerraIncognita, DomainNet), "
                       "'demo', or the name of any folder under root")
-    root: str = _f("", "DomainBed-style root holding <dataset>/<domain>/<class>/<image>; "
-                   "relative paths are taken from the current directory ('' = cache, demo only)")
+    root: str = _f("", "DomainBed-style root holding <dataset>/<domain>/<class>/<image>; relative "
+                   "paths are taken from the current directory ('' = $RISE_EDGE_DATA; the demo "
+                   "builds its world in the cache)")
     target_domain: str = _f("", "the unseen domain: never trained on, all its images are the test set")
     source_domains: tuple[str, ...] = _f((), "domains to train on (default: all but the target)")
-    split_lists: str = _f("", "folder with official <domain>_{train,crossval}_kfold.txt lists (PACS)")
+    split_lists: str = _f("", "folder with official <domain>_{train,crossval}_kfold.txt lists (PACS); "
+                          "a relative path is taken from the data root")
     val_fraction: float = _f(0.1, "seeded holdout of each source domain when no split lists are given",
                              gt=0.0, max=0.9)
     split_seed: int = _f(0, "seed of the validation holdout", min=0)
@@ -382,6 +384,38 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         parsed = value
     return key.strip(), parsed
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes that ship inside the package (rise_edge/recipes/*.yaml), by name."""
+    from importlib.resources import files
+
+    folder = Path(str(files("rise_edge") / "recipes"))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def recipe_summary(path: Path) -> str:
+    """The first comment line of a recipe: what it is."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def resolve_recipe(text: str | Path) -> Path:
+    """A recipe file's path, or the name of a shipped recipe (`pacs_erm_lite0`); a path that exists
+    wins over a name."""
+    path = Path(text)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    name = path.stem if path.suffix in (".yaml", ".yml") and path.parent == Path(".") else str(text)
+    if name in shipped:
+        return shipped[name]
+    close = difflib.get_close_matches(name, list(shipped), n=1, cutoff=0.6)
+    hint = (f"; did you mean the shipped recipe '{close[0]}'?" if close
+            else _nearby_recipes(path) or "; `rise-edge recipes` lists the shipped ones")
+    raise UserError(f"recipe file not found: {path}{hint}")
 
 
 def _nearby_recipes(path: Path) -> str:

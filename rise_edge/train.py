@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from rise_edge.config import Recipe, dump_recipe, recipe_from_dict, recipe_to_dict
 from rise_edge.data import (SPLITS_FILE, DomainImages, DomainSplits, EpochBatches, build_splits,
-                            splits_to_record)
+                            data_root, split_lists_dir, splits_to_record)
 from rise_edge.distributed import Distributed
 from rise_edge.errors import UserError
 from rise_edge.paths import cache_root
@@ -74,9 +74,9 @@ def _device(choice: str) -> torch.device:
 def _absolute_paths(recipe: Recipe) -> Recipe:
     """Store data paths absolute in the run directory, so export and bench work from anywhere."""
     data = recipe.data
-    root = str(Path(data.root).expanduser().resolve()) if data.root else ""
-    lists = str(Path(data.split_lists).expanduser().resolve()) if data.split_lists else ""
-    return replace(recipe, data=replace(data, root=root, split_lists=lists))
+    root, lists = data_root(data), split_lists_dir(data)
+    return replace(recipe, data=replace(data, root=str(root.resolve()) if root else "",
+                                        split_lists=str(lists.resolve()) if lists else ""))
 
 
 def _run_dir(recipe: Recipe, recipe_name: str, run_dir: Path | None) -> Path:

@@ -319,3 +319,50 @@ def test_a_failed_reexport_never_hides_intact_artefacts_from_bench(tiny_run: Pat
     assert bench.exit_code == 0, bench.output
     rows = {r["engine"]: r for r in json.loads((tiny_run / "bench" / "report.json").read_text())["rows"]}
     assert rows["onnx-fp32"]["status"] == rows["onnx-int8"]["status"] == "ok"
+
+
+def test_shipped_recipes_live_in_the_package_and_train_takes_their_names(tmp_path: Path) -> None:
+    from rise_edge.config import load_recipe, resolve_recipe, shipped_recipes
+
+    shipped = shipped_recipes()
+    assert {"demo", "pacs_erm_lite0", "pacs_rise_lite0"} <= set(shipped)
+    for name, path in shipped.items():
+        assert path.parent.name == "recipes" and path.parent.parent.name == "rise_edge"
+        text = path.read_text()
+        assert "shared/" not in text and "/work" not in text  # no machine's folders in a recipe
+        load_recipe(path)
+    assert resolve_recipe("pacs_erm_lite0") == shipped["pacs_erm_lite0"]
+    assert resolve_recipe("pacs_erm_lite0.yaml") == shipped["pacs_erm_lite0"]
+    own = tmp_path / "pacs_erm_lite0.yaml"  # a file the user names wins over a shipped name
+    own.write_text("loss:\n  w_ce: 1.0\n")
+    assert resolve_recipe(own) == own
+    with pytest.raises(UserError, match="did you mean the shipped recipe 'pacs_erm_lite0'"):
+        resolve_recipe("pacs_erm_lit0")
+    listing = CliRunner().invoke(main, ["recipes"])
+    assert listing.exit_code == 0 and all(name in listing.output for name in shipped)
+
+
+def test_the_data_root_comes_from_the_environment_and_split_lists_from_the_root(
+        tiny_data_root: Path, tmp_path: Path, monkeypatch) -> None:
+    from rise_edge.config import load_recipe
+    from rise_edge.data import build_splits
+
+    overrides = [f"data.dataset={TINY_DATASET}", "data.target_domain=sketch", "data.num_workers=0"]
+    monkeypatch.delenv("RISE_EDGE_DATA", raising=False)
+    with pytest.raises(UserError, match="data.root is empty and RISE_EDGE_DATA is not set"):
+        build_splits(load_recipe(None, overrides).data, progress=False)
+    root = Path(shutil.copytree(tiny_data_root, tmp_path / "root"))
+    lists = root / "shapes-splits"
+    lists.mkdir()
+    for domain in ("cartoon", "photo"):
+        files = sorted((root / TINY_DATASET / domain).rglob("*.png"))
+        classes = sorted(p.name for p in (root / TINY_DATASET / domain).iterdir())
+        lines = [f"{TINY_DATASET}/{p.relative_to(root / TINY_DATASET).as_posix()} "
+                 f"{classes.index(p.parent.name) + 1}" for p in files]
+        (lists / f"{domain}_train_kfold.txt").write_text("\n".join(lines[2:]) + "\n")
+        (lists / f"{domain}_crossval_kfold.txt").write_text("\n".join(lines[:2]) + "\n")
+    monkeypatch.setenv("RISE_EDGE_DATA", str(root))
+    splits = build_splits(load_recipe(None, [*overrides, "data.split_lists=shapes-splits"]).data,
+                          progress=False)
+    assert splits.dataset_dir == root / TINY_DATASET
+    assert all(len(splits.val[d]) == 2 for d in ("cartoon", "photo"))

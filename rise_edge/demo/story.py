@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from rise_edge.config import Recipe, load_recipe, recipe_from_dict, recipe_to_dict
+from rise_edge.config import Recipe, load_recipe, recipe_from_dict, recipe_to_dict, shipped_recipes
 from rise_edge.errors import UserError
 
 STEPS = 5
@@ -33,10 +33,11 @@ def _say(step: int, text: str) -> None:
 
 
 def default_demo_recipe() -> Path:
-    """recipes/demo.yaml beside the package (the repository layout an editable install keeps)."""
-    path = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
-    if not path.is_file():
-        raise UserError(f"the demo recipe {path} is missing; pass one with --recipe")
+    """The shipped demo recipe (inside the package, so any install has it)."""
+    path = shipped_recipes().get("demo")
+    if path is None:
+        raise UserError("the shipped demo recipe is missing from this install; reinstall rise-edge "
+                        "or pass one with --recipe")
     return path
 
 
