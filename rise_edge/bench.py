@@ -46,13 +46,13 @@ import torch
 from tqdm import tqdm
 
 from rise_edge.config import BenchConfig, recipe_from_dict, recipe_to_dict
-from rise_edge.data import DomainSplits, Sample, build_splits, load_rgb
+from rise_edge.data import DomainSplits, Sample, load_rgb
 from rise_edge.engines import ENGINES, GPU_FORMATS, Runner, TorchRunner, runner_for
 from rise_edge.errors import UserError
 from rise_edge.latency import PERCENTILE_DEFINITION, TimingPlan, mlperf_style, time_runner
 from rise_edge.resources import GpuMemory, HostMemory, TegraStats, machine_info, software_versions
-from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun, open_run,
-                               read_export_record)
+from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun, open_run, run_lock,
+                               read_export_record, run_splits)
 from rise_edge.transforms import eval_transform
 
 BENCH_DIR = "bench"
@@ -64,7 +64,7 @@ SCHEMA = 1
 BACKEND_OF_FORMAT = {"pytorch": "pytorch", "onnx": "onnxruntime", "tensorrt": "tensorrt",
                      "torch-tensorrt": "torch-tensorrt"}
 ENGINE_ALIASES = {"torch": "pytorch", "ort": "onnxruntime", "trt": "tensorrt"}
-FAILED = frozenset({"missing", "load-failed", "run-failed"})
+FAILED = frozenset({"missing", "load-failed", "run-failed", "tampered"})
 assert set(BACKEND_OF_FORMAT) == set(ENGINES)
 
 
@@ -193,6 +193,15 @@ def _check_record(spec: EngineSpec, explicit: bool, student_sha: str | None) -> 
         spec.status, spec.reason = "stale", (f"made from an earlier {STUDENT_FILE} than this run holds; "
                                              "re-export it with `rise-edge export`")
         return
+    if spec.path is not None and record.get("sha256"):
+        # Verified before it runs: a file swapped for another model of the same shape would
+        # otherwise be benchmarked and reported as this run's.
+        from rise_edge.calibration import file_sha256
+        if spec.path.is_file() and file_sha256(spec.path) != record["sha256"]:
+            spec.status, spec.reason = "tampered", (
+                f"{spec.path.name} does not match the sha256 {EXPORT_JSON} recorded for it: it was "
+                "changed or replaced after export; re-export it with `rise-edge export`")
+            return
     if spec.format not in ENGINES:
         spec.status, spec.reason = "unavailable", f"no runner for artefact format '{spec.format}'"
         return
@@ -546,21 +555,28 @@ def default_command(run_dir: Path, cfg: BenchConfig) -> str:
 
 
 def bench_run(run_dir: str | Path, cfg: BenchConfig, *, progress: bool = True,
-              command: str | None = None) -> BenchReport:
+              command: str | None = None, data_root: str | None = None) -> BenchReport:
     """Bench every chosen engine of a run on the chosen domains; write RUN_DIR/bench/ and return it."""
-    from rise_edge.calibration import file_sha256
-    from rise_edge.report import write_report
-
     run_dir = Path(run_dir)
     log = _log(progress)
     if not cfg.batch_sizes or any(b < 1 for b in cfg.batch_sizes):
         raise UserError(f"batch sizes must be positive integers, got {list(cfg.batch_sizes)}")
     run = open_run(run_dir)
+    with run_lock(run_dir, "bench"):
+        return _bench(run, cfg, log, progress, command, data_root)
+
+
+def _bench(run: TrainedRun, cfg: BenchConfig, log: Callable[[str], None], progress: bool,
+           command: str | None, data_root: str | None) -> BenchReport:
+    from rise_edge.calibration import file_sha256
+    from rise_edge.report import write_report
+
+    run_dir = run.path
     names = select_domains(run, cfg.domains)
     export = read_export_record(run_dir, advice=f"re-run `rise-edge export {run_dir}`")
     student_sha256 = file_sha256(run_dir / STUDENT_FILE)
     specs = plan_engines(run, export, cfg.engines, student_sha256)
-    splits = build_splits(run.recipe.data, check_images=run.recipe.data.skip_bad_images, progress=False)
+    splits = run_splits(run, data_root)
     if tuple(splits.classes) != tuple(run.meta.classes):
         raise UserError(f"the data set's classes ({', '.join(splits.classes)}) differ from the student's "
                         f"({', '.join(run.meta.classes)}); is data.root pointing at the right folder?")

@@ -1,6 +1,8 @@
 """The `rise-edge` command line: each command parses, calls one library function, says where results went.
 
-Every UserError becomes one message on stderr and exit status 2, never a traceback.
+Exit status: 0 done; 1 an artefact or engine failed; 2 bad input (one message on stderr, never a
+traceback); 3 done, but what was asked for includes artefacts this machine cannot make; 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import click
 
 from rise_edge.errors import UserError
 
+EXIT_UNAVAILABLE = 3
+
 
 def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn UserError (and Ctrl-C) into one line and a non-zero exit status."""
@@ -26,6 +30,11 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # a full disk, a read-only file system, a folder that is a file...
+            where = f" ({exc.filename})" if exc.filename else ""
+            click.echo(f"error: {exc.strerror or exc}{where}; files already in place were kept (each "
+                       "is written under a temporary name, then renamed)", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -37,6 +46,26 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.version_option(package_name="rise-edge")
 def main() -> None:
     """Train domain-robust compact classifiers with a CLIP teacher (RISE), export them, benchmark them."""
+
+
+def _data_root(overrides: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
+    """Take `data.root=PATH` out of export/bench --set options: the one data field that may change
+    after training (the data moved); the splits themselves are the ones training recorded."""
+    from rise_edge.config import parse_override
+
+    root, rest = None, []
+    for text in overrides:
+        key, value = parse_override(text)
+        if key == "data.root":
+            if not isinstance(value, str) or not value:
+                raise UserError(f"--set {text}: data.root must be a folder path")
+            root = value
+        elif key.startswith("data."):
+            raise UserError(f"--set {text}: after training only data.root can change (the data "
+                            "moved); the splits are the ones training recorded")
+        else:
+            rest.append(text)
+    return root, tuple(rest)
 
 
 _set_option = click.option(
@@ -52,14 +81,30 @@ _set_option = click.option(
               help="Run directory (default: <train.output_dir>/<train.run_name>).")
 @_user_errors
 def train(recipe: Path, overrides: tuple[str, ...], resume: bool, run_dir: Path | None) -> None:
-    """Train a student on the source domains of RECIPE and test it on the unseen target domain."""
-    from rise_edge.config import load_recipe
+    """Train a student on the source domains of RECIPE (a file, or a shipped recipe's name: see
+    `rise-edge recipes`) and test it on the unseen target domain."""
+    from rise_edge.config import load_recipe, resolve_recipe
     from rise_edge.train import train_run
 
-    result = train_run(load_recipe(recipe, overrides), recipe_name=recipe.stem, run_dir=run_dir,
+    path = resolve_recipe(recipe)
+    result = train_run(load_recipe(path, overrides), recipe_name=path.stem, run_dir=run_dir,
                        resume=resume)
     click.echo(result.table())
     click.echo(f"run directory: {result.run_dir}")
+
+
+@main.command()
+@_user_errors
+def recipes() -> None:
+    """List the recipes that ship with rise-edge (train one by name: rise-edge train NAME)."""
+    from rise_edge.config import recipe_summary, shipped_recipes
+
+    shipped = shipped_recipes()
+    width = max((len(n) for n in shipped), default=0)
+    for name, path in shipped.items():
+        click.echo(f"{name:<{width}}  {recipe_summary(path)}")
+    click.echo(f"\n{len(shipped)} recipes in {next(iter(shipped.values())).parent if shipped else '-'}; "
+               "data sets are read from data.root or $RISE_EDGE_DATA")
 
 
 # -- export command --
@@ -87,7 +132,8 @@ def train(recipe: Path, overrides: tuple[str, ...], resume: bool, run_dir: Path 
 @click.option("--qat-steps", type=click.IntRange(min=1), default=None,
               help="Quantization-aware fine-tuning steps (default: the recipe's export.qat_steps).")
 @click.option("--set", "overrides", multiple=True, metavar="export.KEY=VALUE",
-              help="Override an export field, e.g. --set export.opset=17 (repeatable).")
+              help="Override an export field, e.g. --set export.opset=17, or give the data's new "
+                   "root after it moved: --set data.root=PATH (repeatable).")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @_user_errors
 def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: bool | None,
@@ -98,12 +144,13 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
     from rise_edge.export import export_run, recommended_int8, resolve_export_config
     from rise_edge.run_dir import open_run
 
+    data_root, overrides = _data_root(overrides)
     cfg = resolve_export_config(
         open_run(run_dir), overrides, formats=list(formats) or None, fp16=fp16, int8=int8,
         calibration_method=calibration_method, calibration_size=calibration_size,
         accuracy_budget=budget, fold_preprocessing=fold_preprocessing,
         qat=None if qat is None else ("on" if qat else "off"), qat_steps=qat_steps)
-    result = export_run(run_dir, cfg, progress=not quiet)
+    result = export_run(run_dir, cfg, progress=not quiet, data_root=data_root)
     click.echo(result.table())
     click.echo(f"artefacts and metadata: {result.path}")
     recommended = recommended_int8(result.artefacts)
@@ -121,6 +168,11 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
         click.echo(f"error: {len(result.failed)} artefact(s) failed: {', '.join(result.failed)}",
                    err=True)
         sys.exit(1)
+    unavailable = [n for n in result.attempted if result.artefacts[n]["status"] == "unavailable"]
+    if unavailable:  # scripts must notice that what they asked for was not made
+        click.echo(f"note: {', '.join(unavailable)} cannot be made on this machine (reasons above); "
+                   "the other artefacts are done", err=True)
+        sys.exit(EXIT_UNAVAILABLE)
 
 
 # -- bench command --
@@ -144,17 +196,24 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
               help="Also time CUDA-graph replay where the runner allows it (GPU).")
 @click.option("--max-images", type=click.IntRange(min=0), default=None,
               help="Score at most this many images per domain (a seeded subset; 0: all).")
+@click.option("--set", "overrides", multiple=True, metavar="data.root=PATH",
+              help="The data set's new root, when it moved since training.")
 @click.option("--quiet", is_flag=True, help="No progress lines or bars.")
 @_user_errors
 def bench(run_dir: Path, domains: tuple[str, ...], engines: tuple[str, ...],
           batch_sizes: tuple[int, ...], iterations: int | None, duration: float | None,
-          warmup: int | None, cuda_graphs: bool, max_images: int | None, quiet: bool) -> None:
+          warmup: int | None, cuda_graphs: bool, max_images: int | None,
+          overrides: tuple[str, ...], quiet: bool) -> None:
     """Accuracy per domain and latency of every artefact of RUN_DIR; report in RUN_DIR/bench/."""
     from rise_edge.bench import bench_run, resolve_bench_config
     from rise_edge.run_dir import open_run
 
     if iterations is not None and duration is not None:
         raise UserError("give --iterations or --duration, not both")
+    data_root, rest = _data_root(overrides)
+    if rest:
+        raise UserError(f"--set {rest[0]}: bench takes only --set data.root=PATH; its own settings "
+                        "are flags (see rise-edge bench --help)")
     flags: dict[str, Any] = {
         "domains": domains or None, "batch_sizes": batch_sizes or None, "warmup": warmup,
         "max_images": max_images, "cuda_graphs": True if cuda_graphs else None,
@@ -164,7 +223,7 @@ def bench(run_dir: Path, domains: tuple[str, ...], engines: tuple[str, ...],
     if duration is not None:
         flags["duration_s"] = duration
     cfg = resolve_bench_config(open_run(run_dir), **flags)
-    report = bench_run(run_dir, cfg, progress=not quiet)
+    report = bench_run(run_dir, cfg, progress=not quiet, data_root=data_root)
     click.echo(report.table())
     click.echo(f"report: {report.path / report.data['files']['markdown']} "
                f"(+ {', '.join(f for k, f in report.data['files'].items() if k != 'markdown')})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -41,11 +42,13 @@ def _f(default: Any, help: str, **bounds: float) -> Any:
 class DataConfig:
     dataset: str = _f("demo", "a known data set (PACS, VLCS, OfficeHome, TerraIncognita, DomainNet), "
                       "'demo', or the name of any folder under root")
-    root: str = _f("", "DomainBed-style root holding <dataset>/<domain>/<class>/<image>; "
-                   "relative paths are taken from the current directory ('' = cache, demo only)")
+    root: str = _f("", "DomainBed-style root holding <dataset>/<domain>/<class>/<image>; relative "
+                   "paths are taken from the current directory ('' = $RISE_EDGE_DATA; the demo "
+                   "builds its world in the cache)")
     target_domain: str = _f("", "the unseen domain: never trained on, all its images are the test set")
     source_domains: tuple[str, ...] = _f((), "domains to train on (default: all but the target)")
-    split_lists: str = _f("", "folder with official <domain>_{train,crossval}_kfold.txt lists (PACS)")
+    split_lists: str = _f("", "folder with official <domain>_{train,crossval}_kfold.txt lists (PACS); "
+                          "a relative path is taken from the data root")
     val_fraction: float = _f(0.1, "seeded holdout of each source domain when no split lists are given",
                              gt=0.0, max=0.9)
     split_seed: int = _f(0, "seed of the validation holdout", min=0)
@@ -194,6 +197,23 @@ _RecipeLoader.add_implicit_resolver(
     list("-+0123456789"))
 
 
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    """YAML keeps the last of two equal keys silently; a recipe with a section or key written twice
+    is refused instead, at the line of the second."""
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"'{key}' is written twice (first at line {seen[key] + 1}); keep one",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds plain data only
 
@@ -208,7 +228,12 @@ def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if not path.is_file():
             raise UserError(f"recipe file not found: {path}" + _nearby_recipes(path))
         try:
-            loaded = parse_yaml(path.read_text())
+            loaded = parse_yaml(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path}: a recipe is UTF-8 text, but byte {exc.start} is not UTF-8 "
+                            f"({exc.object[exc.start:exc.start + 1]!r}); is it the right file?") from None
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -279,6 +304,8 @@ def _check_value(value: Any, hint: Any, meta: typing.Mapping[str, Any], name: st
     if checked is _INVALID:
         raise UserError(f"{where}: '{name}' must be {_describe(hint)}, got {value!r}"
                         f" ({type(value).__name__})")
+    if isinstance(checked, float) and not math.isfinite(checked):
+        raise UserError(f"{where}: '{name}' must be a finite number, got {value!r}")
     if isinstance(checked, (int, float)) and not isinstance(checked, bool):
         low, high, above = meta.get("min"), meta.get("max"), meta.get("gt")
         if (low is not None and checked < low) or (high is not None and checked > high) or (
@@ -357,6 +384,38 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         parsed = value
     return key.strip(), parsed
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes that ship inside the package (rise_edge/recipes/*.yaml), by name."""
+    from importlib.resources import files
+
+    folder = Path(str(files("rise_edge") / "recipes"))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))} if folder.is_dir() else {}
+
+
+def recipe_summary(path: Path) -> str:
+    """The first comment line of a recipe: what it is."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def resolve_recipe(text: str | Path) -> Path:
+    """A recipe file's path, or the name of a shipped recipe (`pacs_erm_lite0`); a path that exists
+    wins over a name."""
+    path = Path(text)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    name = path.stem if path.suffix in (".yaml", ".yml") and path.parent == Path(".") else str(text)
+    if name in shipped:
+        return shipped[name]
+    close = difflib.get_close_matches(name, list(shipped), n=1, cutoff=0.6)
+    hint = (f"; did you mean the shipped recipe '{close[0]}'?" if close
+            else _nearby_recipes(path) or "; `rise-edge recipes` lists the shipped ones")
+    raise UserError(f"recipe file not found: {path}{hint}")
 
 
 def _nearby_recipes(path: Path) -> str:

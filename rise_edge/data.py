@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -105,6 +106,39 @@ class DomainSplits:
         return tuple(d.replace("_", " ") for d in self.source_domains)
 
 
+SPLITS_FILE = "splits.json"  # in the run directory: the exact lists training used
+
+
+def splits_to_record(splits: DomainSplits) -> dict[str, Any]:
+    """The splits as JSON: paths relative to the data set folder, so the record survives a move."""
+    def rel(samples: Sequence[Sample]) -> list[list[Any]]:
+        return [[Path(os.path.relpath(p, splits.dataset_dir)).as_posix(), y] for p, y in samples]
+    return {"schema": 1, "dataset_dir": str(splits.dataset_dir), "classes": list(splits.classes),
+            "source_domains": list(splits.source_domains), "target_domain": splits.target_domain,
+            "train": {d: rel(v) for d, v in splits.train.items()},
+            "val": {d: rel(v) for d, v in splits.val.items()}, "test": rel(splits.test),
+            "skipped_images": [Path(os.path.relpath(p, splits.dataset_dir)).as_posix()
+                               for p in splits.skipped_images]}
+
+
+def splits_from_record(record: dict[str, Any], data_root: str | None = None) -> DomainSplits:
+    """Rebuild the splits training used from its record; `data_root` (when the data moved) replaces
+    the recorded folder's root, the data set's folder name staying the same."""
+    recorded = Path(record["dataset_dir"])
+    folder = recorded if not data_root else Path(data_root).expanduser().resolve() / recorded.name
+    if not folder.is_dir():
+        raise UserError(f"the data set this run was trained on is not at {folder} any more; if it "
+                        f"moved, give its new root with --set data.root=PATH (the folder holding "
+                        f"{recorded.name}/)")
+
+    def absolute(samples: list[list[Any]]) -> list[Sample]:
+        return [(str(folder / p), int(y)) for p, y in samples]
+    return DomainSplits(folder, tuple(record["classes"]), tuple(record["source_domains"]),
+                        record["target_domain"], {d: absolute(v) for d, v in record["train"].items()},
+                        {d: absolute(v) for d, v in record["val"].items()}, absolute(record["test"]),
+                        tuple(str(folder / p) for p in record.get("skipped_images", [])))
+
+
 def _known(name: str) -> KnownDataset | None:
     for key, spec in KNOWN_DATASETS.items():
         if name in (key, spec.folder):
@@ -112,17 +146,40 @@ def _known(name: str) -> KnownDataset | None:
     return None
 
 
+DATA_ENV = "RISE_EDGE_DATA"  # the data root users set once, for recipes whose data.root is ""
+
+
+def data_root(cfg: DataConfig) -> Path | None:
+    """data.root, else $RISE_EDGE_DATA, as a path; None when neither is set."""
+    text = cfg.root or os.environ.get(DATA_ENV, "")
+    return Path(text).expanduser() if text else None
+
+
+def split_lists_dir(cfg: DataConfig) -> Path | None:
+    """data.split_lists as a folder: a relative path is taken from the data root (PACS-splits
+    beside PACS/), else from the current directory; None when no lists are used."""
+    if not cfg.split_lists:
+        return None
+    lists = Path(cfg.split_lists).expanduser()
+    root = data_root(cfg)
+    if not lists.is_absolute() and root is not None and (root / lists).is_dir():
+        return root / lists
+    return lists
+
+
 def dataset_dir(cfg: DataConfig) -> Path:
     """The folder holding the domains, generating it first for data sets that are built (the demo)."""
     known = KNOWN_DATASETS.get(cfg.dataset)
     if known is not None and known.build is not None:
         return known.build(Path(cfg.root).expanduser() if cfg.root else None)
-    if not cfg.root:
-        raise UserError(f"data.root is empty: set it to the folder that holds '{cfg.dataset}/' "
-                        "(the DomainBed layout <root>/<dataset>/<domain>/<class>/<image>)")
-    root = Path(cfg.root).expanduser()
+    root = data_root(cfg)
+    if root is None:
+        raise UserError(f"data.root is empty and {DATA_ENV} is not set: set either to the folder "
+                        f"that holds '{cfg.dataset}/' (the DomainBed layout "
+                        "<root>/<dataset>/<domain>/<class>/<image>), e.g. --set data.root=PATH")
     if not root.is_dir():
-        raise UserError(f"data.root '{cfg.root}' is not a folder")
+        raise UserError(f"data root '{root}' is not a folder (from "
+                        f"{'data.root' if cfg.root else DATA_ENV})")
     folder = known.folder if known is not None else cfg.dataset
     path = root / folder
     if not path.is_dir():
@@ -178,9 +235,9 @@ def build_splits(cfg: DataConfig, *, check_images: bool = True, progress: bool =
         skipped = tuple(sorted(bad_paths))
     label = {c: i for i, c in enumerate(classes)}
     by_domain = {d: [(str(p), label[c]) for c in classes for p in files[d][c]] for d in domains}
-    if cfg.split_lists:
-        train, val = _official_splits(Path(cfg.split_lists), path, wanted_sources, classes,
-                                      set(skipped))
+    lists = split_lists_dir(cfg)
+    if lists is not None:
+        train, val = _official_splits(lists, path, wanted_sources, classes, set(skipped))
     else:
         train, val = {}, {}
         for d in wanted_sources:

@@ -49,7 +49,7 @@ from rise_edge.paths import cache_key
 from rise_edge.quantize import FidelitySet, sqnr_db
 from rise_edge.resources import software_versions
 from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun, atomic_path, open_run,
-                               read_export_record, write_json_atomic)
+                               read_export_record, run_lock, run_splits, write_json_atomic)
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 PARITY_IMAGES = 32  # source-val images for ONNX / engine vs PyTorch checks
@@ -213,8 +213,9 @@ def stamp_metadata(path: Path, values: dict[str, Any]) -> None:
 
 
 class ExportSession:
-    def __init__(self, run: TrainedRun, cfg: ExportConfig, log: Callable[[str], None]):
-        self.run, self.cfg, self.log = run, cfg, log
+    def __init__(self, run: TrainedRun, cfg: ExportConfig, log: Callable[[str], None],
+                 data_root: str | None = None):
+        self.run, self.cfg, self.log, self.data_root = run, cfg, log, data_root
         self.dir = run.path / EXPORT_DIR
         self.student_sha256 = file_sha256(run.path / STUDENT_FILE)
         self.pre = run.meta.preprocessing
@@ -232,10 +233,8 @@ class ExportSession:
 
     @property
     def splits(self) -> Any:
-        from rise_edge.data import build_splits
-
-        return self._once("splits", lambda: build_splits(self.run.recipe.data, check_images=False,
-                                                         progress=False))
+        """The splits training recorded (images it skipped stay out), re-rooted when data moved."""
+        return self._once("splits", lambda: run_splits(self.run, self.data_root))
 
     @property
     def calibration(self) -> CalibrationSet:
@@ -607,6 +606,21 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def _kept_if_intact(s: ExportSession, name: str, previous: dict[str, Any], record: dict[str, Any]
+                    ) -> dict[str, Any]:
+    """The record export.json keeps for `name`: a failed or skipped remake never downgrades the
+    record of an earlier artefact of this student whose file is intact (bench goes on using it);
+    the record says what the last attempt did."""
+    if record["status"] not in ("failed", "skipped") or previous.get("status") != "ok":
+        return record
+    path = s.path_of(name)
+    if not (previous.get("sha256") and previous.get("student_sha256") == s.student_sha256
+            and path.is_file() and file_sha256(path) == previous["sha256"]):
+        return record
+    kept = {k: v for k, v in previous.items() if k not in ("last_attempt", "reused")}
+    return {**kept, "last_attempt": {k: record[k] for k in ("status", "reason", "updated")}}
+
+
 def _reusable(s: ExportSession, name: str, previous: dict[str, Any]) -> bool:
     """An earlier artefact can stand in for a prerequisite when it is intact and made from this
     student (the device case: the workstation exported ONNX + Q/DQ ONNX, the device builds engines)."""
@@ -626,12 +640,20 @@ def _reusable(s: ExportSession, name: str, previous: dict[str, Any]) -> bool:
     return False
 
 
-def export_run(run_dir: str | Path, cfg: ExportConfig, *, progress: bool = True) -> ExportResult:
+def export_run(run_dir: str | Path, cfg: ExportConfig, *, progress: bool = True,
+               data_root: str | None = None) -> ExportResult:
     """Export a trained run's student as `cfg` asks; returns the records and export.json's path.
 
     A failing artefact does not stop the others: it gets status 'failed' and a reason (artefacts that
     need it get 'skipped'); one that this machine cannot make gets 'unavailable' and a sentence why.
     """
+    run = open_run(run_dir)  # says what is missing before anything is locked or written
+    with run_lock(run.path, "export"):
+        return _export(run, cfg, progress, data_root)
+
+
+def _export(run: TrainedRun, cfg: ExportConfig, progress: bool, data_root: str | None
+            ) -> ExportResult:
     def log(message: str) -> None:
         if progress:
             print(f"[export] {message}", file=sys.stderr, flush=True)
@@ -642,8 +664,7 @@ def export_run(run_dir: str | Path, cfg: ExportConfig, *, progress: bool = True)
     except ImportError as exc:
         raise missing_extra(exc.name or "onnx", "cpu", "rise-edge export") from None
     names = plan_artefacts(cfg)
-    run = open_run(run_dir)
-    session = ExportSession(run, cfg, log)
+    session = ExportSession(run, cfg, log, data_root)
     session.dir.mkdir(parents=True, exist_ok=True)
     json_path = session.dir / EXPORT_JSON
     document = read_export_record(run.path, advice="move it aside to start a fresh export")
@@ -673,6 +694,7 @@ def export_run(run_dir: str | Path, cfg: ExportConfig, *, progress: bool = True)
                                        "dataset_dir": str(session.calibration.dataset_dir)}
         write_json_atomic(json_path, document)
 
+    outcomes: dict[str, dict[str, Any]] = {}  # what this export did; records: what export.json keeps
     for name in names:
         spec, previous = ARTEFACTS[name], records.get(name, {})
         record: dict[str, Any] = {"format": spec.format, "precision": spec.precision,
@@ -712,14 +734,15 @@ def export_run(run_dir: str | Path, cfg: ExportConfig, *, progress: bool = True)
                 if session.path_of(name).is_file() and good.get("sha256"):
                     record["previous"] = {k: good[k] for k in ("sha256", "updated") if k in good}
                     record["reason"] += f" (the earlier {spec.filename} was kept)"
-        records[name] = record
+        outcomes[name] = record
+        records[name] = _kept_if_intact(session, name, previous, record)
         save()
     if not names:
         save()
     if "calibration" in session._cache and cfg.int8 and "tensorrt" in (set(cfg.formats) | (
             set(FORMATS) if "all" in cfg.formats else set())):
         _write_calibration_tensors(session)
-    return ExportResult(records, json_path, names)
+    return ExportResult({**records, **outcomes}, json_path, names)
 
 
 def recommended_int8(records: dict[str, dict[str, Any]]) -> str | None:

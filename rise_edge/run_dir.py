@@ -57,6 +57,41 @@ def atomic_path(path: Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+@contextmanager
+def run_lock(run_dir: Path, command: str) -> Iterator[None]:
+    """Own a run directory for the duration of one command: a second train, export or bench on the
+    same run stops with a UserError naming the holder instead of mixing its files with ours.
+
+    The lock is an flock on `.<name>.rise-edge.lock` beside the run directory (so a failed start
+    leaves no run directory behind); the kernel releases it when the process ends, kill -9 included,
+    so a crash never leaves a run locked.
+    """
+    import fcntl
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run directory; choose another path")
+    parent = run_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(parent / f".{run_dir.name}.rise-edge.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(f"cannot use {run_dir}: {exc.strerror or exc} ({exc.filename or parent}); "
+                        "choose a writable folder") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise UserError(f"{run_dir} is in use by {holder}; wait for it to finish or use another "
+                            "run directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"rise-edge {command} (pid {os.getpid()})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -208,6 +243,26 @@ EXPORT_DIR = "export"  # <run>/export/: the artefacts rise-edge export makes
 EXPORT_JSON = "export.json"  # their records; rise-edge bench reads them
 
 
+def run_splits(run: TrainedRun, data_root: str | None = None) -> Any:
+    """The DomainSplits training used, from <run>/splits.json (images it skipped stay out), with the
+    data set re-rooted at `data_root` when it moved. Runs trained before the record existed rebuild
+    the splits from their recipe, as training did."""
+    from dataclasses import replace
+
+    from rise_edge.data import SPLITS_FILE, build_splits, splits_from_record
+
+    path = run.path / SPLITS_FILE
+    if not path.is_file():
+        data = replace(run.recipe.data, root=data_root) if data_root else run.recipe.data
+        return build_splits(data, check_images=data.skip_bad_images, progress=False)
+    try:
+        return splits_from_record(json.loads(path.read_text()), data_root)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError,
+            ValueError) as exc:
+        raise UserError(f"{path} is damaged ({type(exc).__name__}: {exc}); it records the images "
+                        "training used and cannot be rebuilt exactly: re-train the run") from None
+
+
 def read_export_record(run_dir: Path, *, advice: str) -> dict[str, Any]:
     """<run>/export/export.json as a dict ({} when there is none); `advice` ends the error for bad JSON."""
     path = run_dir / EXPORT_DIR / EXPORT_JSON
@@ -215,9 +270,13 @@ def read_export_record(run_dir: Path, *, advice: str) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{path} is not valid JSON ({exc}); {advice}") from None
-    return data if isinstance(data, dict) else {}
+    artefacts = data.get("artefacts", {}) if isinstance(data, dict) else None
+    if not isinstance(artefacts, dict) or not all(isinstance(r, dict) for r in artefacts.values()):
+        raise UserError(f"{path} is not an export record (an object whose 'artefacts' maps names to "
+                        f"records); it was changed by hand or damaged; {advice}")
+    return data
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -23,13 +23,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from rise_edge.config import Recipe, dump_recipe, recipe_from_dict, recipe_to_dict
-from rise_edge.data import DomainImages, DomainSplits, EpochBatches, build_splits
+from rise_edge.data import (SPLITS_FILE, DomainImages, DomainSplits, EpochBatches, build_splits,
+                            data_root, split_lists_dir, splits_to_record)
 from rise_edge.distributed import Distributed
 from rise_edge.errors import UserError
 from rise_edge.paths import cache_root
 from rise_edge.rise import ErmObjective, RiseObjective
 from rise_edge.run_dir import (RESUME_FILE, STUDENT_FILE, MetricsLog, StudentMeta, load_training_state,
-                               save_student, save_training_state, write_json_atomic,
+                               run_lock, save_student, save_training_state, write_json_atomic,
                                write_text_atomic)
 from rise_edge.student import Preprocessing, Student, build_student
 from rise_edge.transforms import eval_transform, train_transform
@@ -73,9 +74,9 @@ def _device(choice: str) -> torch.device:
 def _absolute_paths(recipe: Recipe) -> Recipe:
     """Store data paths absolute in the run directory, so export and bench work from anywhere."""
     data = recipe.data
-    root = str(Path(data.root).expanduser().resolve()) if data.root else ""
-    lists = str(Path(data.split_lists).expanduser().resolve()) if data.split_lists else ""
-    return replace(recipe, data=replace(data, root=root, split_lists=lists))
+    root, lists = data_root(data), split_lists_dir(data)
+    return replace(recipe, data=replace(data, root=str(root.resolve()) if root else "",
+                                        split_lists=str(lists.resolve()) if lists else ""))
 
 
 def _run_dir(recipe: Recipe, recipe_name: str, run_dir: Path | None) -> Path:
@@ -86,26 +87,38 @@ def _run_dir(recipe: Recipe, recipe_name: str, run_dir: Path | None) -> Path:
     return Path(recipe.train.output_dir) / name
 
 
-_TRAINING_OUTPUTS = (STUDENT_FILE, RESUME_FILE, "results.json", "metrics.jsonl")
 
 
 def _check_run_dir(path: Path, recipe: Recipe, resume: bool) -> None:
     """Refuse to overwrite a run; on resume, refuse a recipe that changed what training does.
 
-    A folder holding no training output (a start that failed before the first step) is reused.
+    A folder holding no training output (a start that failed before the first step) is reused, and
+    so is one whose run was interrupted before its first checkpoint (only its log is left: it is
+    started again, as nothing could be resumed).
     """
+    checkpointed = any((path / name).exists() for name in (STUDENT_FILE, RESUME_FILE, "results.json"))
     if not resume:
-        if any((path / name).exists() for name in _TRAINING_OUTPUTS):
+        if checkpointed:
             hint = ("continue it with --resume" if (path / RESUME_FILE).is_file()
                     else "it holds a trained run")
             raise UserError(f"run directory {path} already exists ({hint}); choose another with "
                             "--run-dir or --set train.run_name=NAME")
+        if (path / "metrics.jsonl").exists():
+            print(f"{path} was interrupted before its first checkpoint: starting it again",
+                  file=sys.stderr)
+            (path / "metrics.jsonl").unlink()
         return
     if not (path / RESUME_FILE).is_file():
-        state = ("it finished already" if (path / "results.json").is_file()
-                 else "it holds no training state")
+        state = ("it finished already" if (path / "results.json").is_file() else
+                 "it was interrupted before its first checkpoint; run the same command without "
+                 "--resume to start it again" if (path / "recipe.yaml").is_file() else
+                 "it holds no training state")
         raise UserError(f"nothing to resume in {path}: {state}")
-    saved = recipe_from_dict(yaml.safe_load((path / "recipe.yaml").read_text()), str(path))
+    try:
+        saved = recipe_from_dict(yaml.safe_load((path / "recipe.yaml").read_text()), str(path))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, TypeError) as exc:
+        raise UserError(f"cannot resume {path}: its recipe.yaml is unreadable ({' '.join(str(exc).split())}"
+                        "); it was changed or damaged after the run started") from None
     old, new = recipe_to_dict(saved), recipe_to_dict(recipe)
     changed = [f"{s}.{k}" for s in _RESUMABLE_SECTIONS for k in new[s] if old[s][k] != new[s][k]]
     if changed:
@@ -199,9 +212,11 @@ def train_run(recipe: Recipe, *, recipe_name: str = "recipe", run_dir: Path | No
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
+    path = _run_dir(_absolute_paths(recipe), recipe_name, run_dir)
     try:
-        return _train(recipe, recipe_name, run_dir, resume, progress and dist.is_main, device, dist,
-                      cache_dir)
+        with run_lock(path, "train") if dist.is_main else contextlib.nullcontext():
+            return _train(recipe, recipe_name, run_dir, resume, progress and dist.is_main, device,
+                          dist, cache_dir)
     finally:
         dist.close()
 
@@ -224,6 +239,9 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
     if dist.is_main and not resume:
         path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path / "recipe.yaml", dump_recipe(recipe))
+    if dist.is_main and not (resume and (path / SPLITS_FILE).is_file()):
+        # export and bench read these lists instead of rebuilding them: one truth about the data
+        write_json_atomic(path / SPLITS_FILE, splits_to_record(splits))
     dist.barrier()
     if cache_dir is None and recipe.uses_teacher:
         cache_dir = cache_root() / "text_embeddings"
@@ -281,6 +299,13 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
                 group["lr"] = learning_rate(recipe, step, total)
             with autocast():
                 terms = objective(model, images, labels)
+            if not torch.isfinite(terms["loss"].detach()):
+                bar.close()
+                kept = (f"{STUDENT_FILE} keeps the student selected at step {best['step']}"
+                        if best["step"] > 0 else "no student was saved")
+                raise UserError(f"training loss became {float(terms['loss'].detach())} at step {step + 1} of "
+                                f"{total} in {path}; {kept}; lower optim.lr (now "
+                                f"{recipe.optim.lr:g}) and start a new run")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["loss"]).backward()
             scaler.step(optimizer)
@@ -306,7 +331,10 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
                           for name, dl in eval_loaders.items()}
                 scores["val_mean"] = sum(scores[f"val/{d}"] for d in splits.source_domains) / len(
                     splits.source_domains)
-                selected = scores["val_mean"] > best["val_mean"]
+                # A student with a non-finite weight is never selected, whatever it scored.
+                selected = scores["val_mean"] > best["val_mean"] and all(
+                    bool(torch.isfinite(t).all()) for t in student.state_dict().values()
+                    if t.is_floating_point())
                 if selected:
                     best = {**scores, "step": step}
                 if dist.is_main:

@@ -259,13 +259,25 @@ def test_corrupt_onnx_gets_a_row_status_and_the_others_complete(exported: Path) 
     result = CliRunner().invoke(main, ["bench", str(exported), "--batch", "1", "--iterations", "2",
                                        "--warmup", "0", "--quiet"])
     assert result.exit_code == 1, result.output
-    assert "load-failed" in result.output and "1 engine(s) failed: onnx-int8" in result.output
+    assert "tampered" in result.output and "1 engine(s) failed: onnx-int8" in result.output
     rows = _rows(_report(exported))
     assert rows["pytorch"]["status"] == rows["onnx-fp32"]["status"] == "ok"
     broken = rows["onnx-int8"]
-    assert broken["status"] == "load-failed" and broken["accuracy"] == {} and broken["latency"] == []
-    assert "could not load model.int8-cpu.onnx" in broken["reason"]
-    assert "no longer matches the sha256 in export.json" in broken["reason"]
+    assert broken["status"] == "tampered" and broken["accuracy"] == {} and broken["latency"] == []
+    assert "does not match the sha256 export.json recorded" in broken["reason"]
+
+
+def test_an_artefact_swapped_for_another_model_is_not_benchmarked(exported: Path,
+                                                                 tmp_path: Path) -> None:
+    # A valid ONNX of the same input and output shape (the FP32 model under the INT8 name): it would
+    # load and run, and be reported as this run's INT8 model, if its hash were not checked first.
+    run = Path(shutil.copytree(exported, tmp_path / "run"))
+    folder = run / "export"
+    (folder / "model.int8-cpu.onnx").write_bytes((folder / "model.onnx").read_bytes())
+    report = bench_run(run, QUICK, progress=False)
+    rows = _rows(report.data)
+    assert rows["onnx-int8"]["status"] == "tampered" and rows["onnx-int8"]["accuracy"] == {}
+    assert rows["onnx-fp32"]["status"] == "ok" and report.failed == ["onnx-int8"]
 
 
 def test_missing_export_or_file_gives_rows_for_what_exists(tiny_run: Path, exported: Path) -> None:

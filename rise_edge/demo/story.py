@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from rise_edge.config import Recipe, load_recipe, recipe_from_dict, recipe_to_dict
+from rise_edge.config import Recipe, load_recipe, recipe_from_dict, recipe_to_dict, shipped_recipes
 from rise_edge.errors import UserError
 
 STEPS = 5
@@ -33,10 +33,11 @@ def _say(step: int, text: str) -> None:
 
 
 def default_demo_recipe() -> Path:
-    """recipes/demo.yaml beside the package (the repository layout an editable install keeps)."""
-    path = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
-    if not path.is_file():
-        raise UserError(f"the demo recipe {path} is missing; pass one with --recipe")
+    """The shipped demo recipe (inside the package, so any install has it)."""
+    path = shipped_recipes().get("demo")
+    if path is None:
+        raise UserError("the shipped demo recipe is missing from this install; reinstall rise-edge "
+                        "or pass one with --recipe")
     return path
 
 
@@ -57,6 +58,23 @@ def _finished(run_dir: Path, recipe: Recipe) -> bool:
         _absolute_paths(recipe))
 
 
+DEMO_MARK = ".rise-edge-demo"  # in every run folder the demo made: the only folders it ever deletes
+
+
+def _clear_own_run(run_dir: Path) -> None:
+    """Delete a demo run that is unfinished or of an older recipe, before training it again; a
+    folder the demo did not make (no DEMO_MARK) is never deleted: a UserError says what to do."""
+    if not run_dir.exists():
+        return
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        return
+    if not run_dir.is_dir() or not (run_dir / DEMO_MARK).is_file():
+        raise UserError(f"{run_dir} exists and was not made by rise-edge demo, which never deletes "
+                        "what it did not make; move it aside or choose another --out")
+    import shutil
+    shutil.rmtree(run_dir)
+
+
 def train_or_reuse(recipe: Recipe, run_dir: Path, progress: bool) -> dict[str, Any]:
     """Train `recipe` into `run_dir` (a finished run of the same recipe is reused); its results.json."""
     from rise_edge.train import train_run
@@ -64,9 +82,9 @@ def train_or_reuse(recipe: Recipe, run_dir: Path, progress: bool) -> dict[str, A
     if _finished(run_dir, recipe):
         print(f"      reusing {run_dir}", file=sys.stderr)
     else:
-        if run_dir.exists():
-            import shutil
-            shutil.rmtree(run_dir)  # a run of an older demo recipe, or an unfinished one
+        _clear_own_run(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / DEMO_MARK).write_text("made by rise-edge demo; it may delete and retrain this folder\n")
         train_run(recipe, recipe_name=run_dir.name, run_dir=run_dir, progress=progress)
     return json.loads((run_dir / "results.json").read_text())
 

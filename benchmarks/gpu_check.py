@@ -1,0 +1,251 @@
+"""One prepared check for a lent CUDA GPU: run it first, commit what it prints.
+
+    python benchmarks/gpu_check.py                 # on the GPU machine (about 5 minutes)
+    python benchmarks/gpu_check.py --device cpu --quick   # the same code path on a CPU, tiny sizes
+
+1. The GPU-marked tests (`pytest -m gpu`): passed / failed / skipped with the reasons.
+2. Training throughput, images/s, ERM and RISE, ResNet-18 and EfficientNet-Lite0 students at 224 px,
+   bf16 autocast and channels_last, with a random-weight ViT-B/16 teacher of the real architecture
+   (no CLIP weights can be downloaded; time does not depend on weight values). Peak GPU memory.
+3. Quantization-aware fine-tuning throughput (INT8 fake quantization) of the same students.
+4. Inference latency with CUDA events (rise_edge.latency.time_runner): PyTorch FP32 and FP16 at batch 1
+   and 32, p50 / p90 ms and images/s, H2D / compute / D2H split.
+Each section is fenced: one that fails prints its error and the others still run. Prints one Markdown
+report and writes it with a JSON copy to --out (default: $OUT if set, else benchmarks/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+STUDENTS = ("resnet18", "tf_efficientnet_lite0")
+
+
+def _fenced(name: str, report: dict[str, Any], fn: Callable[[], Any]) -> None:
+    started = time.perf_counter()
+    try:
+        report[name] = {"result": fn(), "seconds": round(time.perf_counter() - started, 1)}
+    except Exception as exc:  # a broken section must not cost the lease the others
+        report[name] = {"error": f"{type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc(limit=4)}
+    print(f"[gpu_check] {name}: {'ok' if 'result' in report[name] else report[name]['error']}",
+          file=sys.stderr, flush=True)
+
+
+def gpu_tests(timeout: int) -> dict[str, Any]:
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    tail = done.stdout.strip().splitlines()[-25:]
+    return {"command": " ".join(command[1:]), "exit_code": done.returncode, "summary": tail[-1:],
+            "output_tail": tail}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def training_throughput(device: torch.device, batch: int, size: int, steps: int, teacher_name: str
+                        ) -> list[dict[str, Any]]:
+    from rise_edge.config import CLIP_TEMPLATES, LossConfig, StudentConfig, TeacherConfig
+    from rise_edge.rise import ErmObjective, RiseObjective
+    from rise_edge.student import build_student
+    from rise_edge.teacher import load_teacher
+
+    torch.manual_seed(0)
+    teacher = load_teacher(TeacherConfig(model=teacher_name, pretrained="none"), device)
+    classes = [f"class {i}" for i in range(7)]
+    text = teacher.text_embeddings(classes, CLIP_TEMPLATES, ["art painting", "cartoon", "photo"])
+    text = text.to(device)
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, 7, (batch,), device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    rows = []
+    for model in STUDENTS:
+        for method in ("erm", "rise"):
+            cfg = StudentConfig(model=model, pretrained="none", image_size=size)
+            student, pre = build_student(cfg, 7, None if method == "erm" else text.prototypes.shape[1])
+            student = student.to(device).to(memory_format=torch.channels_last)
+            objective = ErmObjective() if method == "erm" else RiseObjective(
+                LossConfig(w_ce=0.2, w_kd=0.8, w_dist=1.0), teacher, text, pre)
+            optimizer = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
+            x = images.contiguous(memory_format=torch.channels_last)
+
+            def step() -> None:
+                student.train()
+                with amp:
+                    terms = objective(student, x, labels)
+                optimizer.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                optimizer.step()
+
+            for _ in range(3):
+                step()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            _sync(device)
+            seconds = time.perf_counter() - start
+            rows.append({"student": model, "method": method, "batch": batch, "size": size,
+                         "images_per_s": round(steps * batch / seconds, 1),
+                         "step_ms": round(1000 * seconds / steps, 2),
+                         "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20)
+                         if device.type == "cuda" else None})
+            del student, optimizer
+    return rows
+
+
+def qat_throughput(device: torch.device, batch: int, size: int, steps: int) -> list[dict[str, Any]]:
+    from rise_edge.config import StudentConfig
+    from rise_edge.fake_quant import calibrate, quantize_model
+    from rise_edge.student import build_student
+
+    rows = []
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, 7, (batch,), device=device)
+    for model in STUDENTS:
+        student, _ = build_student(StudentConfig(model=model, pretrained="none", image_size=size), 7,
+                                   None)
+        qat = quantize_model(student.to(device), size).to(device)
+        calibrate(qat, [images])
+        optimizer = torch.optim.SGD(qat.parameters(), lr=1e-4, momentum=0.9)
+
+        def step() -> None:
+            qat.train()
+            loss = torch.nn.functional.cross_entropy(qat(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        for _ in range(2):
+            step()
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        seconds = time.perf_counter() - start
+        rows.append({"student": model, "batch": batch, "size": size,
+                     "images_per_s": round(steps * batch / seconds, 1)})
+    return rows
+
+
+def inference_latency(device: torch.device, size: int, iterations: int) -> list[dict[str, Any]]:
+    from rise_edge.config import StudentConfig
+    from rise_edge.engines import TorchRunner
+    from rise_edge.latency import TimingPlan, time_runner
+    from rise_edge.student import build_student
+
+    rows = []
+    plan = TimingPlan(warmup=10, iterations=iterations)
+    precisions = ("fp32", "fp16") if device.type == "cuda" else ("fp32",)
+    for model in STUDENTS:
+        student, _ = build_student(StudentConfig(model=model, pretrained="none", image_size=size), 7,
+                                   None)
+        for precision in precisions:
+            runner = TorchRunner(module=student, precision=precision, device=device.type)
+            for batch in (1, 32):
+                images = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(
+                    np.float32)
+                timed = time_runner(runner, images, plan)
+                rows.append({"student": model, "precision": precision, "batch": batch,
+                             **{k: round(float(timed[k]), 3) for k in ("p50_ms", "p90_ms",
+                                                                        "images_per_s") if k in timed},
+                             "clock": timed.get("clock"),
+                             "split": {k: v.get("p50_ms") for k, v in timed.get("split", {}).items()
+                                       if isinstance(v, dict)}})
+    return rows
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    lines = ["# GPU check", "", f"Command: `{report['command']}`  ",
+             f"Machine: {env.get('gpu') or 'no GPU'}; torch {env['torch']} (CUDA {env['cuda']}); "
+             f"TensorRT {env['tensorrt']}; onnxruntime providers {env['onnxruntime_providers']}", ""]
+    for name, section in report["sections"].items():
+        lines += [f"## {name}", ""]
+        if "error" in section:
+            lines += ["FAILED: " + section["error"], "", "```", section["traceback"].strip(), "```", ""]
+            continue
+        result = section["result"]
+        if isinstance(result, list) and result:
+            keys = [k for k in result[0] if k != "split"]
+            lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+            lines += ["| " + " | ".join(str(r.get(k)) for k in keys) + " |" for r in result]
+        else:
+            lines += ["```", json.dumps(result, indent=1)[:3000], "```"]
+        lines += ["", f"({section['seconds']} s)", ""]
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "cuda": torch.version.cuda, "gpu": None, "tensorrt": None}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
+    try:
+        import tensorrt
+        info["tensorrt"] = tensorrt.__version__
+    except ImportError:
+        info["tensorrt"] = "not installed"
+    try:
+        import onnxruntime
+        info["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    except ImportError:
+        info["onnxruntime_providers"] = "not installed"
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a dry run of the code path)")
+    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--out", type=Path,
+                        default=Path(os.environ["OUT"]) if os.environ.get("OUT") else
+                        REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device here; run it on the GPU machine, or pass "
+                         "--device cpu --quick to try the code path")
+    device = torch.device(args.device)
+    batch, size, steps, iters = (4, 64, 2, 5) if args.quick else (128, 224, 20, 200)
+    teacher = "ViT-B-32" if args.quick else "ViT-B-16"
+    report: dict[str, Any] = {"command": " ".join(["python", "benchmarks/gpu_check.py", *sys.argv[1:]]),
+                              "environment": environment(), "sections": {}}
+    sections = report["sections"]
+    if not args.skip_tests:
+        _fenced("GPU-marked tests", sections, lambda: gpu_tests(timeout=240))
+    _fenced("training throughput (bf16 autocast, channels_last)", sections,
+            lambda: training_throughput(device, batch, size, steps, teacher))
+    _fenced("QAT fine-tuning throughput (INT8 fake quantization)", sections,
+            lambda: qat_throughput(device, min(batch, 64), size, max(2, steps // 2)))
+    _fenced("inference latency (CUDA events on GPU)", sections,
+            lambda: inference_latency(device, size, iters))
+    text = to_markdown(report)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "gpu_check" if not args.quick else "gpu_check_quick"
+    (args.out / f"{stem}.md").write_text(text + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""Hostile inputs: each case ends in one line without a traceback, a non-zero exit status, and
+everything the user had left as it was. Non-finite values, a run directory owned by one process at a
+time (and freed by a kill -9), folders the demo did not make, a run directory that is a file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import TINY_DATASET
+from rise_edge.cli import main
+from rise_edge.errors import UserError
+from rise_edge.run_dir import run_lock
+
+
+def _args(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--run-dir", str(run_dir), "--set", f"data.root={data_root}",
+            "--set", f"data.dataset={TINY_DATASET}", "--set", "data.target_domain=sketch",
+            "--set", "data.val_fraction=0.25", "--set", "data.num_workers=0",
+            "--set", "student.model=test_resnet", "--set", "student.image_size=32",
+            "--set", "train.batch_size=8", "--set", "train.steps=4", *extra]
+
+
+@pytest.fixture
+def recipe_file(tmp_path: Path) -> Path:
+    path = tmp_path / "erm.yaml"
+    path.write_text("loss:\n  w_ce: 1.0\n")
+    return path
+
+
+def _one_clean_line(result, *needles: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.replace("\r", "\n").splitlines()
+             if line.strip() and "%|" not in line]  # tqdm progress lines aside
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("override", ["optim.lr=.nan", "optim.lr=.inf", "loss.tau=-.inf",
+                                      "optim.weight_decay=.NaN"])
+def test_non_finite_recipe_values_are_rejected(tiny_data_root: Path, recipe_file: Path,
+                                               tmp_path: Path, override: str) -> None:
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", str(recipe_file),
+                                       *_args(tiny_data_root, run_dir, "--set", override)])
+    _one_clean_line(result, override.split("=")[0], "finite")
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("flag", [["--budget", "nan"], ["--budget", "inf"],
+                                  ["--set", "export.qat_lr=.nan"]])
+def test_non_finite_export_flags_are_rejected(tiny_run: Path, flag: list[str]) -> None:
+    before = sorted(p.name for p in tiny_run.iterdir())
+    result = CliRunner().invoke(main, ["export", str(tiny_run), "--int8", "--quiet", *flag])
+    _one_clean_line(result, "finite")
+    assert sorted(p.name for p in tiny_run.iterdir()) == before  # nothing written
+
+
+def test_a_loss_that_becomes_nan_stops_training_and_saves_no_nan_student(
+        tiny_data_root: Path, recipe_file: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", str(recipe_file), *_args(
+        tiny_data_root, run_dir, "--set", "optim.lr=1e12", "--set", "train.steps=20",
+        "--set", "train.eval_every=20")])
+    _one_clean_line(result, "training loss became", "optim.lr")
+    assert not (run_dir / "student.safetensors").exists()
+    assert not (run_dir / "results.json").exists()
+
+
+def test_two_processes_cannot_own_one_run_directory(tiny_data_root: Path, recipe_file: Path,
+                                                    tiny_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "new-run"
+    with run_lock(run_dir, "train"):
+        result = CliRunner().invoke(main, ["train", str(recipe_file), *_args(tiny_data_root, run_dir)])
+        _one_clean_line(result, "in use by rise-edge train (pid")
+        assert not run_dir.exists() or not any(run_dir.iterdir())  # the second wrote nothing
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_run.iterdir()}
+    with run_lock(tiny_run, "export"):
+        for command in (["export", str(tiny_run), "--quiet"], ["bench", str(tiny_run), "--quiet"],
+                        ["train", str(recipe_file), *_args(tiny_data_root, tiny_run)]):
+            _one_clean_line(CliRunner().invoke(main, command), "in use by rise-edge export")
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_run.iterdir()} == before
+    # Released: the same run can be exported now.
+    assert CliRunner().invoke(main, ["export", str(tiny_run), "--quiet"]).exit_code == 0
+
+
+def test_a_killed_holder_does_not_keep_the_run_directory(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import signal, sys; from pathlib import Path; from rise_edge.run_dir import run_lock\n"
+        f"with run_lock(Path({str(run_dir)!r}), 'train'):\n"
+        "    print('held', flush=True); signal.pause()")], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError, match=rf"in use by rise-edge train \(pid {holder.pid}\)"):
+        with run_lock(run_dir, "export"):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    deadline = time.time() + 10
+    while True:  # the kernel drops the lock with the process
+        try:
+            with run_lock(run_dir, "export"):
+                break
+        except UserError:
+            assert time.time() < deadline, "the lock outlived its process"
+            time.sleep(0.05)
+
+
+def test_a_run_directory_that_is_a_file_is_refused(tiny_data_root: Path, recipe_file: Path,
+                                                   tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "run"
+    not_a_folder.write_text("my notes")
+    result = CliRunner().invoke(main, ["train", str(recipe_file),
+                                       *_args(tiny_data_root, not_a_folder)])
+    _one_clean_line(result, "is a file")
+    assert not_a_folder.read_text() == "my notes"
+
+
+def test_the_demo_never_deletes_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    from rise_edge.demo.story import DEMO_MARK, _clear_own_run
+
+    mine = tmp_path / "out" / "erm"
+    mine.mkdir(parents=True)
+    (mine / "weights.pt").write_bytes(b"someone's work")
+    with pytest.raises(UserError, match="was not made by rise-edge demo"):
+        _clear_own_run(mine)
+    assert (mine / "weights.pt").read_bytes() == b"someone's work"
+    a_file = tmp_path / "out" / "rise"
+    a_file.write_text("not a folder")
+    with pytest.raises(UserError, match="was not made by rise-edge demo"):
+        _clear_own_run(a_file)
+    assert a_file.read_text() == "not a folder"
+
+    ours = tmp_path / "out2" / "erm"  # an unfinished run the demo made: cleared for retraining
+    ours.mkdir(parents=True)
+    (ours / DEMO_MARK).write_text("")
+    (ours / "resume.safetensors").write_bytes(b"")
+    _clear_own_run(ours)
+    assert not ours.exists()
+
+
+def test_demo_out_holding_a_users_runs_is_refused_from_the_command_line(tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    out = tmp_path / "out"
+    (out / "erm").mkdir(parents=True)
+    (out / "erm" / "notes.txt").write_text("keep me")
+    # World and teacher are the cached ones the demo builds; here they are stood in for, so the
+    # test reaches the step that would have deleted the folder.
+    monkeypatch.setattr("rise_edge.data.build_splits", lambda *a, **k: _FakeSplits())
+    monkeypatch.setattr("rise_edge.teacher.BUILT_TEACHERS",
+                        {"rise-edge-demo-clip": lambda: _fake_teacher(tmp_path)})
+    result = CliRunner().invoke(main, ["demo", "--out", str(out)])
+    assert result.exit_code == 2 and "was not made by rise-edge demo" in result.output
+    assert "Traceback" not in result.output
+    assert (out / "erm" / "notes.txt").read_text() == "keep me"
+
+
+class _FakeSplits:
+    classes = ("a", "b")
+    source_domains = ("photo", "cartoon", "painting")
+    target_domain = "sketch"
+    dataset_dir = Path("demo-world")
+
+
+def _fake_teacher(tmp_path: Path) -> Path:
+    folder = tmp_path / "teacher"
+    folder.mkdir(exist_ok=True)
+    (folder / "zero_shot.json").write_text('{"accuracy": {"rise": {}}}')
+    return folder
+
+
+def test_a_section_written_twice_is_refused_at_its_line(tmp_path: Path, tiny_data_root: Path) -> None:
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text("optim:\n  lr: 0.1\nloss:\n  w_ce: 1.0\noptim:\n  lr: 0.01\n")
+    result = CliRunner().invoke(main, ["train", str(recipe), *_args(tiny_data_root, tmp_path / "r")])
+    _one_clean_line(result, "'optim' is written twice", "line 5")
+
+
+def test_a_recipe_that_is_not_utf8_is_refused(tmp_path: Path, tiny_data_root: Path) -> None:
+    recipe = tmp_path / "latin1.yaml"
+    recipe.write_bytes("loss:\n  w_ce: 1.0  # caf\u00e9\n".encode("latin-1"))
+    result = CliRunner().invoke(main, ["train", str(recipe), *_args(tiny_data_root, tmp_path / "r")])
+    _one_clean_line(result, "UTF-8")
+
+
+def test_a_full_disk_is_one_line_not_a_traceback(tiny_data_root: Path, recipe_file: Path,
+                                                 tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import rise_edge.train
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(rise_edge.train, "write_text_atomic", full)
+    result = CliRunner().invoke(main, ["train", str(recipe_file),
+                                       *_args(tiny_data_root, tmp_path / "r")])
+    _one_clean_line(result, "No space left on device", "recipe.yaml")
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_be_started_again(
+        tiny_data_root: Path, recipe_file: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text("loss:\n  w_ce: 1.0\n")
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # all a kill left
+    resumed = CliRunner().invoke(main, ["train", str(recipe_file),
+                                        *_args(tiny_data_root, run_dir), "--resume"])
+    _one_clean_line(resumed, "interrupted before its first checkpoint", "without --resume")
+    again = CliRunner().invoke(main, ["train", str(recipe_file), *_args(tiny_data_root, run_dir)])
+    assert again.exit_code == 0, again.output
+    assert (run_dir / "results.json").is_file()
+    steps = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps and '"step": 1, "loss": 1.0' not in steps[0]  # the stale log was not kept
+
+
+def test_a_damaged_recipe_in_the_run_directory_stops_resume_with_one_line(
+        tiny_data_root: Path, recipe_file: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text("data: [unclosed\n")
+    (run_dir / "resume.safetensors").write_bytes(b"")
+    result = CliRunner().invoke(main, ["train", str(recipe_file), *_args(tiny_data_root, run_dir),
+                                       "--resume"])
+    _one_clean_line(result, "recipe.yaml is unreadable")
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"artefacts": 5}'])
+def test_a_malformed_export_json_is_one_line(tiny_run: Path, content: str) -> None:
+    (tiny_run / "export").mkdir(exist_ok=True)
+    (tiny_run / "export" / "export.json").write_text(content)
+    for command in (["bench", str(tiny_run), "--quiet"], ["export", str(tiny_run), "--quiet"]):
+        result = CliRunner().invoke(main, command)
+        _one_clean_line(result, "export.json")
+    assert (tiny_run / "export" / "export.json").read_text() == content  # left for the user to see
+
+
+def _train_tiny(data_root: Path, recipe_file: Path, run_dir: Path, *extra: str) -> None:
+    result = CliRunner().invoke(main, ["train", str(recipe_file), *_args(data_root, run_dir, *extra)])
+    assert result.exit_code == 0, result.output
+
+
+def test_export_and_bench_use_the_splits_training_recorded(tiny_data_root: Path, recipe_file: Path,
+                                                           tmp_path: Path) -> None:
+    import json
+
+    data = Path(shutil.copytree(tiny_data_root, tmp_path / "data"))
+    bad = data / TINY_DATASET / "cartoon" / "circle" / "zz-truncated.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # a header and nothing else
+    run_dir = tmp_path / "run"
+    _train_tiny(data, recipe_file, run_dir, "--set", "data.skip_bad_images=true")
+    record = json.loads((run_dir / "splits.json").read_text())
+    assert record["skipped_images"] == ["cartoon/circle/zz-truncated.png"]
+    recorded_train = {p for samples in record["train"].values() for p, _ in samples}
+    assert "cartoon/circle/zz-truncated.png" not in recorded_train
+    result = CliRunner().invoke(main, ["export", str(run_dir), "--int8", "--quiet",
+                                       "--set", "export.calibration_size=12",
+                                       "--set", "export.fidelity_images=12"])
+    assert result.exit_code == 0, result.output  # never tripped over the image training skipped
+    calibration = json.loads((run_dir / "export" / "export.json").read_text())["calibration"]["files"]
+    assert set(calibration) <= {f"{p}" for p in recorded_train}
+    bench = CliRunner().invoke(main, ["bench", str(run_dir), "--domain", "all", "--batch", "1",
+                                      "--iterations", "1", "--warmup", "0", "--quiet"])
+    assert bench.exit_code == 0, bench.output
+    report = json.loads((run_dir / "bench" / "report.json").read_text())
+    scored = {d["name"]: d["images"] for d in report["domains"]} if "domains" in report else {}
+    if scored:
+        assert scored["cartoon"] == len(record["val"]["cartoon"])
+
+
+def test_data_that_moved_is_found_again_with_data_root(tiny_data_root: Path, recipe_file: Path,
+                                                       tmp_path: Path) -> None:
+    data = Path(shutil.copytree(tiny_data_root, tmp_path / "data"))
+    run_dir = tmp_path / "run"
+    _train_tiny(data, recipe_file, run_dir)
+    moved = tmp_path / "elsewhere"
+    data.rename(moved)
+    _one_clean_line(CliRunner().invoke(main, ["bench", str(run_dir), "--quiet"]), "--set data.root=")
+    assert not (run_dir / "bench").exists()
+    export = CliRunner().invoke(main, ["export", str(run_dir), "--quiet"])  # a failed artefact row
+    assert export.exit_code == 1 and "--set data.root=" in export.output
+    assert "Traceback" not in export.output
+    for command in (["export", str(run_dir), "--quiet"], ["bench", str(run_dir), "--quiet"]):
+        result = CliRunner().invoke(main, [*command, "--set", f"data.root={moved}"])
+        assert result.exit_code == 0, result.output
+    wrong = CliRunner().invoke(main, ["export", str(run_dir), "--set", "data.target_domain=photo"])
+    _one_clean_line(wrong, "only data.root can change")
+
+
+def test_a_failed_reexport_never_hides_intact_artefacts_from_bench(tiny_run: Path) -> None:
+    import json
+
+    first = CliRunner().invoke(main, ["export", str(tiny_run), "--int8", "--quiet",
+                                      "--set", "export.calibration_size=12"])
+    assert first.exit_code == 0, first.output
+    before = json.loads((tiny_run / "export" / "export.json").read_text())["artefacts"]
+    again = CliRunner().invoke(main, ["export", str(tiny_run), "--int8", "--quiet",
+                                      "--set", "export.parity_tolerance=1e-12"])
+    assert again.exit_code == 1 and "Traceback" not in again.output
+    after = json.loads((tiny_run / "export" / "export.json").read_text())["artefacts"]
+    fp32 = after["onnx-fp32"]
+    assert fp32["status"] == "ok" and fp32["sha256"] == before["onnx-fp32"]["sha256"]
+    assert fp32["last_attempt"]["status"] == "failed"
+    assert "parity_tolerance" in fp32["last_attempt"]["reason"]
+    assert after["onnx-int8"]["status"] == "ok"  # remade from the intact FP32 graph
+    bench = CliRunner().invoke(main, ["bench", str(tiny_run), "--batch", "1", "--iterations", "1",
+                                      "--warmup", "0", "--quiet"])
+    assert bench.exit_code == 0, bench.output
+    rows = {r["engine"]: r for r in json.loads((tiny_run / "bench" / "report.json").read_text())["rows"]}
+    assert rows["onnx-fp32"]["status"] == rows["onnx-int8"]["status"] == "ok"
+
+
+def test_shipped_recipes_live_in_the_package_and_train_takes_their_names(tmp_path: Path) -> None:
+    from rise_edge.config import load_recipe, resolve_recipe, shipped_recipes
+
+    shipped = shipped_recipes()
+    assert {"demo", "pacs_erm_lite0", "pacs_rise_lite0"} <= set(shipped)
+    for name, path in shipped.items():
+        assert path.parent.name == "recipes" and path.parent.parent.name == "rise_edge"
+        text = path.read_text()
+        assert "shared/" not in text and "/work" not in text  # no machine's folders in a recipe
+        load_recipe(path)
+    assert resolve_recipe("pacs_erm_lite0") == shipped["pacs_erm_lite0"]
+    assert resolve_recipe("pacs_erm_lite0.yaml") == shipped["pacs_erm_lite0"]
+    own = tmp_path / "pacs_erm_lite0.yaml"  # a file the user names wins over a shipped name
+    own.write_text("loss:\n  w_ce: 1.0\n")
+    assert resolve_recipe(own) == own
+    with pytest.raises(UserError, match="did you mean the shipped recipe 'pacs_erm_lite0'"):
+        resolve_recipe("pacs_erm_lit0")
+    listing = CliRunner().invoke(main, ["recipes"])
+    assert listing.exit_code == 0 and all(name in listing.output for name in shipped)
+
+
+def test_the_data_root_comes_from_the_environment_and_split_lists_from_the_root(
+        tiny_data_root: Path, tmp_path: Path, monkeypatch) -> None:
+    from rise_edge.config import load_recipe
+    from rise_edge.data import build_splits
+
+    overrides = [f"data.dataset={TINY_DATASET}", "data.target_domain=sketch", "data.num_workers=0"]
+    monkeypatch.delenv("RISE_EDGE_DATA", raising=False)
+    with pytest.raises(UserError, match="data.root is empty and RISE_EDGE_DATA is not set"):
+        build_splits(load_recipe(None, overrides).data, progress=False)
+    root = Path(shutil.copytree(tiny_data_root, tmp_path / "root"))
+    lists = root / "shapes-splits"
+    lists.mkdir()
+    for domain in ("cartoon", "photo"):
+        files = sorted((root / TINY_DATASET / domain).rglob("*.png"))
+        classes = sorted(p.name for p in (root / TINY_DATASET / domain).iterdir())
+        lines = [f"{TINY_DATASET}/{p.relative_to(root / TINY_DATASET).as_posix()} "
+                 f"{classes.index(p.parent.name) + 1}" for p in files]
+        (lists / f"{domain}_train_kfold.txt").write_text("\n".join(lines[2:]) + "\n")
+        (lists / f"{domain}_crossval_kfold.txt").write_text("\n".join(lines[:2]) + "\n")
+    monkeypatch.setenv("RISE_EDGE_DATA", str(root))
+    splits = build_splits(load_recipe(None, [*overrides, "data.split_lists=shapes-splits"]).data,
+                          progress=False)
+    assert splits.dataset_dir == root / TINY_DATASET
+    assert all(len(splits.val[d]) == 2 for d in ("cartoon", "photo"))
