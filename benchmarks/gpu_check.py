@@ -58,6 +58,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _seconds_per_step(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
+    """Mean wall time per step after `warmup` untimed steps, the device synchronised."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
 def training_throughput(device: torch.device, batch: int, size: int, steps: int, teacher_name: str
                         ) -> list[dict[str, Any]]:
     from rise_edge.config import CLIP_TEMPLATES, LossConfig, StudentConfig, TeacherConfig
@@ -92,19 +104,13 @@ def training_throughput(device: torch.device, batch: int, size: int, steps: int,
                 terms["loss"].backward()
                 optimizer.step()
 
-            for _ in range(3):
-                step()
+            step()  # the first step allocates; peak memory is read over the timed ones
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            _sync(device)
-            seconds = time.perf_counter() - start
+            seconds = _seconds_per_step(step, steps, 2, device)
             rows.append({"student": model, "method": method, "batch": batch, "size": size,
-                         "images_per_s": round(steps * batch / seconds, 1),
-                         "step_ms": round(1000 * seconds / steps, 2),
+                         "images_per_s": round(batch / seconds, 1),
+                         "step_ms": round(1000 * seconds, 2),
                          "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20)
                          if device.type == "cuda" else None})
             del student, optimizer
@@ -133,16 +139,9 @@ def qat_throughput(device: torch.device, batch: int, size: int, steps: int) -> l
             loss.backward()
             optimizer.step()
 
-        for _ in range(2):
-            step()
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        seconds = time.perf_counter() - start
+        seconds = _seconds_per_step(step, steps, 2, device)
         rows.append({"student": model, "batch": batch, "size": size,
-                     "images_per_s": round(steps * batch / seconds, 1)})
+                     "images_per_s": round(batch / seconds, 1)})
     return rows
 
 

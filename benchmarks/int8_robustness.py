@@ -61,26 +61,18 @@ def previous_pipeline_int8(run: Any, session: Any, out: Path, work: Path) -> Non
                       extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
 
 
-def accuracy(models: dict[str, Path], splits: Any, pre: Any, chunk: int = 256) -> dict[str, dict]:
+def accuracy(models: dict[str, Path], splits: Any, pre: Any) -> dict[str, dict]:
     """Top-1 (%) of every model on each source-val split and all target images."""
-    from rise_edge.calibration import load_images
+    from export_pacs import accuracy as top1  # the same chunked loop export_pacs.py uses
+
     from rise_edge.engines import OnnxRuntimeRunner
 
     runners = {name: OnnxRuntimeRunner(path) for name, path in models.items()}
     sets = {**{d: list(splits.val[d]) for d in splits.source_domains}, splits.target_domain: splits.test}
     table: dict[str, dict] = {name: {} for name in models}
     for domain, samples in sets.items():
-        correct = {name: 0 for name in models}
-        for start in range(0, len(samples), chunk):
-            part = samples[start:start + chunk]
-            images = load_images([p for p, _ in part], pre)
-            labels = np.array([y for _, y in part])
-            for name, runner in runners.items():
-                logits = np.concatenate([runner(images[i:i + 32]) for i in range(0, len(images), 32)])
-                correct[name] += int((logits.argmax(1) == labels).sum())
-        for name in models:
-            table[name][domain] = {"accuracy": round(100 * correct[name] / len(samples), 3),
-                                   "images": len(samples)}
+        for name, value in top1(runners, samples, pre).items():
+            table[name][domain] = {"accuracy": value, "images": len(samples)}
     return table
 
 

@@ -72,6 +72,23 @@ def tiny_recipe_overrides(data_root: Path) -> list[str]:
             "train.steps=30", "train.batch_size=16", "export.calibration_size=24"]
 
 
+def train_cli_args(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
+    """`rise-edge train` options for a tiny run on the synthetic data set (extra ones win)."""
+    return ["--run-dir", str(run_dir), "--set", f"data.root={data_root}",
+            "--set", f"data.dataset={TINY_DATASET}", "--set", "data.target_domain=sketch",
+            "--set", "data.val_fraction=0.25", "--set", "data.num_workers=0",
+            "--set", "student.model=test_resnet", "--set", "student.image_size=32",
+            "--set", "train.batch_size=8", "--set", "optim.lr=0.05", *extra]
+
+
+@pytest.fixture
+def recipe_file(tmp_path: Path) -> Path:
+    """A minimal ERM recipe file (cross-entropy only); the rest comes from train_cli_args."""
+    path = tmp_path / "erm.yaml"
+    path.write_text("loss:\n  w_ce: 1.0\n")
+    return path
+
+
 def _train_tiny_student(student: torch.nn.Module, samples: list[tuple[str, int]], transform,
                         steps: int, seed: int) -> None:
     """A few plain SGD steps (not rise_edge.train: these fixtures must not depend on it)."""

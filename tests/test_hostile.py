@@ -15,25 +15,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import TINY_DATASET
+from conftest import TINY_DATASET, train_cli_args
 from rise_edge.cli import main
 from rise_edge.errors import UserError
 from rise_edge.run_dir import run_lock
 
 
 def _args(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["--run-dir", str(run_dir), "--set", f"data.root={data_root}",
-            "--set", f"data.dataset={TINY_DATASET}", "--set", "data.target_domain=sketch",
-            "--set", "data.val_fraction=0.25", "--set", "data.num_workers=0",
-            "--set", "student.model=test_resnet", "--set", "student.image_size=32",
-            "--set", "train.batch_size=8", "--set", "train.steps=4", *extra]
-
-
-@pytest.fixture
-def recipe_file(tmp_path: Path) -> Path:
-    path = tmp_path / "erm.yaml"
-    path.write_text("loss:\n  w_ce: 1.0\n")
-    return path
+    return train_cli_args(data_root, run_dir, "--set", "train.steps=4", *extra)
 
 
 def _one_clean_line(result, *needles: str) -> None:

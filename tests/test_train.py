@@ -15,25 +15,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from conftest import TINY_DATASET
+from conftest import train_cli_args
 from rise_edge.cli import main
 from rise_edge.config import load_recipe
 from rise_edge.run_dir import open_run
 
 
-def _args(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["--run-dir", str(run_dir), "--set", f"data.root={data_root}",
-            "--set", f"data.dataset={TINY_DATASET}", "--set", "data.target_domain=sketch",
-            "--set", "data.val_fraction=0.25", "--set", "data.num_workers=0",
-            "--set", "student.model=test_resnet", "--set", "student.image_size=32",
-            "--set", "train.batch_size=8", "--set", "optim.lr=0.05", *extra]
-
-
-@pytest.fixture
-def recipe_file(tmp_path: Path) -> Path:
-    path = tmp_path / "erm.yaml"
-    path.write_text("loss:\n  w_ce: 1.0\n")
-    return path
+_args = train_cli_args
 
 
 def test_erm_run_directory(tiny_data_root: Path, recipe_file: Path, tmp_path: Path,
