@@ -14,10 +14,11 @@
       calibration-<sha>.npy, cache/     calibration tensors for the device, range and timing caches
 
 Every graph has constant pads (graph_form.with_static_padding), so no quantizer rounds shape
-arithmetic. Every file is written under a temporary name and renamed once it passed its checks, so a failing or
-interrupted export never replaces a good artefact; each artefact is attempted on its own, so one
-failing format gets a status and a reason while the others complete. export.json is rewritten
-atomically after every artefact and merged with earlier records. The target domain plays no part.
+arithmetic. Every file is written under a temporary name and renamed once it passed its checks, so a
+failing or interrupted export never replaces a good artefact; each artefact is attempted on its own,
+so one failing format gets a status and a reason while the others complete. export.json is rewritten
+atomically after every artefact and merged with earlier records; a failed remake keeps the ok record
+of an intact earlier file. The target domain plays no part.
 """
 
 from __future__ import annotations
