@@ -193,6 +193,11 @@ def _check_record(spec: EngineSpec, explicit: bool, student_sha: str | None) -> 
         spec.status, spec.reason = "stale", (f"made from an earlier {STUDENT_FILE} than this run holds; "
                                              "re-export it with `rise-edge export`")
         return
+    if Path(str(record.get("path", ""))).name != record.get("path"):
+        spec.status, spec.reason = "tampered", (
+            f"{EXPORT_JSON} names {record.get('path')!r} for it, which is not a file in {EXPORT_DIR}/; "
+            "re-export it with `rise-edge export`")
+        return
     if spec.path is not None and record.get("sha256"):
         # Verified before it runs: a file swapped for another model of the same shape would
         # otherwise be benchmarked and reported as this run's.

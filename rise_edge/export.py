@@ -188,8 +188,10 @@ def export_graph(module: nn.Module, example: torch.Tensor, path: Path, opset: in
                                   dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
                                   external_data=False, optimize=True)
         except Exception as dynamo_error:
-            raise UserError(f"ONNX export failed with both exporters: legacy: {legacy_error}; "
-                            f"dynamo: {dynamo_error}") from None
+            def first_line(error: Exception) -> str:  # the exporters append whole graph dumps
+                return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            raise UserError(f"ONNX export failed with both exporters: legacy: "
+                            f"{first_line(legacy_error)}; dynamo: {first_line(dynamo_error)}") from None
         fold_constants(path)
         return "dynamo"
 

@@ -355,3 +355,59 @@ def test_the_data_root_comes_from_the_environment_and_split_lists_from_the_root(
                           progress=False)
     assert splits.dataset_dir == root / TINY_DATASET
     assert all(len(splits.val[d]) == 2 for d in ("cartoon", "photo"))
+
+
+@pytest.mark.parametrize("opset", ["99", "12", "1.5"])
+def test_an_out_of_range_opset_is_one_line_and_keeps_the_model(tiny_run: Path, opset: str) -> None:
+    assert CliRunner().invoke(main, ["export", str(tiny_run), "--quiet"]).exit_code == 0
+    model = tiny_run / "export" / "model.onnx"
+    good = model.read_bytes()
+    result = CliRunner().invoke(main, ["export", str(tiny_run), "--quiet", "--set",
+                                       f"export.opset={opset}"])
+    _one_clean_line(result, "export.opset")
+    assert model.read_bytes() == good
+
+
+def test_a_record_pointing_outside_the_export_folder_is_not_run(tiny_run: Path, tmp_path: Path) -> None:
+    import json
+
+    assert CliRunner().invoke(main, ["export", str(tiny_run), "--quiet"]).exit_code == 0
+    outside = tmp_path / "elsewhere.onnx"
+    shutil.copyfile(tiny_run / "export" / "model.onnx", outside)
+    record_path = tiny_run / "export" / "export.json"
+    record = json.loads(record_path.read_text())
+    record["artefacts"]["onnx-fp32"]["path"] = f"../../{outside.name}"
+    record_path.write_text(json.dumps(record))
+    result = CliRunner().invoke(main, ["bench", str(tiny_run), "--batch", "1", "--iterations", "1",
+                                       "--warmup", "0", "--quiet"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    rows = {r["engine"]: r for r in json.loads((tiny_run / "bench" / "report.json").read_text())["rows"]}
+    assert rows["onnx-fp32"]["status"] == "tampered" and rows["onnx-fp32"]["latency"] == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_export_exits_130_and_leaves_no_temporary_files(tiny_run: Path) -> None:
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rise_edge.cli", "export", str(tiny_run), "--int8", "--qat",
+         "--qat-steps", "400", "--set", "export.qat_eval_every=2", "--set", "export.qat_batch_size=8",
+         "--set", "export.calibration_size=12", "--set", "export.fidelity_images=12"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not list((tiny_run / "export" / "qat").glob("*/state.safetensors")):
+        assert process.poll() is None and time.time() < deadline, "QAT never started"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-1000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted"
+    export = tiny_run / "export"
+    assert not [p for p in export.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+    records = json.loads((export / "export.json").read_text())["artefacts"]
+    assert records["onnx-int8"]["status"] == "ok"  # what finished before Ctrl-C is kept
+    again = subprocess.run([sys.executable, "-m", "rise_edge.cli", "export", str(tiny_run), "--int8",
+                            "--qat", "--qat-steps", "6", "--quiet"], env=env, capture_output=True,
+                           text=True)
+    assert again.returncode == 0, again.stderr[-1000:]
