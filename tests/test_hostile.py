@@ -411,3 +411,120 @@ def test_ctrl_c_during_export_exits_130_and_leaves_no_temporary_files(tiny_run: 
                             "--qat", "--qat-steps", "6", "--quiet"], env=env, capture_output=True,
                            text=True)
     assert again.returncode == 0, again.stderr[-1000:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# A table of bad inputs to `train`: each is refused with one line naming the problem, and leaves no
+# run directory behind.
+
+def _png16(folder: Path) -> None:
+    import numpy as np
+    from PIL import Image
+    Image.fromarray((np.random.default_rng(0).random((40, 40)) * 65535).astype("uint16")).save(
+        folder / "cartoon" / "circle" / "sixteen-bit.png")
+
+
+def _huge(folder: Path) -> None:
+    from PIL import Image
+    Image.new("L", (15000, 15000)).save(folder / "photo" / "square" / "huge.png")  # 225 MP: a bomb
+
+
+def _empty_class(folder: Path) -> None:
+    shutil.rmtree(folder / "photo" / "square")
+    (folder / "photo" / "square").mkdir()
+
+
+def _extra_class(folder: Path) -> None:
+    shutil.copytree(folder / "photo" / "square", folder / "photo" / "hexagon")
+
+
+BAD_TRAIN_INPUTS = {
+    # name: (data set change, extra options, what the one line must say)
+    "data root is a file": (None, ["--set", "data.root={file}"], "is not a folder"),
+    "unknown target": (None, ["--set", "data.target_domain=mars"], "domain 'mars' not found"),
+    "target is a source": (None, ["--set", "data.source_domains=[photo, sketch]"],
+                           "also listed in data.source_domains"),
+    "negative batch": (None, ["--set", "train.batch_size=-1"], "'train.batch_size' must be"),
+    "batch larger than the data": (None, ["--set", "train.batch_size=100000"], "lower it"),
+    "string for a number": (None, ["--set", "optim.lr=fast"], "'optim.lr' must be a number"),
+    "unknown key": (None, ["--set", "optim.lrr=0.1"], "did you mean 'optim.lr'"),
+    "unknown section": (None, ["--set", "optimiser.lr=0.1"], "unknown section 'optimiser'"),
+    "no equals sign": (None, ["--set", "optim.lr"], "expected section.key=value"),
+    "empty class folder": (_empty_class, [], "no images in 1 class folder"),
+    "a class only one domain has": (_extra_class, [], "class sets differ"),
+    "a decompression bomb": (_huge, [], "DecompressionBombError"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TRAIN_INPUTS))
+def test_bad_training_inputs_are_one_line_and_leave_no_run(case: str, tiny_data_root: Path,
+                                                           recipe_file: Path, tmp_path: Path) -> None:
+    change, extra, needle = BAD_TRAIN_INPUTS[case]
+    data = tiny_data_root
+    if change is not None:
+        data = Path(shutil.copytree(tiny_data_root, tmp_path / "data"))
+        change(data / TINY_DATASET)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    run_dir = tmp_path / "run"
+    options = [o.replace("{file}", str(a_file)) for o in extra]
+    result = CliRunner().invoke(main, ["train", str(recipe_file), *_args(data, run_dir, *options)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and needle in result.output, result.output
+    assert not run_dir.exists()
+
+
+def test_odd_but_readable_images_train(tiny_data_root: Path, recipe_file: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = Path(shutil.copytree(tiny_data_root, tmp_path / "data"))
+    circles = data / TINY_DATASET / "cartoon" / "circle"
+    _png16(data / TINY_DATASET)
+    Image.new("CMYK", (40, 40), (0, 200, 0, 0)).save(circles / "cmyk.jpg")
+    Image.new("P", (40, 40)).save(circles / "palette.png")
+    (circles / "notes.txt").write_text("not an image: ignored")
+    os.symlink(circles / "000.png", circles / "linked.png")
+    result = CliRunner().invoke(main, ["train", str(recipe_file), *_args(data, tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+
+
+def test_a_dangling_link_is_ignored_and_a_bomb_skipped_when_asked(
+        tiny_data_root: Path, recipe_file: Path, tmp_path: Path) -> None:
+    data = Path(shutil.copytree(tiny_data_root, tmp_path / "data"))
+    os.symlink("/nonexistent/image.png", data / TINY_DATASET / "photo" / "circle" / "gone.png")
+    _huge(data / TINY_DATASET)
+    refused = CliRunner().invoke(main, ["train", str(recipe_file), *_args(data, tmp_path / "a")])
+    assert refused.exit_code == 2 and "1 unreadable image(s)" in refused.output  # the link is no image
+    assert "huge.png" in refused.output and "Traceback" not in refused.output
+    skipped = CliRunner().invoke(main, ["train", str(recipe_file), *_args(
+        data, tmp_path / "b", "--set", "data.skip_bad_images=true")])
+    assert skipped.exit_code == 0, skipped.output
+    assert "skipped 1 unreadable image(s)" in skipped.output
+
+
+@pytest.mark.parametrize("command", ["export", "bench"])
+def test_a_damaged_student_file_is_one_line(tiny_run: Path, command: str) -> None:
+    (tiny_run / "student.safetensors").write_bytes(b"garbage" * 10)
+    _one_clean_line(CliRunner().invoke(main, [command, str(tiny_run), "--quiet"]),
+                    "student.safetensors is not a readable safetensors file")
+
+
+@pytest.mark.parametrize("what", ["missing", "a file"])
+@pytest.mark.parametrize("command", ["export", "bench"])
+def test_a_run_directory_that_is_missing_or_a_file(tmp_path: Path, command: str, what: str) -> None:
+    path = tmp_path / "run"
+    if what == "a file":
+        path.write_text("x")
+    _one_clean_line(CliRunner().invoke(main, [command, str(path)]), str(path))
+    assert not path.exists() or path.read_text() == "x"
+
+
+def test_demo_paths_that_are_files_are_one_line(tmp_path: Path, monkeypatch) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep")
+    monkeypatch.setattr("rise_edge.data.build_splits", lambda *a, **k: _FakeSplits())
+    monkeypatch.setattr("rise_edge.teacher.BUILT_TEACHERS",
+                        {"rise-edge-demo-clip": lambda: _fake_teacher(tmp_path)})
+    result = CliRunner().invoke(main, ["demo", "--out", str(a_file)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert a_file.read_text() == "keep"
