@@ -202,30 +202,34 @@ REAL_LAYERS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
 
 def shape_arithmetic_nodes(path: Path) -> set[str]:
-    """Names of the nodes that compute shapes, sizes or pads: everything downstream of a Shape/Size
-    node, and everything upstream of an input that takes a shape, pad or axis (graph_form's
-    docstring says what quantizing them did to TF-padded students)."""
+    """Names of the nodes that compute shapes, sizes or pads (graph_form's docstring says what
+    quantizing them did to TF-padded students): nodes whose inputs are all derived from Shape/Size
+    outputs and constants, and the constant arithmetic that feeds a shape-, pad- or axis-taking
+    input. Data never flows through them, so excluding them leaves every real layer quantized."""
     import onnx
 
-    nodes = list(onnx.load(str(path), load_external_data=False).graph.node)
-    producer = {o: n for n in nodes for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in nodes:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    nodes = list(graph.node)  # ONNX graphs are topologically sorted
+    constant = {t.name for t in graph.initializer}
+    derived: set[str] = set()  # tensors computed from shapes (and constants) only
     marked: set[str] = set()
-    stack = [n for n in nodes if n.op_type in _SHAPE_SOURCES]
-    while stack:  # downstream of Shape/Size
-        n = stack.pop()
-        if n.name in marked:
-            continue
-        marked.add(n.name)
-        stack += [c for o in n.output for c in consumers.get(o, [])]
+    for n in nodes:
+        inputs = [i for i in n.input if i]
+        if n.op_type in _SHAPE_SOURCES:
+            derived.update(n.output)
+            marked.add(n.name)
+        elif all(i in constant or i in derived for i in inputs):
+            if any(i in derived for i in inputs):
+                derived.update(n.output)
+                marked.add(n.name)
+            else:  # Constant nodes and arithmetic on constants alone
+                constant.update(n.output)
+    producer = {o: n for n in nodes for o in n.output}
     stack = [producer[n.input[i]] for n in nodes for i in _SHAPE_INPUTS.get(n.op_type, ())
              if i < len(n.input) and n.input[i] in producer]
-    while stack:  # upstream of shape-taking inputs
+    while stack:  # the constant programs that feed shape-taking inputs
         n = stack.pop()
-        if n.name in marked:
+        if n.name in marked or not all(o in constant or o in derived for o in n.output):
             continue
         marked.add(n.name)
         stack += [producer[i] for i in n.input if i in producer]
