@@ -35,7 +35,7 @@ from rise_edge.run_dir import (RESUME_FILE, STUDENT_FILE, MetricsLog, StudentMet
 from rise_edge.student import Preprocessing, Student, build_student
 from rise_edge.transforms import eval_transform, train_transform
 
-_RESUMABLE_SECTIONS = ("data", "student", "teacher", "loss", "optim", "train")
+TRAINING_SECTIONS = ("data", "student", "teacher", "loss", "optim", "train")  # what makes the student
 
 
 @dataclass
@@ -120,7 +120,7 @@ def _check_run_dir(path: Path, recipe: Recipe, resume: bool) -> None:
         raise UserError(f"cannot resume {path}: its recipe.yaml is unreadable ({' '.join(str(exc).split())}"
                         "); it was changed or damaged after the run started") from None
     old, new = recipe_to_dict(saved), recipe_to_dict(recipe)
-    changed = [f"{s}.{k}" for s in _RESUMABLE_SECTIONS for k in new[s] if old[s][k] != new[s][k]]
+    changed = [f"{s}.{k}" for s in TRAINING_SECTIONS for k in new[s] if old[s][k] != new[s][k]]
     if changed:
         raise UserError(f"cannot resume {path}: the recipe changed {', '.join(changed)} since the run "
                         "started; resume with the same recipe and --set options")

@@ -122,12 +122,12 @@ def test_the_demo_never_deletes_a_folder_it_did_not_make(tmp_path: Path) -> None
     mine = tmp_path / "out" / "erm"
     mine.mkdir(parents=True)
     (mine / "weights.pt").write_bytes(b"someone's work")
-    with pytest.raises(UserError, match="was not made by rise-edge demo"):
+    with pytest.raises(UserError, match="never deletes what it did not make"):
         _clear_own_run(mine)
     assert (mine / "weights.pt").read_bytes() == b"someone's work"
     a_file = tmp_path / "out" / "rise"
     a_file.write_text("not a folder")
-    with pytest.raises(UserError, match="was not made by rise-edge demo"):
+    with pytest.raises(UserError, match="never deletes what it did not make"):
         _clear_own_run(a_file)
     assert a_file.read_text() == "not a folder"
 
@@ -150,7 +150,7 @@ def test_demo_out_holding_a_users_runs_is_refused_from_the_command_line(tmp_path
     monkeypatch.setattr("rise_edge.teacher.BUILT_TEACHERS",
                         {"rise-edge-demo-clip": lambda: _fake_teacher(tmp_path)})
     result = CliRunner().invoke(main, ["demo", "--out", str(out)])
-    assert result.exit_code == 2 and "was not made by rise-edge demo" in result.output
+    assert result.exit_code == 2 and "never deletes what it did not make" in result.output
     assert "Traceback" not in result.output
     assert (out / "erm" / "notes.txt").read_text() == "keep me"
 
@@ -528,3 +528,22 @@ def test_demo_paths_that_are_files_are_one_line(tmp_path: Path, monkeypatch) -> 
     result = CliRunner().invoke(main, ["demo", "--out", str(a_file)])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert a_file.read_text() == "keep"
+
+
+def test_the_demo_reuses_a_finished_run_whose_export_settings_changed(
+        tiny_data_root: Path, tmp_path: Path) -> None:
+    from conftest import tiny_recipe_overrides
+    from rise_edge.config import load_recipe
+    from rise_edge.demo.story import DEMO_MARK, train_or_reuse
+
+    overrides = [*tiny_recipe_overrides(tiny_data_root), "train.steps=2"]
+    run_dir = tmp_path / "out" / "erm"
+    train_or_reuse(load_recipe(None, overrides), run_dir, progress=False)
+    (run_dir / DEMO_MARK).unlink()  # as an older version left it
+    finished = (run_dir / "results.json").stat().st_mtime_ns
+    changed_export = load_recipe(None, [*overrides, "export.accuracy_budget=2.0", "export.qat=auto"])
+    train_or_reuse(changed_export, run_dir, progress=False)
+    assert (run_dir / "results.json").stat().st_mtime_ns == finished  # reused, not retrained
+    with pytest.raises(UserError, match="never deletes what it did not make"):
+        train_or_reuse(load_recipe(None, [*overrides, "train.seed=1"]), run_dir, progress=False)
+    assert (run_dir / "results.json").stat().st_mtime_ns == finished

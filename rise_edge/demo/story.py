@@ -48,14 +48,16 @@ def erm_recipe(recipe: Recipe) -> Recipe:
 
 def _finished(run_dir: Path, recipe: Recipe) -> bool:
     """A finished run of exactly this recipe (its data paths resolved) is reused, not retrained."""
-    from rise_edge.train import _absolute_paths
+    from rise_edge.train import TRAINING_SECTIONS, _absolute_paths
 
     try:
         saved = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir))
     except (OSError, UserError, yaml.YAMLError):
         return False
-    return (run_dir / "results.json").is_file() and recipe_to_dict(saved) == recipe_to_dict(
-        _absolute_paths(recipe))
+    old, new = recipe_to_dict(saved), recipe_to_dict(_absolute_paths(recipe))
+    # Export and bench settings do not change the student: only what training reads is compared.
+    return (run_dir / "results.json").is_file() and all(
+        old[section] == new[section] for section in TRAINING_SECTIONS)
 
 
 DEMO_MARK = ".rise-edge-demo"  # in every run folder the demo made: the only folders it ever deletes
@@ -69,8 +71,9 @@ def _clear_own_run(run_dir: Path) -> None:
     if run_dir.is_dir() and not any(run_dir.iterdir()):
         return
     if not run_dir.is_dir() or not (run_dir / DEMO_MARK).is_file():
-        raise UserError(f"{run_dir} exists and was not made by rise-edge demo, which never deletes "
-                        "what it did not make; move it aside or choose another --out")
+        raise UserError(f"{run_dir} exists and was not made by this version of rise-edge demo (no "
+                        f"{DEMO_MARK} in it), and the demo never deletes what it did not make; move it "
+                        "aside or choose another --out")
     import shutil
     shutil.rmtree(run_dir)
 
