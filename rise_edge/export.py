@@ -263,6 +263,27 @@ class ExportSession:
         return self._once("fidelity", load)
 
     @property
+    def fidelity_reference(self) -> dict[str, np.ndarray]:
+        """The FP32 ONNX's logits on the fidelity images: what every INT8 artefact is judged against."""
+        return self._once("fidelity_reference",
+                          lambda: self.fidelity.logits_of(self.path_of("onnx-fp32")))
+
+    def cpu_quantizer(self, fp32: Path, work_dir: Path) -> Any:
+        """ONNX Runtime's CPU quantizer for an FP32 graph (pre-processed into `work_dir`), calibrated
+        on this export's calibration set, its ranges cached under export/cache/."""
+        import onnxruntime
+
+        from rise_edge.quantize import CpuQuantizer, cpu_quant_settings, preprocess
+
+        pre = work_dir / f"{fp32.stem}-pre.onnx"
+        preprocess(fp32, pre)
+        (self.dir / "cache").mkdir(exist_ok=True)
+        return CpuQuantizer(pre, INPUT_NAME, self.calibration_images, self.cfg.calibration_method,
+                            cpu_quant_settings(), self.dir / "cache",
+                            model_sha256=f"{file_sha256(fp32)}+ort{onnxruntime.__version__}",
+                            calibration_sha256=self.calibration.sha256)
+
+    @property
     def parity_images(self) -> np.ndarray:
         return self._once("parity", lambda: load_images(
             [p for p, _ in balanced_val_samples(self.splits, PARITY_IMAGES)], self.pre))
@@ -359,25 +380,16 @@ def make_onnx_fp32_uint8(s: ExportSession, tmp: Path) -> dict[str, Any]:
 
 
 def make_onnx_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
-    import onnxruntime
-
     from rise_edge.graph_form import shape_mismatches
-    from rise_edge.quantize import (CpuQuantizer, cpu_quant_settings, latency_ms, preprocess,
-                                    quantize_within_budget)
+    from rise_edge.quantize import latency_ms, quantize_within_budget
 
-    fp32 = s.path_of("onnx-fp32")
-    settings = cpu_quant_settings()
     with tempfile.TemporaryDirectory(dir=s.dir, prefix=".work-") as work:
         work_dir = Path(work)
-        pre = work_dir / "fp32-pre.onnx"
-        preprocess(fp32, pre)
-        (s.dir / "cache").mkdir(exist_ok=True)
-        quantizer = CpuQuantizer(pre, INPUT_NAME, s.calibration_images, s.cfg.calibration_method,
-                                 settings, s.dir / "cache",
-                                 model_sha256=f"{file_sha256(fp32)}+ort{onnxruntime.__version__}",
-                                 calibration_sha256=s.calibration.sha256)
-        budget = quantize_within_budget(quantizer, tmp, s.fidelity, s.cfg.accuracy_budget,
-                                        s.cfg.max_fallback_layers, work_dir, s.log)
+        quantizer = s.cpu_quantizer(s.path_of("onnx-fp32"), work_dir)
+        settings, pre = quantizer.settings, quantizer.pre_path
+        budget = quantize_within_budget(quantizer, tmp, s.fidelity, s.fidelity_reference,
+                                        s.cfg.accuracy_budget, s.cfg.max_fallback_layers, work_dir,
+                                        s.log)
         mismatches = shape_mismatches(pre, tmp, s.parity_images[:1], INPUT_NAME)
         if mismatches:
             raise UserError(f"the INT8 graph computes other shapes than the FP32 graph "
@@ -414,10 +426,9 @@ def _qat(s: ExportSession) -> Any:
     def run() -> Any:
         from rise_edge.qat import qat_finetune
 
-        keep = _edge_layers_in_fp32(s)
         result = qat_finetune(s.run, s.splits, s.cfg, s.calibration_images, s.dir / "qat",
                               {"student": s.student_sha256, "calibration": s.calibration.sha256},
-                              s.log, keep_fp32=keep)
+                              s.log, keep_fp32=_edge_layers_in_fp32(s))
         s.run.student.cpu()
         return result
     return s._once("qat", run)
@@ -434,8 +445,6 @@ def _edge_layers_in_fp32(s: ExportSession) -> list[str]:
 def make_onnx_int8_qat(s: ExportSession, tmp: Path) -> dict[str, Any]:
     """The fake-quant student as an explicit Q/DQ graph: symmetric INT8, per-channel weights, Q/DQ on
     every weighted layer's input (TensorRT's placement: it builds this as a strongly typed engine)."""
-    from rise_edge.qat import QatSettings
-
     qat = _qat(s)
     size = s.pre.input_size
     exporter = export_graph(qat.model, torch.randn(2, 3, size, size), tmp, s.cfg.opset)
@@ -461,8 +470,8 @@ def make_onnx_int8_qat(s: ExportSession, tmp: Path) -> dict[str, Any]:
             "scheme": "symmetric int8, per-channel weights, per-tensor activations on the inputs of "
                       "every Conv/Gemm but the first/last layers post-training INT8 measured better "
                       "in FP32; BatchNorm folded, static pads",
-            "kept_fp32_modules": _edge_layers_in_fp32(s),
-            "qat": {**QatSettings.resolve(s.run, s.cfg).to_record(), **qat.to_record()},
+            "kept_fp32_modules": list(qat.kept_fp32),
+            "qat": qat.to_record(),
             "objective": "rise (teacher distillation + language terms)" if s.run.recipe.uses_teacher
                          else "cross-entropy + distillation from the FP32 student",
             "calibration_sha256": s.calibration.sha256, "parity": parity}
@@ -473,27 +482,19 @@ def make_onnx_int8_qat_cpu(s: ExportSession, tmp: Path) -> dict[str, Any]:
     x86 CPU, Q/DQ around whole Conv+activation groups): the Q/DQ graph of make_onnx_int8_qat is
     symmetric INT8 for TensorRT, which ONNX Runtime's x86 kernels cannot fuse (measured slower than
     FP32), so the CPU gets its own placement of the same weights."""
-    import onnxruntime
-
     from rise_edge.qat import without_fake_quant
-    from rise_edge.quantize import (CpuQuantizer, cpu_quant_settings, logits_of, measure_fidelity,
-                                    preprocess)
+    from rise_edge.quantize import measure_fidelity
 
     qat = _qat(s)
     size = s.pre.input_size
-    settings = cpu_quant_settings()
     with tempfile.TemporaryDirectory(dir=s.dir, prefix=".work-") as work:
-        float_path, pre = Path(work) / "qat-fp32.onnx", Path(work) / "qat-fp32-pre.onnx"
+        float_path = Path(work) / "qat-fp32.onnx"
         export_graph(without_fake_quant(qat.model), torch.randn(2, 3, size, size), float_path,
                      s.cfg.opset)
-        preprocess(float_path, pre)
-        (s.dir / "cache").mkdir(exist_ok=True)
-        CpuQuantizer(pre, INPUT_NAME, s.calibration_images, s.cfg.calibration_method, settings,
-                     s.dir / "cache", model_sha256=f"{file_sha256(float_path)}+ort{onnxruntime.__version__}",
-                     calibration_sha256=s.calibration.sha256).quantize(tmp)
-    fp32 = s.path_of("onnx-fp32")
-    reference = {d: logits_of(fp32, x) for d, (x, _) in s.fidelity.domains.items()}  # in batches
-    fidelity = measure_fidelity(reference, tmp, s.fidelity)
+        quantizer = s.cpu_quantizer(float_path, Path(work))
+        quantizer.quantize(tmp)
+    settings = quantizer.settings
+    fidelity = measure_fidelity(s.fidelity_reference, tmp, s.fidelity)
     stamp_metadata(tmp, {**s.metadata("int8", "float32-nchw"), "quantization": "qat-cpu"})
     parity = s.check_parity(OnnxRuntimeRunner(tmp), "the QAT CPU INT8 ONNX", None)
     return {"tool": "onnxruntime.quantization.quantize_static on the QAT weights",

@@ -102,6 +102,8 @@ class QatSettings:
 @dataclass
 class QatResult:
     model: nn.Module                      # the fake-quant student at the selected step (eval mode)
+    settings: QatSettings
+    kept_fp32: tuple[str, ...]            # modules left unquantized (the measured edge policy)
     selected_step: int
     val_accuracy: dict[str, float]        # source-val accuracy (%) of the selected step
     history: list[dict[str, Any]]
@@ -109,7 +111,8 @@ class QatResult:
     resumed_from: int
 
     def to_record(self) -> dict[str, Any]:
-        return {"selected_step": self.selected_step, "source_val_accuracy": self.val_accuracy,
+        return {**self.settings.to_record(),
+                "selected_step": self.selected_step, "source_val_accuracy": self.val_accuracy,
                 "history": self.history, "wall_time_s": round(self.wall_time_s, 1),
                 "resumed_from_step": self.resumed_from,
                 "selection": "best mean source-validation accuracy of the fake-quant model "
@@ -209,7 +212,7 @@ def qat_finetune(run: TrainedRun, splits: DomainSplits, cfg: ExportConfig, calib
     tensors, _ = load_tensors(state_dir / BEST_FILE)
     model.load_state_dict(tensors)
     model.eval().cpu()
-    return QatResult(model, int(best["step"]), best["accuracy"], history,
+    return QatResult(model, settings, tuple(keep_fp32), int(best["step"]), best["accuracy"], history,
                      time.perf_counter() - started, resumed_from)
 
 

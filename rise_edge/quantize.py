@@ -314,8 +314,9 @@ class FidelitySet:
 
     domains: dict[str, tuple[np.ndarray, np.ndarray]]
 
-    def all_images(self) -> np.ndarray:
-        return np.concatenate([x for x, _ in self.domains.values()])
+    def logits_of(self, path: Path) -> dict[str, np.ndarray]:
+        """A model's logits per domain (the FP32 reference every INT8 model is measured against)."""
+        return {d: logits_of(path, x) for d, (x, _) in self.domains.items()}
 
 
 @dataclass
@@ -364,12 +365,6 @@ def measure_fidelity(reference: dict[str, np.ndarray], path: Path, fidelity: Fid
         ref_all.append(ref)
         got_all.append(got)
     return Fidelity(per_domain, sqnr_db(np.concatenate(ref_all), np.concatenate(got_all)))
-
-
-def accuracy_per_domain(path: Path, domains: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
-    """Top-1 accuracy in percent per domain; `domains` maps name -> (images, labels)."""
-    return {name: round(100.0 * float((logits_of(path, images).argmax(1) == labels).mean()), 3)
-            for name, (images, labels) in domains.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -514,16 +509,16 @@ def choose_edge_policy(quantizer: CpuQuantizer, reference: dict[str, np.ndarray]
 
 
 def quantize_within_budget(quantizer: CpuQuantizer, out_path: Path, fidelity: FidelitySet,
-                           budget: float, max_fallback: int, workdir: Path,
-                           log: Callable[[str], None] = lambda _: None) -> BudgetResult:
+                           reference: dict[str, np.ndarray], budget: float, max_fallback: int,
+                           workdir: Path, log: Callable[[str], None] = lambda _: None) -> BudgetResult:
     """Quantize, decide the first/last-layer policy by measurement, then, while the accuracy drop
     against FP32 on some source domain exceeds `budget` points, keep the real layer that adds the
     most accumulated noise in FP32, one at a time (at most `max_fallback`). Every model tried is
-    measured on the same fidelity images; the best one tried is shipped to `out_path`, never merely
-    the last. `workdir`/int8-all.onnx keeps the all-INT8 model (for the latency record).
+    measured on the same fidelity images against the FP32 `reference` logits per domain; the best
+    one tried is shipped to `out_path`, never merely the last. `workdir`/int8-all.onnx keeps the
+    all-INT8 model (for the latency record).
     """
     input_name = quantizer.input_name
-    reference = {d: logits_of(quantizer.pre_path, x) for d, (x, _) in fidelity.domains.items()}
     everything = workdir / "int8-all.onnx"
     quantizer.quantize(everything)
     all_int8 = measure_fidelity(reference, everything, fidelity)

@@ -139,7 +139,6 @@ def test_budget_loop_ships_the_best_model_it_tried_not_the_last(tmp_path: Path, 
     drops = {(): 1.92, ("L3",): 4.33, ("L1", "L3"): 1.44, ("L1", "L2", "L3"): 2.40,
              ("L1", "L2", "L3", "L4"): 3.37}
     monkeypatch.setattr("rise_edge.quantize.real_layers", lambda path: ["L0", "L1", "L2", "L3", "L4", "L5"])
-    monkeypatch.setattr("rise_edge.quantize.logits_of", lambda path, x: np.zeros((len(x), 2)))
     monkeypatch.setattr("rise_edge.quantize.rank_by_accumulated_error",
                         lambda *a, **k: [("L3", 0.4), ("L1", 0.3), ("L2", 0.2), ("L4", 0.1)])
 
@@ -153,8 +152,9 @@ def test_budget_loop_ships_the_best_model_it_tried_not_the_last(tmp_path: Path, 
     monkeypatch.setattr("rise_edge.quantize.measure_fidelity", fidelity)
     data = FidelitySet({"a": (np.zeros((4, 3, 2, 2), np.float32), np.zeros(4, int))})
     out = tmp_path / "shipped.onnx"
-    result = quantize_within_budget(_ScriptedQuantizer(tmp_path / "pre.onnx"), out, data, budget=1.0,
-                                    max_fallback=4, workdir=tmp_path)
+    result = quantize_within_budget(_ScriptedQuantizer(tmp_path / "pre.onnx"), out, data,
+                                    {"a": np.zeros((4, 2))}, budget=1.0, max_fallback=4,
+                                    workdir=tmp_path)
     assert [round(t.fidelity.worst_drop, 2) for t in result.tried] == [1.92, 4.33, 1.44, 2.40, 3.37]
     assert result.met is False
     assert result.final.worst_drop == 1.44  # the best tried, not the last (3.37)
