@@ -8,6 +8,7 @@ interrupted.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -230,6 +231,79 @@ def bench(run_dir: Path, domains: tuple[str, ...], engines: tuple[str, ...],
     if report.failed:
         click.echo(f"error: {len(report.failed)} engine(s) failed: {', '.join(report.failed)}", err=True)
         sys.exit(1)
+
+
+# -- data commands --
+
+
+@main.group()
+def data() -> None:
+    """Published data sets: download them into the data root, see which are there."""
+
+
+def _root_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--root", type=click.Path(path_type=Path), default=None,
+                        help="Data root (default: $RISE_EDGE_DATA).")(function)
+
+
+def _resolve_root(root: Path | None) -> Path:
+    from rise_edge.data import DATA_ENV
+
+    text = str(root) if root is not None else os.environ.get(DATA_ENV, "")
+    if not text:
+        raise UserError(f"no data root: give --root DIR or set {DATA_ENV} (recipes read data sets "
+                        "from the same place)")
+    return Path(text).expanduser()
+
+
+@data.command("download")
+@click.argument("name", metavar="NAME")
+@_root_option
+@click.option("--archive", "archives", multiple=True, type=click.Path(path_type=Path),
+              help="An archive you already downloaded (by its published name, e.g. PACS.zip), used "
+                   "instead of fetching it (repeatable).")
+@click.option("--mirror", default=None, metavar="URL",
+              help="Fetch each archive from URL/<archive name> instead of its public source.")
+@click.option("--keep-archives", is_flag=True, help="Keep the downloaded archives after extracting.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_user_errors
+def download(name: str, root: Path | None, archives: tuple[Path, ...], mirror: str | None,
+             keep_archives: bool, quiet: bool) -> None:
+    """Download data set NAME (PACS, VLCS, OfficeHome, TerraIncognita, DomainNet) into the data root,
+    in the layout recipes read; an interrupted download resumes when run again."""
+    from rise_edge.download import download_dataset
+
+    result = download_dataset(name, _resolve_root(root), mirror=mirror, archives=archives,
+                              keep_archives=keep_archives, progress=not quiet)
+    if result.already_present:
+        click.echo(f"{result.dataset} is already complete in {result.path}; nothing downloaded")
+    else:
+        for filename, info in result.archives.items():
+            origin = "published" if info["published"] else "recorded at first download"
+            click.echo(f"{filename}: {info['bytes']:,} bytes, sha256 {info['sha256']} ({origin})")
+        click.echo(f"{result.dataset} ready in {result.path}")
+    if result.after:
+        click.echo(f"note: {result.after}")
+
+
+@data.command("list")
+@_root_option
+@_user_errors
+def list_data(root: Path | None) -> None:
+    """The data sets rise-edge knows, and whether each is complete under the data root."""
+    from rise_edge.data import KNOWN_DATASETS
+    from rise_edge.download import SOURCES, missing_parts
+
+    where = _resolve_root(root)
+    for name, source in SOURCES.items():
+        known = KNOWN_DATASETS[name]
+        path = where / known.folder
+        if not path.is_dir():
+            state = f"not downloaded (rise-edge data download {name})"
+        else:
+            missing = missing_parts(path, known)
+            state = f"incomplete: missing {', '.join(missing[:3])}" if missing else "complete"
+        click.echo(f"{name:<15} {len(known.domains)} domains  {path}: {state}")
 
 
 # -- demo command --

@@ -300,7 +300,9 @@ def _official_splits(lists_dir: Path, dataset_path: Path, sources: Sequence[str]
                      ) -> tuple[dict[str, list[Sample]], dict[str, list[Sample]]]:
     """Read `<domain>_train_kfold.txt` / `<domain>_crossval_kfold.txt` (paths relative to the root)."""
     if not lists_dir.is_dir():
-        raise UserError(f"data.split_lists '{lists_dir}' is not a folder")
+        raise UserError(f"data.split_lists '{lists_dir}' is not a folder; put the official lists "
+                        "there (relative paths are taken from the data root), or use a seeded "
+                        "holdout of each source domain with --set data.split_lists=\"\"")
     label = {c: i for i, c in enumerate(classes)}
     root = dataset_path.parent
     splits: dict[str, dict[str, list[Sample]]] = {"train": {}, "crossval": {}}

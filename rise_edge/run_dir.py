@@ -58,7 +58,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def run_lock(run_dir: Path, command: str) -> Iterator[None]:
+def run_lock(run_dir: Path, command: str, *, noun: str = "run directory") -> Iterator[None]:
     """Own a run directory for the duration of one command: a second train, export or bench on the
     same run stops with a UserError naming the holder instead of mixing its files with ours.
 
@@ -70,7 +70,7 @@ def run_lock(run_dir: Path, command: str) -> Iterator[None]:
 
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir} is a file, not a run directory; choose another path")
+        raise UserError(f"{run_dir} is a file, not a {noun}; choose another path")
     parent = run_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def run_lock(run_dir: Path, command: str) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             raise UserError(f"{run_dir} is in use by {holder}; wait for it to finish or use another "
-                            "run directory") from None
+                            f"{noun}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"rise-edge {command} (pid {os.getpid()})".encode(), 0)
         yield
