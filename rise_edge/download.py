@@ -193,7 +193,7 @@ def download_dataset(name: str, root: Path, *, mirror: str | None = None,
     given = _match_local_archives(source, archives)
     work = root / WORK_FOLDER
     work.mkdir(parents=True, exist_ok=True)
-    with run_lock(work / name, "data download", noun="download folder"):
+    with run_lock(work / name, "data download", noun="download folder", clean=False):
         if target.exists():
             return _existing(name, target, known, source)
         staging = work / f"{name}.staging"

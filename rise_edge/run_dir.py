@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -58,13 +59,16 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def run_lock(run_dir: Path, command: str, *, noun: str = "run directory") -> Iterator[None]:
+def run_lock(run_dir: Path, command: str, *, noun: str = "run directory", clean: bool = True
+             ) -> Iterator[None]:
     """Own a run directory for the duration of one command: a second train, export or bench on the
     same run stops with a UserError naming the holder instead of mixing its files with ours.
 
     The lock is an flock on `.<name>.rise-edge.lock` beside the run directory (so a failed start
     leaves no run directory behind); the kernel releases it when the process ends, kill -9 included,
-    so a crash never leaves a run locked.
+    so a crash never leaves a run locked. With `clean`, the temporaries a killed command left in
+    the run directory are removed once the lock is held (a folder holding other lockable run
+    directories, like the demo's, passes clean=False: their own locks clean them).
     """
     import fcntl
 
@@ -87,9 +91,33 @@ def run_lock(run_dir: Path, command: str, *, noun: str = "run directory") -> Ite
                             f"{noun}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"rise-edge {command} (pid {os.getpid()})".encode(), 0)
+        if clean:
+            remove_leftovers(run_dir)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+# What a command killed with -9 leaves behind: atomic_path's temporaries, export's work folders,
+# calibration's range folders. Only the lock's holder removes them: no live process owns them then.
+LEFTOVER_PATTERNS = (".*.tmp", ".work-*", ".ranges.*")
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Delete the temporary files and folders a killed command left in `run_dir`; return them."""
+    if not run_dir.is_dir():
+        return []
+    found = {p for pattern in LEFTOVER_PATTERNS for p in run_dir.rglob(pattern)}
+    removed = []
+    for path in sorted(found, key=lambda p: len(p.parts)):  # parents first
+        if not path.exists() and not path.is_symlink():
+            continue  # inside a folder removed just before
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def write_text_atomic(path: Path, text: str) -> None:

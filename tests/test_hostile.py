@@ -547,3 +547,97 @@ def test_the_demo_reuses_a_finished_run_whose_export_settings_changed(
     with pytest.raises(UserError, match="never deletes what it did not make"):
         train_or_reuse(load_recipe(None, [*overrides, "train.seed=1"]), run_dir, progress=False)
     assert (run_dir / "results.json").stat().st_mtime_ns == finished
+
+
+# ---------------------------------------------------------------------------------------------------
+# Two demos at once, kill -9 at any moment of export and bench, and what such kills leave behind.
+
+def test_a_second_demo_on_one_folder_is_refused_before_touching_it(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "erm").mkdir(parents=True)
+    (out / "erm" / ".rise-edge-demo").write_text("")  # an unfinished demo run: the first is training it
+    (out / "erm" / "resume.safetensors").write_bytes(b"in progress")
+    with run_lock(out, "demo", noun="demo folder", clean=False):
+        result = CliRunner().invoke(main, ["demo", "--out", str(out)])
+    _one_clean_line(result, "in use by rise-edge demo (pid")
+    assert (out / "erm" / "resume.safetensors").read_bytes() == b"in progress"
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.suffix == ".tmp" or p.name.startswith((".work-", ".ranges."))]
+
+
+def test_temporaries_a_kill_left_are_removed_at_the_next_start(tiny_run: Path) -> None:
+    export = tiny_run / "export"
+    export.mkdir()
+    (export / ".model.onnx.k3j2l1.tmp").write_bytes(b"half a model")
+    (export / ".work-abc").mkdir()
+    (export / ".work-abc" / "model.onnx").write_bytes(b"half")
+    (export / "cache").mkdir()
+    (export / "cache" / ".ranges.xyz").mkdir()
+    keep = export / "notes.tmp.txt"  # not a name rise-edge writes: kept
+    keep.write_text("mine")
+    assert CliRunner().invoke(main, ["export", str(tiny_run), "--quiet"]).exit_code == 0
+    assert _leftovers(tiny_run) == []
+    assert keep.read_text() == "mine"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _kill_when_started(command: list[str], run_dir: Path, delay_s: float) -> None:
+    """Start `command` on `run_dir`, wait until it holds the run (its work begins), then kill -9
+    after delay_s."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "rise_edge.cli", *command], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = run_dir.parent / f".{run_dir.name}.rise-edge.lock"
+    deadline = time.time() + 120
+    while not (lock.exists() and f"pid {process.pid})" in lock.read_text()):
+        assert process.poll() is None and time.time() < deadline, "the command never started"
+        time.sleep(0.01)
+    time.sleep(delay_s)
+    assert process.poll() is None, "the command finished before the kill: lengthen its work"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay_s", [0.0, 0.4, 1.2])
+def test_kill_9_at_any_moment_of_export_then_export_again(tiny_run: Path, delay_s: float) -> None:
+    import json
+
+    export = tiny_run / "export"
+    _kill_when_started(["export", str(tiny_run), "--int8", "--quiet"], tiny_run, delay_s)
+    record = export / "export.json"
+    if record.exists():  # written atomically: whole or absent, never half
+        for name, artefact in json.loads(record.read_text())["artefacts"].items():
+            if artefact["status"] == "ok":
+                assert _sha256(export / artefact["path"]) == artefact["sha256"], name
+    again = CliRunner().invoke(main, ["export", str(tiny_run), "--int8", "--quiet"])
+    assert again.exit_code == 0, again.output
+    assert _leftovers(tiny_run) == []
+    artefacts = json.loads(record.read_text())["artefacts"]
+    assert {artefacts[n]["status"] for n in ("onnx-fp32", "onnx-int8")} == {"ok"}
+    for artefact in artefacts.values():
+        if artefact["status"] == "ok":
+            assert _sha256(export / artefact["path"]) == artefact["sha256"]
+
+
+@pytest.mark.slow
+def test_kill_9_during_bench_keeps_the_last_report_whole_and_bench_runs_again(tiny_run: Path) -> None:
+    import json
+
+    assert CliRunner().invoke(main, ["export", str(tiny_run), "--quiet"]).exit_code == 0
+    assert CliRunner().invoke(main, ["bench", str(tiny_run), "--quiet", "--iterations", "2"]
+                              ).exit_code == 0
+    report = tiny_run / "bench" / "report.json"
+    first = report.read_bytes()
+    _kill_when_started(["bench", str(tiny_run), "--quiet", "--domain", "all", "--iterations", "2000"],
+                       tiny_run, 1.5)
+    assert report.read_bytes() == first or json.loads(report.read_text())  # old or new, never half
+    again = CliRunner().invoke(main, ["bench", str(tiny_run), "--quiet", "--iterations", "2"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(report.read_text())["rows"] and _leftovers(tiny_run) == []

@@ -103,9 +103,8 @@ class DemoResult:
 def run_demo(recipe_path: Path | None = None, out_dir: Path = Path("runs/demo"),
              overrides: tuple[str, ...] = (), *, progress: bool = True) -> DemoResult:
     """Run the five steps; return the summary table (also written to OUT/demo.md and demo.json)."""
-    from rise_edge.bench import bench_run
-    from rise_edge.data import KNOWN_DATASETS, build_splits
-    from rise_edge.export import export_run, recommended_int8
+    from rise_edge.data import KNOWN_DATASETS
+    from rise_edge.run_dir import run_lock
     from rise_edge.teacher import BUILT_TEACHERS
 
     started = time.perf_counter()
@@ -117,6 +116,18 @@ def run_demo(recipe_path: Path | None = None, out_dir: Path = Path("runs/demo"),
     if recipe.teacher.model not in BUILT_TEACHERS:
         raise UserError(f"the demo's teacher is one rise-edge builds ({', '.join(BUILT_TEACHERS)}), "
                         f"not '{recipe.teacher.model}'")
+    # One demo per folder: a second one would delete the runs the first is training.
+    with run_lock(out_dir, "demo", noun="demo folder", clean=False):
+        return _story(recipe, out_dir, started, progress)
+
+
+def _story(recipe: Recipe, out_dir: Path, started: float, progress: bool) -> DemoResult:
+    """The five steps and the summary, with the demo folder held."""
+    from rise_edge.bench import bench_run
+    from rise_edge.data import build_splits
+    from rise_edge.export import export_run, recommended_int8
+    from rise_edge.teacher import BUILT_TEACHERS
+
     _say(1, "demo world: shapes drawn in four styles")
     # Builds the world on first use; its images are decoded and checked by each training run.
     splits = build_splits(recipe.data, check_images=False, progress=progress)
