@@ -1,13 +1,15 @@
-"""Does RISE beat ERM in the demo world? Both students over several seeds, paired by seed.
+"""Does RISE beat ERM, and plain KD, in the demo world? The students over several seeds, paired by seed.
 
-    python benchmarks/demo_seeds.py [--seeds 0 1 2] [--recipe recipes/demo.yaml] [--runs runs/demo-seeds]
+    python benchmarks/demo_seeds.py [--seeds 0 1 2] [--methods erm kd rise] [--recipe recipes/demo.yaml]
+                                    [--runs runs/demo-seeds] [--out benchmarks/results/demo_seeds.md]
 
-For each seed, the demo recipe is trained twice with `train.seed=<seed>` (initialisation, data order
-and augmentation): once as ERM (cross-entropy only) and once as RISE (the recipe as written), exactly
-as `rise-edge demo` trains them. The demo world and teacher come from the cache (built on first use)
+For each seed, the demo recipe is trained once per method with `train.seed=<seed>` (initialisation,
+data order and augmentation) and `loss.method=<method>`: ERM (cross-entropy only, as `rise-edge demo`
+trains it), KD (Hinton's distillation from the same teacher's zero-shot logits, plain head) and RISE
+(the recipe as written). The demo world and teacher come from the cache (built on first use)
 and are the same for every seed. Finished runs in --runs are reused. Source styles score their
 validation split; the unseen style scores all its images. Selection uses source validation only.
-Writes benchmarks/results/demo_seeds.{md,json}.
+Writes --out (.md) and the same name with .json.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=["erm", "kd", "rise"],
+                        choices=["erm", "kd", "rise"])
     parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "demo.yaml")
     parser.add_argument("--runs", type=Path, default=Path("runs/demo-seeds"))
     parser.add_argument("--out", type=Path, default=RESULTS / "demo_seeds.md")
@@ -35,7 +39,9 @@ def main() -> None:
 
     from rise_edge.config import load_recipe, recipe_to_dict
     from rise_edge.data import build_splits
-    from rise_edge.demo.story import erm_recipe, train_or_reuse
+    from dataclasses import replace
+
+    from rise_edge.demo.story import train_or_reuse
     from rise_edge.resources import machine_info, software_versions
     from rise_edge.teacher import BUILT_TEACHERS
 
@@ -48,7 +54,8 @@ def main() -> None:
     for seed in args.seeds:
         recipe = load_recipe(args.recipe, (f"train.seed={seed}",))
         row: dict[str, Any] = {"seed": seed}
-        for method, method_recipe in (("erm", erm_recipe(recipe)), ("rise", recipe)):
+        for method in args.methods:
+            method_recipe = replace(recipe, loss=replace(recipe.loss, method=method))
             print(f"seed {seed}: {method.upper()}", file=sys.stderr, flush=True)
             started = time.perf_counter()
             result = train_or_reuse(method_recipe, args.runs / f"seed{seed}" / method, progress=True)
@@ -63,17 +70,20 @@ def main() -> None:
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
     target_key = f"target/{target}"
-    gains = [100 * (r["rise"]["accuracy"][target_key] - r["erm"]["accuracy"][target_key]) for r in rows]
+    baseline = args.methods[0]
+    gains = {m: [100 * (r[m]["accuracy"][target_key] - r[baseline]["accuracy"][target_key])
+                 for r in rows] for m in args.methods[1:]}
     result = {
         "command": shlex.join(["python", "benchmarks/demo_seeds.py", *sys.argv[1:]]),
         "recipe": recipe_to_dict(base), "recipe_file": args.recipe.name,
         "source_domains": list(splits.source_domains), "target_domain": target,
         "teacher": {"folder": teacher_dir.name, "zero_shot_rise_templates": zero_shot},
-        "seeds": rows,
+        "methods": args.methods, "seeds": rows,
         "summary": {m: {"target": summary(m, target_key), "val_mean": summary(m, "val_mean")}
-                    for m in ("erm", "rise")},
-        "rise_minus_erm_target_points": gains,
-        "rise_better_on_target": sum(g > 0 for g in gains),
+                    for m in args.methods},
+        "baseline": baseline,
+        "minus_baseline_target_points": gains,
+        "better_than_baseline_on_target": {m: sum(g > 0 for g in v) for m, v in gains.items()},
         "machine": machine_info(), "versions": software_versions()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -84,12 +94,16 @@ def main() -> None:
 def to_markdown(result: dict[str, Any]) -> str:
     sources, target = result["source_domains"], result["target_domain"]
     machine, versions = result["machine"], result["versions"]
-    lines = [f"# Demo world: ERM vs RISE over {len(result['seeds'])} seeds", "",
+    methods = result["methods"]
+    lines = [f"# Demo world: {' vs '.join(m.upper() for m in methods)} over {len(result['seeds'])} "
+             "seeds", "",
              f"Command: `{result['command']}`  ",
              f"Recipe: recipes/{result['recipe_file']} (student {result['recipe']['student']['model']} "
              f"from random weights at {result['recipe']['student']['image_size']} px, "
-             f"{result['recipe']['train']['epochs']} epochs); ERM is the same recipe with cross-entropy "
-             "only. Trained on " + ", ".join(sources) + f"; unseen: {target}.  ",
+             f"{result['recipe']['train']['epochs']} epochs), each method with `loss.method=<method>`: "
+             "ERM cross-entropy only; KD cross-entropy + distillation from the teacher's zero-shot "
+             "logits (plain head); RISE KD + language-guided distances, text-initialised head. "
+             "Trained on " + ", ".join(sources) + f"; unseen: {target}.  ",
              f"Teacher: {result['teacher']['folder']} (the same for every seed), zero-shot "
              + ", ".join(f"{k} {100 * v:.1f} %" for k, v in result["teacher"]["zero_shot_rise_templates"].items())
              + ".  ",
@@ -104,7 +118,7 @@ def to_markdown(result: dict[str, Any]) -> str:
              + f" | source mean | **{target} (unseen)** | train wall s |",
              "|---|---|" + "---|" * (len(sources) + 3)]
     for row in result["seeds"]:
-        for method in ("erm", "rise"):
+        for method in methods:
             acc = row[method]["accuracy"]
             lines.append(f"| {row['seed']} | {method.upper()} | "
                          + " | ".join(f"{100 * acc[f'val/{d}']:.1f}" for d in sources)
@@ -112,14 +126,16 @@ def to_markdown(result: dict[str, Any]) -> str:
                          f"{row[method]['train_wall_s']:.0f} |")
     summary = result["summary"]
     lines += ["", "| method | source mean (mean ± sd) | unseen target (mean ± sd) |", "|---|---|---|"]
-    for method in ("erm", "rise"):
+    for method in methods:
         s = summary[method]
         lines.append(f"| {method.upper()} | {s['val_mean']['mean']:.1f} ± {s['val_mean']['std']:.1f} | "
                      f"{s['target']['mean']:.1f} ± {s['target']['std']:.1f} |")
-    gains = result["rise_minus_erm_target_points"]
-    lines += ["", "RISE minus ERM on the unseen style, per seed: "
-              + ", ".join(f"{g:+.1f}" for g in gains) + f" points; RISE better on "
-              f"{result['rise_better_on_target']} of {len(gains)} seeds."]
+    base = result["baseline"].upper()
+    lines.append("")
+    for method, gains in result["minus_baseline_target_points"].items():
+        lines.append(f"{method.upper()} minus {base} on the unseen style, per seed: "
+                     + ", ".join(f"{g:+.1f}" for g in gains) + f" points; {method.upper()} better on "
+                     f"{result['better_than_baseline_on_target'][method]} of {len(gains)} seeds.  ")
     return "\n".join(lines) + "\n"
 
 

@@ -31,6 +31,9 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except BrokenPipeError:  # `rise-edge recipes | head`: the reader left; say nothing more
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except OSError as exc:  # a full disk, a read-only file system, a folder that is a file...
             where = f" ({exc.filename})" if exc.filename else ""
             click.echo(f"error: {exc.strerror or exc}{where}; files already in place were kept (each "

@@ -77,6 +77,8 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
+    method: str = _f("", "training method: erm, kd or rise (rise_edge.methods); empty: rise when "
+                     "w_kd or w_dist > 0, else erm")
     w_ce: float = _f(1.0, "weight of cross-entropy on the labels", min=0.0)
     w_kd: float = _f(0.0, "weight of distillation from the teacher's zero-shot logits", min=0.0)
     w_dist: float = _f(0.0, "weight of the language-guided distances (absolute + relative)", min=0.0)
@@ -176,9 +178,18 @@ class Recipe:
     bench: BenchConfig = field(default_factory=BenchConfig)
 
     @property
+    def method(self) -> str:
+        """loss.method, or for recipes that leave it empty: rise when a teacher weight is set."""
+        from rise_edge.methods import infer_method
+
+        return self.loss.method or infer_method(self.loss.w_kd, self.loss.w_dist)
+
+    @property
     def uses_teacher(self) -> bool:
-        """ERM (w_kd = w_dist = 0) loads no teacher at all."""
-        return self.loss.w_kd > 0 or self.loss.w_dist > 0
+        """ERM loads no teacher at all."""
+        from rise_edge.methods import METHODS
+
+        return METHODS[self.method].uses_teacher
 
 
 _SECTION_TYPES: dict[str, type] = {
@@ -272,7 +283,16 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
         if not isinstance(value, dict):
             raise UserError(f"{where}: section '{name}' must be a mapping of keys, got {value!r}")
         sections[name] = _build_section(_SECTION_TYPES[name], value, name, where)
-    return Recipe(**sections)
+    recipe = Recipe(**sections)
+    from rise_edge.methods import METHODS
+
+    if recipe.method not in METHODS:
+        close = difflib.get_close_matches(recipe.method, METHODS, n=1)
+        raise UserError(f"{where}: loss.method '{recipe.method}' is not a training method"
+                        + (f"; did you mean '{close[0]}'?" if close else "")
+                        + f"; methods: {', '.join(METHODS)}")
+    # Saved recipes name their method, so a run reads the same whatever the weights' defaults become.
+    return dataclasses.replace(recipe, loss=dataclasses.replace(recipe.loss, method=recipe.method))
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -472,8 +472,9 @@ def make_onnx_int8_qat(s: ExportSession, tmp: Path) -> dict[str, Any]:
                       "in FP32; BatchNorm folded, static pads",
             "kept_fp32_modules": list(qat.kept_fp32),
             "qat": qat.to_record(),
-            "objective": "rise (teacher distillation + language terms)" if s.run.recipe.uses_teacher
-                         else "cross-entropy + distillation from the FP32 student",
+            "objective": (f"{s.run.recipe.method}: the run's own objective with its teacher"
+                          if s.run.recipe.uses_teacher
+                          else "cross-entropy + distillation from the FP32 student"),
             "calibration_sha256": s.calibration.sha256, "parity": parity}
 
 

@@ -62,18 +62,16 @@ class SelfDistillObjective(nn.Module):
 
 
 def run_objective(run: TrainedRun, splits: DomainSplits, device: torch.device) -> nn.Module:
-    """The objective QAT fine-tunes with: the run's RISE objective, or CE + self-distillation."""
-    recipe = run.recipe
-    if not recipe.uses_teacher:
-        return SelfDistillObjective(copy.deepcopy(run.student).to(device))
-    from rise_edge.rise import RiseObjective
-    from rise_edge.teacher import load_teacher, text_embeddings_cached
+    """The objective QAT fine-tunes with: the run's own method with its teacher (KD, RISE), or, for
+    a run trained without one, CE + self-distillation from the FP32 student."""
+    from rise_edge.methods import METHODS, teacher_and_text
 
-    teacher = load_teacher(recipe.teacher, device)
-    anchors = recipe.teacher.anchors or splits.anchors()
-    text = text_embeddings_cached(teacher, splits.classes, recipe.teacher.templates, anchors,
-                                  [run.path / "text_embeddings"]).to(device)
-    return RiseObjective(recipe.loss, teacher, text, run.meta.preprocessing)
+    method = METHODS[run.recipe.method]
+    if not method.uses_teacher:
+        return SelfDistillObjective(copy.deepcopy(run.student).to(device))
+    teacher, text = teacher_and_text(run.recipe, splits.classes, splits.anchors(),
+                                     [run.path / "text_embeddings"], device)
+    return method.objective(run.recipe.loss, teacher, text, run.meta.preprocessing)
 
 
 @dataclass

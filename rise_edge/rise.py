@@ -1,4 +1,5 @@
-"""The method alone: ERM and RISE objectives and their loss terms, vectorised over the batch.
+"""The method alone: the ERM, KD and RISE objectives and their loss terms, vectorised over the batch.
+(rise_edge.methods names them for recipes: loss.method.)
 
 RISE (Huang et al., ICCV 2023): L = w_kd * KD + w_ce * CE + w_dist * (AD + RD), with
   KD = tau^2 * KL(softmax(q / tau) || softmax(s / tau)), batch mean   (teacher distribution is the target)
@@ -57,6 +58,28 @@ class ErmObjective(nn.Module):
         logits = student(images)
         ce = F.cross_entropy(logits.float(), labels)
         return {"loss": ce, "ce": ce}
+
+
+class KdObjective(nn.Module):
+    """Hinton's knowledge distillation from CLIP's zero-shot logits, plus CE: RISE without the
+    language terms and without the text-initialised head (the paper's main comparison)."""
+
+    def __init__(self, cfg: LossConfig, teacher: ClipTeacher, text: TextEmbeddings,
+                 student_preprocessing: Preprocessing):
+        super().__init__()
+        self.cfg = cfg
+        self.teacher = teacher
+        self.text = text
+        self.student_preprocessing = student_preprocessing
+
+    def forward(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        logits = student(images).float()
+        teacher_logits = self.teacher.zero_shot_logits(images, self.student_preprocessing,
+                                                       self.text.prototypes)
+        terms = {"ce": F.cross_entropy(logits, labels),
+                 "kd": kd_loss(logits, teacher_logits, self.cfg.tau)}
+        return {"loss": self.cfg.w_ce * terms["ce"] + self.cfg.w_kd * terms["kd"], **terms}
 
 
 class RiseObjective(nn.Module):

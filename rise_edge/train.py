@@ -28,7 +28,7 @@ from rise_edge.data import (SPLITS_FILE, DomainImages, DomainSplits, EpochBatche
 from rise_edge.distributed import Distributed
 from rise_edge.errors import UserError
 from rise_edge.paths import cache_root
-from rise_edge.rise import ErmObjective, RiseObjective
+from rise_edge.methods import METHODS, teacher_and_text
 from rise_edge.run_dir import (RESUME_FILE, STUDENT_FILE, MetricsLog, StudentMeta, load_training_state,
                                run_lock, save_student, save_training_state, write_json_atomic,
                                write_text_atomic)
@@ -128,21 +128,21 @@ def _check_run_dir(path: Path, recipe: Recipe, resume: bool) -> None:
 
 def _objective(recipe: Recipe, splits: DomainSplits, device: torch.device, run_dir: Path,
                cache_dir: Path | None) -> tuple[nn.Module, Student, Preprocessing]:
-    """ERM loads no teacher at all; RISE loads it, embeds the prompts, and sizes the student's head."""
+    """The recipe's method (rise_edge.methods): ERM loads no teacher at all; KD and RISE load it and
+    embed the prompts; RISE also sizes the student's head to CLIP's space and initialises it."""
     torch.manual_seed(recipe.train.seed)
-    if not recipe.uses_teacher:
+    method = METHODS[recipe.method]
+    if not method.uses_teacher:
         student, pre = build_student(recipe.student, len(splits.classes), None)
-        return ErmObjective(), student, pre
-    from rise_edge.teacher import load_teacher, text_embeddings_cached
-
-    teacher = load_teacher(recipe.teacher, device)
-    anchors = recipe.teacher.anchors or splits.anchors()
+        return method.objective(recipe.loss, None, None, pre), student, pre
     folders = [run_dir / "text_embeddings"] + ([cache_dir] if cache_dir else [])
-    text = text_embeddings_cached(teacher, splits.classes, recipe.teacher.templates, anchors,
-                                  folders).to(device)
+    teacher, text = teacher_and_text(recipe, splits.classes, splits.anchors(), folders, device)
+    if not method.text_head:
+        student, pre = build_student(recipe.student, len(splits.classes), None)
+        return method.objective(recipe.loss, teacher, text, pre), student, pre
     student, pre = build_student(recipe.student, len(splits.classes), text.prototypes.shape[1])
     student.init_classifier_from_text(text.prototypes.cpu())
-    return RiseObjective(recipe.loss, teacher, text, pre), student, pre
+    return method.objective(recipe.loss, teacher, text, pre), student, pre
 
 
 def _optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:

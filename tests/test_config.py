@@ -86,3 +86,15 @@ def test_missing_recipe_file_names_it_and_suggests(tmp_path: Path) -> None:
 
 def test_user_error_is_exit_2() -> None:
     assert UserError("x").exit_code == 2
+
+
+def test_loss_method_is_named_inferred_for_older_recipes_and_checked(tmp_path: Path) -> None:
+    from rise_edge.config import recipe_from_dict
+
+    assert recipe_from_dict({}).loss.method == "erm"
+    assert recipe_from_dict({"loss": {"w_kd": 0.5}}).loss.method == "rise"  # written before method
+    assert recipe_from_dict({"loss": {"method": "kd", "w_kd": 0.5}}).uses_teacher
+    assert not recipe_from_dict({"loss": {"method": "erm", "w_kd": 0.5}}).uses_teacher
+    with pytest.raises(UserError, match="loss.method 'risee' is not a training method; did you mean "
+                                        "'rise'"):
+        recipe_from_dict({"loss": {"method": "risee"}})

@@ -163,6 +163,31 @@ def test_erm_objective_is_cross_entropy() -> None:
     assert terms["loss"].item() == pytest.approx(F.cross_entropy(student(images), labels).item())
 
 
+def test_kd_objective_is_ce_plus_hinton_kd_from_zero_shot_logits(tiny_teacher) -> None:
+    from rise_edge.rise import KdObjective
+
+    text = tiny_teacher.text_embeddings(["dog", "guitar", "house"], ["a photo of a {}."], ["sketch"])
+    student = _tiny_student(None)  # KD's head is a plain linear classifier
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    cfg = LossConfig(w_ce=0.3, w_kd=0.7, w_dist=5.0, tau=2.0)  # w_dist is RISE's: KD ignores it
+    terms = KdObjective(cfg, tiny_teacher, text, PRE)(student, images, labels)
+    assert terms.keys() == {"loss", "ce", "kd"}
+    q = tiny_teacher.zero_shot_logits(images, PRE, text.prototypes)
+    assert terms["kd"].item() == pytest.approx(kd_loss(student(images), q, 2.0).item(), rel=1e-6)
+    assert terms["loss"].item() == pytest.approx(0.3 * terms["ce"].item() + 0.7 * terms["kd"].item(),
+                                                 rel=1e-6)
+
+
+def test_methods_registry_names_each_method_once() -> None:
+    from rise_edge.methods import METHODS, Method, register_method
+
+    assert list(METHODS) == ["erm", "kd", "rise"]
+    assert [m.uses_teacher for m in METHODS.values()] == [False, True, True]
+    assert [m.text_head for m in METHODS.values()] == [False, False, True]
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(Method("kd", "again", True, False, METHODS["kd"].objective))
+
+
 def test_classifier_starts_as_the_text_classifier(tiny_teacher) -> None:
     text = tiny_teacher.text_embeddings(["a", "b"], ["{}"], ["x"])
     student = _tiny_student(text.prototypes.shape[1], classes=2)

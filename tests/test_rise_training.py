@@ -66,6 +66,24 @@ def test_rise_train_logs_every_term_and_caches_text(tiny_data_root: Path, tiny_c
     assert meta["head"]["embed_dim"] == TINY_CLIP_CONFIG["embed_dim"]  # projector to the teacher's dim
 
 
+def test_kd_method_trains_from_a_rise_recipe_with_a_plain_head(tiny_data_root: Path,
+                                                               tiny_clip_dir: Path,
+                                                               tmp_path: Path) -> None:
+    recipe = tmp_path / "rise.yaml"
+    recipe.write_text("{}\n")
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", str(recipe),
+                                       *_rise_args(tiny_data_root, tiny_clip_dir, run_dir,
+                                                   "train.steps=3", "loss.method=kd")])
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' not in line]
+    assert all(r.keys() >= {"loss", "ce", "kd"} and not r.keys() & {"ad", "rd"} for r in steps)
+    meta = json.loads((run_dir / "student.json").read_text())
+    assert meta["head"]["embed_dim"] is None  # no projector into CLIP's space, no text init
+    assert "method: kd" in (run_dir / "recipe.yaml").read_text()
+
+
 def test_two_process_ddp_matches_one_process(tiny_data_root: Path, tiny_clip_dir: Path,
                                              tmp_path: Path) -> None:
     """Same global batch of 8: one process, then torchrun with 2 gloo ranks of 4 (BN-free student)."""

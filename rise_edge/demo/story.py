@@ -43,7 +43,7 @@ def default_demo_recipe() -> Path:
 
 def erm_recipe(recipe: Recipe) -> Recipe:
     """The same recipe as plain cross-entropy: no teacher, no distillation."""
-    return replace(recipe, loss=replace(recipe.loss, w_ce=1.0, w_kd=0.0, w_dist=0.0))
+    return replace(recipe, loss=replace(recipe.loss, method="erm"))
 
 
 def _finished(run_dir: Path, recipe: Recipe) -> bool:

@@ -1,0 +1,92 @@
+"""Training methods by name (`loss.method`): what each loads and which objective it trains with.
+
+    erm   cross-entropy on the labels; no teacher (w_ce only scales the lr)  (the DG baseline)
+    kd    Hinton's distillation from the teacher's zero-shot logits + CE;   (RISE's main comparison)
+          plain linear head, no language terms
+    rise  KD + the language-guided distances (AD + RD) + CE, with the      (Huang et al., ICCV 2023)
+          head projecting into CLIP's space and initialised from the class text
+
+A method uses the loss weights it knows (erm: w_ce; kd: w_ce, w_kd, tau; rise: all) and ignores the
+others, so `--set loss.method=kd` turns any RISE recipe into its KD baseline. The objectives
+themselves live in rise_edge.rise; this module only names them (and imports nothing heavy, so the
+recipe checker can list the names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from rise_edge.config import LossConfig, Recipe
+    from rise_edge.student import Preprocessing
+    from rise_edge.teacher import ClipTeacher, TextEmbeddings
+
+# (loss config, teacher or None, text embeddings or None, student preprocessing) -> objective module
+ObjectiveBuilder = Callable[["LossConfig", "ClipTeacher | None", "TextEmbeddings | None", "Preprocessing"],
+                            "nn.Module"]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    uses_teacher: bool   # loads the CLIP teacher and embeds the class prompts
+    text_head: bool      # student head projects into CLIP's space, classifier initialised from text
+    objective: ObjectiveBuilder
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add a training method under its name (a name already taken is an error, not a replacement)."""
+    if method.name in METHODS:
+        raise ValueError(f"training method '{method.name}' is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def infer_method(w_kd: float, w_dist: float) -> str:
+    """Recipes written before loss.method existed: RISE when a teacher weight is set, else ERM."""
+    return "rise" if w_kd > 0 or w_dist > 0 else "erm"
+
+
+def _erm(cfg: Any, teacher: Any, text: Any, pre: Any) -> nn.Module:
+    from rise_edge.rise import ErmObjective
+    return ErmObjective()
+
+
+def _kd(cfg: Any, teacher: Any, text: Any, pre: Any) -> nn.Module:
+    from rise_edge.rise import KdObjective
+    return KdObjective(cfg, teacher, text, pre)
+
+
+def _rise(cfg: Any, teacher: Any, text: Any, pre: Any) -> nn.Module:
+    from rise_edge.rise import RiseObjective
+    return RiseObjective(cfg, teacher, text, pre)
+
+
+def teacher_and_text(recipe: Recipe, classes: Sequence[str], anchors: Sequence[str],
+                     folders: Sequence[Path], device: torch.device
+                     ) -> tuple[ClipTeacher, TextEmbeddings]:
+    """The recipe's teacher and its embeddings of the class prompts and anchors (cached in
+    `folders`, first hit wins), on `device`: what every teacher-using method needs."""
+    from rise_edge.teacher import load_teacher, text_embeddings_cached
+
+    teacher = load_teacher(recipe.teacher, device)
+    text = text_embeddings_cached(teacher, classes, recipe.teacher.templates,
+                                  recipe.teacher.anchors or anchors, list(folders)).to(device)
+    return teacher, text
+
+
+register_method(Method("erm", "cross-entropy on the source labels", False, False, _erm))
+register_method(Method("kd", "cross-entropy + distillation from the teacher's zero-shot logits",
+                       True, False, _kd))
+register_method(Method("rise", "cross-entropy + distillation + language-guided distances (RISE)",
+                       True, True, _rise))
