@@ -36,7 +36,7 @@ def export_resnet18(folder: Path) -> Path:
     import timm
     import torch
 
-    from rise_edge.export import export_graph
+    from rise_edge.export_session import export_graph
 
     torch.manual_seed(0)
     model = timm.create_model("resnet18", pretrained=False, num_classes=7).eval()
@@ -67,7 +67,7 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from rise_edge.engines import OnnxRuntimeRunner
+    from rise_edge.backends.onnxruntime import OnnxRuntimeRunner
     from rise_edge.latency import TimingPlan, time_runner
     from rise_edge.resources import machine_info, software_versions
 

@@ -147,7 +147,7 @@ def qat_throughput(device: torch.device, batch: int, size: int, steps: int) -> l
 
 def inference_latency(device: torch.device, size: int, iterations: int) -> list[dict[str, Any]]:
     from rise_edge.config import StudentConfig
-    from rise_edge.engines import TorchRunner
+    from rise_edge.backends.pytorch import TorchRunner
     from rise_edge.latency import TimingPlan, time_runner
     from rise_edge.student import build_student
 

@@ -44,7 +44,7 @@ def previous_pipeline_int8(run: Any, session: Any, out: Path, work: Path) -> Non
     import torch
     from onnxruntime import quantization as q
 
-    from rise_edge.export import export_graph
+    from rise_edge.export_session import export_graph
     from rise_edge.quantize import _reader, cpu_quant_settings, preprocess
 
     size = run.meta.preprocessing.input_size
@@ -65,7 +65,7 @@ def accuracy(models: dict[str, Path], splits: Any, pre: Any) -> dict[str, dict]:
     """Top-1 (%) of every model on each source-val split and all target images."""
     from export_pacs import accuracy as top1  # the same chunked loop export_pacs.py uses
 
-    from rise_edge.engines import OnnxRuntimeRunner
+    from rise_edge.backends.onnxruntime import OnnxRuntimeRunner
 
     runners = {name: OnnxRuntimeRunner(path) for name, path in models.items()}
     sets = {**{d: list(splits.val[d]) for d in splits.source_domains}, splits.target_domain: splits.test}
@@ -77,7 +77,7 @@ def accuracy(models: dict[str, Path], splits: Any, pre: Any) -> dict[str, dict]:
 
 
 def latency(models: dict[str, Path], image: np.ndarray, rounds: int, iters: int) -> dict[str, dict]:
-    from rise_edge.engines import OnnxRuntimeRunner
+    from rise_edge.backends.onnxruntime import OnnxRuntimeRunner
     from rise_edge.latency import interleaved_ms
 
     result: dict[str, dict] = {name: {} for name in models}
@@ -91,7 +91,8 @@ def latency(models: dict[str, Path], image: np.ndarray, rounds: int, iters: int)
 
 
 def measure_run(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from rise_edge.export import EXPORT_DIR, ExportSession, export_run, resolve_export_config
+    from rise_edge.export import EXPORT_DIR, export_run, resolve_export_config
+    from rise_edge.export_session import ExportSession
     from rise_edge.run_dir import open_run
 
     run = open_run(run_dir)

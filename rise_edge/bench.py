@@ -31,7 +31,6 @@ import dataclasses
 import datetime
 import difflib
 import gc
-import importlib.util
 import random
 import shlex
 import sys
@@ -47,7 +46,9 @@ from tqdm import tqdm
 
 from rise_edge.config import BenchConfig, recipe_from_dict, recipe_to_dict
 from rise_edge.data import DomainSplits, Sample, load_rgb
-from rise_edge.engines import ENGINES, GPU_FORMATS, Runner, TorchRunner, runner_for
+from rise_edge.backends import artefacts, backend_for_engine, backends, runner_for
+from rise_edge.backends.base import Runner
+from rise_edge.backends.pytorch import TorchRunner
 from rise_edge.errors import UserError
 from rise_edge.latency import PERCENTILE_DEFINITION, TimingPlan, mlperf_style, time_runner
 from rise_edge.resources import GpuMemory, HostMemory, TegraStats, machine_info, software_versions
@@ -60,12 +61,7 @@ REFERENCE = "pytorch"
 ACCURACY_BATCH = 32
 SCHEMA = 1
 
-# --engines accepts the reference, a backend (all its artefacts) or an artefact name from export.json.
-BACKEND_OF_FORMAT = {"pytorch": "pytorch", "onnx": "onnxruntime", "tensorrt": "tensorrt",
-                     "torch-tensorrt": "torch-tensorrt"}
-ENGINE_ALIASES = {"torch": "pytorch", "ort": "onnxruntime", "trt": "tensorrt"}
 FAILED = frozenset({"missing", "load-failed", "run-failed", "tampered"})
-assert set(BACKEND_OF_FORMAT) == set(ENGINES)
 
 
 def _log(progress: bool) -> Callable[[str], None]:
@@ -141,7 +137,7 @@ def domain_sets(run: TrainedRun, splits: DomainSplits, names: Sequence[str], max
 @dataclass
 class EngineSpec:
     name: str                      # row name: "pytorch" or the export artefact's name
-    format: str                    # a key of engines.ENGINES
+    format: str                    # the format of the backend that runs it (rise_edge.backends)
     precision: str
     target: str
     record: dict[str, Any] | None  # export.json record (None for the reference)
@@ -150,28 +146,6 @@ class EngineSpec:
     status: str = "pending"        # "pending": to be run
     reason: str = ""
     warnings: list[str] = field(default_factory=list)
-
-
-def _known_artefacts() -> dict[str, Any]:
-    """export's table of artefacts (name -> spec with .format), in its order; {} without onnx."""
-    try:
-        from rise_edge.export import ARTEFACTS
-    except ImportError:  # export needs onnx; a bench of the reference alone does not
-        return {}
-    return dict(ARTEFACTS)
-
-
-def _gpu_reason(fmt: str) -> str | None:
-    missing = []
-    if not torch.cuda.is_available():
-        missing.append("no CUDA GPU is visible to PyTorch")
-    package = {"tensorrt": "tensorrt", "torch-tensorrt": "torch_tensorrt"}[fmt]
-    if importlib.util.find_spec(package) is None:
-        missing.append(f"the '{package.replace('_', '-')}' package is not installed")
-    if not missing:
-        return None
-    return (f"{fmt} artefacts run on a CUDA GPU with {package.replace('_', '-')}, but here "
-            f"{' and '.join(missing)}; bench them on the device that built them.")
 
 
 def _ort_has(provider: str) -> bool:
@@ -207,14 +181,24 @@ def _check_record(spec: EngineSpec, explicit: bool, student_sha: str | None) -> 
                 f"{spec.path.name} does not match the sha256 {EXPORT_JSON} recorded for it: it was "
                 "changed or replaced after export; re-export it with `rise-edge export`")
             return
-    if spec.format not in ENGINES:
-        spec.status, spec.reason = "unavailable", f"no runner for artefact format '{spec.format}'"
+        # An artefact of several files (an OpenVINO IR's .bin): every one is verified.
+        for name, sha in dict(record.get("files", {})).items():
+            part = spec.path.parent / Path(name).name
+            if not part.is_file() or file_sha256(part) != sha:
+                spec.status, spec.reason = "tampered", (
+                    f"{Path(name).name}, part of {spec.path.name}, is missing or does not match the "
+                    f"sha256 {EXPORT_JSON} recorded for it; re-export it with `rise-edge export`")
+                return
+    backend = backends().get(spec.format)
+    if backend is None:
+        spec.status, spec.reason = "unavailable", (
+            f"no runner for artefact format '{spec.format}' (a backend not installed here?); "
+            f"backends: {', '.join(backends())}")
         return
-    if spec.format in GPU_FORMATS:
-        reason = _gpu_reason(spec.format)
-        if reason:
-            spec.status, spec.reason = "unavailable", reason
-            return
+    reason = backend.unavailable()
+    if reason:
+        spec.status, spec.reason = "unavailable", f"{reason.rstrip('.')}; bench it where it can run."
+        return
     if spec.format == "onnx" and spec.target == "tensorrt":
         if _ort_has("TensorrtExecutionProvider"):
             spec.device = "tensorrt"
@@ -237,37 +221,37 @@ def plan_engines(run: TrainedRun, export: dict[str, Any], requested: Sequence[st
                  student_sha: str | None = None) -> list[EngineSpec]:
     """The reference first, then the chosen artefacts in export's table order, each with a status."""
     records: dict[str, dict[str, Any]] = dict(export.get("artefacts", {}))
-    known = _known_artefacts()
+    known = artefacts()
     order = {name: i for i, name in enumerate(known)}
     ordered = sorted(records, key=lambda n: (order.get(n, len(order)), n))
-    backends = sorted(set(BACKEND_OF_FORMAT.values()) - {REFERENCE})
-    items = [ENGINE_ALIASES.get(t.strip().lower(), t.strip().lower())
-             for item in requested for t in item.split(",") if t.strip()]
+    engine_names = [b.name for b in backends().values() if b.name != REFERENCE]
+    items = [t.strip().lower() for item in requested for t in item.split(",") if t.strip()]
 
     chosen: list[tuple[str, bool]] = []  # (artefact name, named explicitly)
     missing: list[EngineSpec] = []
     if not items:
         chosen = [(n, False) for n in ordered]
     for item in items:
-        if item == REFERENCE:
+        backend = backend_for_engine(item) if item not in records else None
+        if backend is not None and backend.name == REFERENCE:
             continue
-        if item in backends:
-            found = [n for n in ordered if BACKEND_OF_FORMAT.get(records[n].get("format", "")) == item]
+        if backend is not None:
+            found = [n for n in ordered if records[n].get("format") == backend.format]
             chosen += [(n, False) for n in found]
             if not found:
-                fmt = next(f for f, b in BACKEND_OF_FORMAT.items() if b == item)
-                missing.append(EngineSpec(item, fmt, "-", "-", None, None, status="missing", reason=(
-                    f"no {fmt} artefact in {EXPORT_DIR}/{EXPORT_JSON}; make one with "
-                    f"`rise-edge export {run.path} --format {fmt}`")))
+                fmt = backend.format
+                missing.append(EngineSpec(backend.name, fmt, "-", "-", None, None, status="missing",
+                                          reason=f"no {fmt} artefact in {EXPORT_DIR}/{EXPORT_JSON}; "
+                                          f"make one with `rise-edge export {run.path} --format {fmt}`"))
         elif item in records:
             chosen.append((item, True))
         elif item in order:
-            missing.append(EngineSpec(item, known[item].format, known[item].precision, "-", None, None,
+            missing.append(EngineSpec(item, known[item].runs_on, known[item].precision, "-", None, None,
                                       status="missing",
                                       reason=f"not exported: {EXPORT_DIR}/{EXPORT_JSON} has no "
                                       f"'{item}'; make it with `rise-edge export {run.path}`"))
         else:
-            valid = [REFERENCE, *backends, *ordered, *(n for n in order if n not in records)]
+            valid = [REFERENCE, *engine_names, *ordered, *(n for n in order if n not in records)]
             close = difflib.get_close_matches(item, valid, n=1, cutoff=0.5)
             raise UserError(f"unknown engine '{item}'" + (f" (did you mean '{close[0]}'?)" if close else "")
                             + f"; engines: {', '.join(valid)}")
@@ -384,7 +368,8 @@ def _row(spec: EngineSpec, run_dir: Path) -> dict[str, Any]:
             rel = spec.path.relative_to(run_dir).as_posix()
         except ValueError:
             rel = str(spec.path)
-    return {"engine": spec.name, "backend": BACKEND_OF_FORMAT.get(spec.format, spec.format),
+    backend = backends().get(spec.format)
+    return {"engine": spec.name, "backend": backend.name if backend else spec.format,
             "format": spec.format, "precision": spec.precision, "device": None, "target": spec.target,
             "path": rel, "status": spec.status, "reason": spec.reason, "warnings": list(spec.warnings),
             "size_bytes": size, "sha256": record.get("sha256"), "accuracy": {}, "latency": [],

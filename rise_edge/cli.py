@@ -116,9 +116,9 @@ def recipes() -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--format", "formats", multiple=True,
-              type=click.Choice(["onnx", "tensorrt", "torch-tensorrt", "all"]),
-              help="Artefacts to make (repeatable; default: the recipe's export.formats).")
+@click.option("--format", "formats", multiple=True, metavar="FORMAT",
+              help="Artefacts to make: a backend's format (onnx, tensorrt, ...: see `rise-edge "
+                   "backends`) or all (repeatable; default: the recipe's export.formats).")
 @click.option("--fp16/--no-fp16", default=None, help="Also make FP16 artefacts (GPU formats).")
 @click.option("--int8/--no-int8", default=None,
               help="Also make INT8 artefacts (ONNX Runtime CPU; TensorRT Q/DQ and engine).")
@@ -179,6 +179,24 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
         sys.exit(EXIT_UNAVAILABLE)
 
 
+@main.command("backends")
+@_user_errors
+def list_backends() -> None:
+    """The export backends, their artefacts, and whether this machine can make and run them."""
+    from rise_edge.backends import backends, why_unavailable
+
+    for backend in backends().values():
+        if not backend.exportable:
+            continue
+        reason = backend.unavailable()
+        click.echo(f"{backend.format} (bench: {backend.name}): {backend.summary}")
+        click.echo(f"  {'available here' if reason is None else 'not here: ' + reason}")
+        for artefact in backend.artefacts:
+            why = why_unavailable(artefact.name)
+            click.echo(f"  {artefact.name:<22} {artefact.precision:<5} {artefact.filename:<32} "
+                       f"{'ok' if why is None else 'unavailable'}")
+
+
 # -- bench command --
 
 
@@ -187,7 +205,7 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
 @click.option("--domain", "domains", multiple=True, metavar="NAME",
               help="Domain to score (repeatable), or 'all' (default: the run's target domain).")
 @click.option("--engines", multiple=True, metavar="NAME[,NAME...]",
-              help="pytorch (always run: the reference), onnxruntime, tensorrt, torch-tensorrt, or an "
+              help="pytorch (always run: the reference), a backend (see `rise-edge backends`), or an "
                    "artefact name from export.json such as onnx-int8 (default: every artefact).")
 @click.option("--batch", "batch_sizes", multiple=True, type=click.IntRange(min=1),
               help="Batch size to time (repeatable; default: the recipe's bench.batch_sizes, 1 and 32).")

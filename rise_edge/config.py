@@ -119,7 +119,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    formats: tuple[str, ...] = _f(("onnx",), "formats to export (onnx, tensorrt, torch-tensorrt)")
+    formats: tuple[str, ...] = _f(("onnx",), "formats to export: backends' formats (see `rise-edge "
+                                   "backends`) or all")
     opset: int = _f(18, "ONNX opset (13 to 23: the TorchScript exporter writes up to 20, the dynamo "
                     "exporter the rest)", min=13, max=23)
     int8: bool = _f(False, "also produce INT8 artefacts")

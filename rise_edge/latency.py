@@ -79,10 +79,7 @@ def summarize(times_ms: Sequence[float] | np.ndarray, batch_size: int = 1) -> di
 
 def _on_torch_stream(runner: Any) -> bool:
     """True for CUDA runners whose work is queued on PyTorch's current stream (events can time it)."""
-    from rise_edge.engines import TensorRTRunner, TorchRunner, TorchTensorRTRunner
-
-    return runner.device == "cuda" and isinstance(runner, (TorchRunner, TensorRTRunner,
-                                                           TorchTensorRTRunner))
+    return runner.device == "cuda" and bool(getattr(runner, "torch_stream", False))
 
 
 def clock_of(runner: Any) -> str:

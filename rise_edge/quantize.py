@@ -272,12 +272,14 @@ def real_layers(path: Path) -> list[str]:
 
 
 def _session(path: Path) -> Any:
-    from rise_edge.engines import OnnxRuntimeRunner
+    from rise_edge.backends.onnxruntime import OnnxRuntimeRunner
     return OnnxRuntimeRunner(path, device="cpu")
 
 
-def logits_of(path: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
-    runner = _session(path)
+def logits_of(model: Path | Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int = 32
+              ) -> np.ndarray:
+    """Logits of an ONNX file on ONNX Runtime's CPU, or of any runner (images -> logits), in batches."""
+    runner = model if callable(model) else _session(model)
     return np.concatenate([runner(images[i:i + batch]) for i in range(0, len(images), batch)])
 
 
@@ -345,11 +347,11 @@ def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
 
 
-def measure_fidelity(reference: dict[str, np.ndarray], path: Path, fidelity: FidelitySet
-                     ) -> Fidelity:
+def measure_fidelity(reference: dict[str, np.ndarray], path: Path | Callable[[np.ndarray], np.ndarray],
+                     fidelity: FidelitySet) -> Fidelity:
     """Top-1 agreement with FP32 (Wilson interval), accuracy of both, the paired drop with its
     interval, per source domain; and the SQNR of the logits over every image. `reference` holds the
-    FP32 logits per domain."""
+    FP32 logits per domain; `path` is an ONNX file (run on ONNX Runtime's CPU) or any runner."""
     per_domain, ref_all, got_all = {}, [], []
     for domain, (images, labels) in fidelity.domains.items():
         ref, got = reference[domain], logits_of(path, images)

@@ -9,7 +9,8 @@
 - Engines are bound to the GPU and TensorRT version: they are built on the device that runs them,
   with a dynamic-batch optimisation profile and a timing cache named after GPU + TensorRT version.
 
-Nothing here runs on a machine without CUDA and TensorRT; `gpu_unavailable()` says why in one sentence.
+Nothing here runs on a machine without CUDA and TensorRT; the backends (rise_edge.backends.tensorrt)
+say why in one sentence.
 """
 
 from __future__ import annotations
@@ -23,32 +24,9 @@ import numpy as np
 
 from rise_edge.errors import UserError, missing_extra
 
-CPU_FORMATS_NOTE = "onnx (FP32, and INT8 for ONNX Runtime with --int8)"
-
-
 def _have(module: str) -> bool:
     import importlib.util
     return importlib.util.find_spec(module) is not None
-
-
-def gpu_unavailable(fmt: str) -> str | None:
-    """None when `fmt` (tensorrt | torch-tensorrt) can be built here, else one sentence saying what is
-    missing and what this machine can still make."""
-    import torch
-
-    missing = []
-    if not torch.cuda.is_available():
-        missing.append("no CUDA GPU is visible to PyTorch")
-    package = {"tensorrt": "tensorrt", "torch-tensorrt": "torch_tensorrt"}[fmt]
-    if not _have(package):
-        missing.append(f"the '{package.replace('_', '-')}' package is not installed")
-    if not missing:
-        return None
-    qdq = ", and the TensorRT Q/DQ ONNX (--int8) that the device builds its engine from" if _have(
-        "modelopt") else ""
-    return (f"{fmt} needs a CUDA GPU with TensorRT, but here {' and '.join(missing)}: this machine "
-            f"can still make {CPU_FORMATS_NOTE}{qdq}; run the same command on the device "
-            "(pip install 'rise-edge[gpu]') to build the engine there.")
 
 
 def modelopt_unavailable() -> str | None:
@@ -58,16 +36,16 @@ def modelopt_unavailable() -> str | None:
             "pip install 'rise-edge[gpu]'")
 
 
-def _tensorrt() -> Any:
+def import_tensorrt(purpose: str = "building TensorRT engines") -> Any:
     try:
         import tensorrt
     except ImportError:
-        raise missing_extra("tensorrt", "gpu", "building TensorRT engines") from None
+        raise missing_extra("tensorrt", "gpu", purpose) from None
     return tensorrt
 
 
 def tensorrt_major() -> int:
-    return int(_tensorrt().__version__.split(".")[0])
+    return int(import_tensorrt().__version__.split(".")[0])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,7 +92,7 @@ def device_tag() -> str:
     """GPU name + compute capability + TensorRT version: what an engine or timing cache is bound to."""
     import torch
 
-    trt = _tensorrt()
+    trt = import_tensorrt()
     major, minor = torch.cuda.get_device_capability()
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower()
     return f"{gpu}-sm{major}{minor}-trt{trt.__version__}"
@@ -131,7 +109,7 @@ def build_engine(onnx_path: Path, engine_path: Path, *, input_name: str, input_s
 
     input_shape: (C, H, W) for float NCHW or (H, W, C) for uint8 NHWC; batch goes in front.
     """
-    trt = _tensorrt()
+    trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -176,7 +154,7 @@ def build_engine(onnx_path: Path, engine_path: Path, *, input_name: str, input_s
 def legacy_entropy_calibrator(images: np.ndarray, cache_file: Path, batch: int = 8) -> Any:
     """IInt8EntropyCalibrator2 over (N, 3, H, W) images, with its calibration cache in `cache_file`
     (whose name the caller keys on the calibration set's hash, the method and the model's hash)."""
-    trt = _tensorrt()
+    trt = import_tensorrt()
     import torch
 
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):

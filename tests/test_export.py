@@ -21,9 +21,11 @@ from rise_edge.calibration import select_calibration_set
 from rise_edge.cli import main
 from rise_edge.config import ExportConfig, load_recipe
 from rise_edge.data import build_splits
-from rise_edge.engines import (ENGINES, OnnxRuntimeRunner, TorchRunner, onnx_metadata, runner_for)
+from rise_edge.backends import artefacts, backends, runner_for
+from rise_edge.backends.onnxruntime import OnnxRuntimeRunner, onnx_metadata
+from rise_edge.backends.pytorch import TorchRunner
 from rise_edge.errors import UserError
-from rise_edge.export import ARTEFACTS, EXPORT_DIR, EXPORT_JSON, export_run, plan_artefacts
+from rise_edge.export import EXPORT_DIR, EXPORT_JSON, export_run, plan_artefacts
 from rise_edge.run_dir import open_run, save_student
 
 CPU_ALL = ExportConfig(formats=("onnx",), int8=True, fold_preprocessing=True, calibration_size=24)
@@ -232,6 +234,16 @@ def test_parity_failure_is_loud_and_writes_nothing(tiny_run: Path) -> None:
     assert not (tiny_run / EXPORT_DIR / "model.onnx").exists()
 
 
+def _replace_maker(monkeypatch: pytest.MonkeyPatch, name: str, make) -> None:
+    """Swap one artefact's maker in the backend registry for this test."""
+    import dataclasses
+
+    import rise_edge.backends as registry
+    artefacts()  # the registry is filled on first use
+    monkeypatch.setitem(registry._ARTEFACTS, name, dataclasses.replace(registry._ARTEFACTS[name],
+                                                                       make=make))
+
+
 def test_failure_midway_keeps_earlier_artefacts_and_records(tiny_run: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     export_run(tiny_run, ExportConfig(), progress=False)
@@ -243,8 +255,7 @@ def test_failure_midway_keeps_earlier_artefacts_and_records(tiny_run: Path,
         tmp.write_bytes(b"half an ONNX file")
         raise RuntimeError("disk full")
 
-    import rise_edge.export as export_module
-    monkeypatch.setitem(export_module.MAKERS, "onnx-fp32", half_written)
+    _replace_maker(monkeypatch, "onnx-fp32", half_written)
     result = export_run(tiny_run, ExportConfig(int8=True, calibration_size=24), progress=False)
     assert model.read_bytes() == good_bytes  # the good artefact survived
     records = _export_json(tiny_run)["artefacts"]  # and export.json is whole and says what happened
@@ -265,7 +276,7 @@ def test_failure_midway_keeps_earlier_artefacts_and_records(tiny_run: Path,
     def int8_fails(session: object, tmp: Path) -> dict:
         raise RuntimeError("quantizer crashed")
 
-    monkeypatch.setitem(export_module.MAKERS, "onnx-int8", int8_fails)
+    _replace_maker(monkeypatch, "onnx-int8", int8_fails)
     export_run(tiny_run, ExportConfig(int8=True, calibration_size=24), progress=False)
     records = _export_json(tiny_run)["artefacts"]
     assert records["onnx-fp32"]["status"] == "ok"
@@ -302,7 +313,7 @@ def test_gpu_format_on_cpu_machine_is_unavailable_with_one_sentence(tiny_run: Pa
     for name in ("tensorrt-fp16", "torch-tensorrt-fp16"):
         reason = records[name]["reason"]
         assert records[name]["status"] == "unavailable"
-        assert "CUDA" in reason and "can still make onnx" in reason
+        assert "CUDA" in reason and "on the device" in reason
         assert reason.count(". ") == 0 and reason.endswith(".")  # one sentence
     assert "unavailable" in result.output
 
@@ -320,7 +331,7 @@ def test_missing_run_directory_and_checkpoint_are_user_errors(tmp_path: Path, ti
 
 
 def test_engines_table_covers_every_artefact_and_runners_share_one_interface(exported: Path) -> None:
-    assert {spec.format for spec in ARTEFACTS.values()} <= set(ENGINES)
+    assert {spec.runs_on for spec in artefacts().values()} <= set(backends())
     images = np.random.default_rng(2).standard_normal((3, 3, 32, 32)).astype(np.float32)
     runners = [TorchRunner(exported, device="cpu"),
                OnnxRuntimeRunner(exported / EXPORT_DIR / "model.onnx")]

@@ -21,8 +21,9 @@ import torch
 
 from conftest import TINY_TARGET
 from rise_edge.config import ExportConfig
-from rise_edge.export import (EXPORT_DIR, QAT_PARITY_MIN_AGREEMENT, QAT_PARITY_MIN_SQNR_DB,
-                              export_graph, export_run)
+from rise_edge.backends.onnxruntime import QAT_PARITY_MIN_AGREEMENT, QAT_PARITY_MIN_SQNR_DB
+from rise_edge.export import EXPORT_DIR, export_run
+from rise_edge.export_session import export_graph
 from rise_edge.fake_quant import calibrate, quantize_model
 from rise_edge.graph_form import fold_batchnorm, shape_mismatches, with_static_padding
 from rise_edge.quantize import (CpuQuantizer, Fidelity, FidelitySet, cpu_quant_settings, preprocess,
@@ -174,7 +175,7 @@ def test_qat_fake_quant_agrees_with_its_onnx_runtime_int8_run(tmp_path: Path) ->
     assert ops.count("QuantizeLinear") >= 10 and "Shape" not in ops
     int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert len(int8_weights) >= 10  # weights stored as int8 behind a DequantizeLinear (TensorRT's form)
-    from rise_edge.engines import OnnxRuntimeRunner
+    from rise_edge.backends.onnxruntime import OnnxRuntimeRunner
     with torch.no_grad():
         expected = model(images).numpy()
     got = OnnxRuntimeRunner(path)(images.numpy())

@@ -1,0 +1,337 @@
+"""ONNX and ONNX Runtime: the FP32 graph every other format starts from, ONNX Runtime's INT8 for
+the CPU (post-training, within the accuracy budget) and the QAT graphs, and the runner that runs any
+ONNX file on ONNX Runtime's CPU, CUDA or TensorRT execution providers.
+
+    model.onnx                 FP32, image (N, 3, S, S) float -> logits (N, C), dynamic batch
+    model.uint8-nhwc.onnx      the same with preprocessing folded in: uint8 (N, S, S, 3) input
+    model.int8-cpu.onnx        INT8 QDQ for ONNX Runtime on the CPU (after the accuracy budget)
+    model.int8-qat.onnx        QAT: explicit symmetric Q/DQ (TensorRT's form; runs anywhere)
+    model.int8-qat-cpu.onnx    QAT's weights with ONNX Runtime's CPU Q/DQ placement
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rise_edge.backends import Artefact, Backend
+from rise_edge.backends.base import META_PREFIX, Runner, have, physical_cores
+from rise_edge.calibration import file_sha256
+from rise_edge.config import ExportConfig
+from rise_edge.errors import UserError, missing_extra
+from rise_edge.export_session import INPUT_NAME, ExportSession, FoldedPreprocessing, export_graph, stamp_metadata
+from rise_edge.graph_form import module_of_onnx_node, with_static_padding
+from rise_edge.quantize import sqnr_db
+
+
+def onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The rise_edge.* metadata_props of an exported ONNX file, JSON values decoded."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    found = {}
+    for prop in model.metadata_props:
+        if prop.key.startswith(META_PREFIX):
+            try:
+                found[prop.key[len(META_PREFIX):]] = json.loads(prop.value)
+            except json.JSONDecodeError:
+                found[prop.key[len(META_PREFIX):]] = prop.value
+    return found
+
+
+class OnnxRuntimeRunner(Runner):
+    """An ONNX file in ONNX Runtime: CPU execution provider, or CUDA / TensorRT EPs where installed.
+
+    Session: intra-op threads = physical cores, sequential execution, all graph optimisations.
+    A graph exported with folded preprocessing (uint8 NHWC input) is fed by turning the normalised
+    float NCHW batch back into uint8 NHWC pixels, so it answers the same call as the others.
+    """
+
+    def __init__(self, path: str | Path, *, precision: str | None = None, device: str = "cpu",
+                 threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise missing_extra("onnxruntime", "cpu", "running ONNX models") from None
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"ONNX file {path} not found")
+        self.path = path
+        self.metadata = onnx_metadata(path)
+        self.precision = precision or str(self.metadata.get("precision", "fp32"))
+        available = ort.get_available_providers()
+        wanted = {"cpu": ["CPUExecutionProvider"],
+                  "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                  "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider",
+                               "CPUExecutionProvider"]}
+        if device == "auto":
+            device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+        if device not in wanted:
+            raise UserError(f"ONNX Runtime device must be cpu, cuda or tensorrt, not '{device}'")
+        if wanted[device][0] not in available:
+            raise UserError(f"ONNX Runtime here has no {wanted[device][0]} (available: "
+                            f"{', '.join(available)}); install onnxruntime-gpu for GPU execution")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or physical_cores()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=wanted[device])
+        self.device = "cpu" if device == "cpu" else "cuda"
+        self.provider = self.session.get_providers()[0]
+        self.name = {"CPUExecutionProvider": "onnxruntime", "CUDAExecutionProvider": "onnxruntime-cuda",
+                     "TensorrtExecutionProvider": "onnxruntime-trt"}.get(self.provider, "onnxruntime")
+        model_input = self.session.get_inputs()[0]
+        self.input_name = model_input.name
+        self.output_name = self.session.get_outputs()[0].name
+        self.uint8_input = model_input.type == "tensor(uint8)"
+
+    def _to_model_input(self, images: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        if not self.uint8_input:
+            return images
+        mean = np.asarray(self.metadata["mean"], np.float32).reshape(1, 3, 1, 1)
+        std = np.asarray(self.metadata["std"], np.float32).reshape(1, 3, 1, 1)
+        pixels = np.clip(np.rint((images * std + mean) * 255.0), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
+
+    def prepare(self, images: np.ndarray) -> Any:
+        batch = self._to_model_input(images)
+        if self.device == "cpu":
+            return batch
+        import onnxruntime as ort
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(self.input_name, ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0))
+        binding.bind_output(self.output_name, "cuda")
+        return binding
+
+    def run_staged(self, staged: Any) -> Any:
+        if self.device == "cpu":
+            return self.session.run([self.output_name], {self.input_name: staged})[0]
+        self.session.run_with_iobinding(staged)
+        return staged
+
+    def to_numpy(self, outputs: Any) -> np.ndarray:
+        if self.device != "cpu":
+            outputs = outputs.copy_outputs_to_cpu()[0]
+        return np.asarray(outputs, dtype=np.float32)
+
+    def synchronize(self) -> None:
+        if self.device == "cuda" and torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Making the artefacts
+
+
+def cpu_quantizer(s: ExportSession, fp32: Path, work_dir: Path) -> Any:
+    """ONNX Runtime's CPU quantizer for an FP32 graph (pre-processed into `work_dir`), calibrated
+    on this export's calibration set, its ranges cached under export/cache/."""
+    import onnxruntime
+
+    from rise_edge.quantize import CpuQuantizer, cpu_quant_settings, preprocess
+
+    pre = work_dir / f"{fp32.stem}-pre.onnx"
+    preprocess(fp32, pre)
+    (s.dir / "cache").mkdir(exist_ok=True)
+    return CpuQuantizer(pre, INPUT_NAME, s.calibration_images, s.cfg.calibration_method,
+                        cpu_quant_settings(), s.dir / "cache",
+                        model_sha256=f"{file_sha256(fp32)}+ort{onnxruntime.__version__}",
+                        calibration_sha256=s.calibration.sha256)
+
+
+def make_onnx_fp32(s: ExportSession, tmp: Path) -> dict[str, Any]:
+    size = s.pre.input_size
+    student, static_pads = with_static_padding(s.run.student, size)
+    exporter = export_graph(student, torch.randn(2, 3, size, size), tmp, s.cfg.opset)
+    stamp_metadata(tmp, s.metadata("fp32", "float32-nchw"))
+    parity = s.check_parity(OnnxRuntimeRunner(tmp), "the FP32 ONNX", s.cfg.parity_tolerance)
+    return {"exporter": exporter, "opset": s.cfg.opset, "input": "float32-nchw",
+            "input_shape": ["batch", 3, size, size], "parity": parity,
+            "static_padding_layers": static_pads}
+
+
+def make_onnx_fp32_uint8(s: ExportSession, tmp: Path) -> dict[str, Any]:
+    size = s.pre.input_size
+    folded = FoldedPreprocessing(with_static_padding(s.run.student, size)[0], s.pre.mean, s.pre.std)
+    exporter = export_graph(folded, torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8), tmp,
+                            s.cfg.opset)
+    stamp_metadata(tmp, s.metadata("fp32", "uint8-nhwc"))
+    runner = OnnxRuntimeRunner(tmp)  # feeds uint8 pixels made from the normalised images
+
+    def torch_on_same_pixels(images: np.ndarray) -> np.ndarray:
+        pixels = runner._to_model_input(images)
+        with torch.no_grad():
+            return folded(torch.from_numpy(pixels)).numpy()
+
+    # Compared with PyTorch on the SAME uint8 pixels, so only the graph's arithmetic is judged.
+    parity = s.check_parity(runner, "the uint8-input ONNX", None)
+    exact = np.abs(runner(s.parity_images) - torch_on_same_pixels(s.parity_images)).max()
+    if not exact <= s.cfg.parity_tolerance:
+        raise UserError(f"the uint8-input ONNX disagrees with PyTorch on the same pixels: max |logit "
+                        f"difference| {exact:.3g} > export.parity_tolerance {s.cfg.parity_tolerance:g}")
+    parity["max_abs_logit_diff_same_pixels"] = float(exact)
+    return {"exporter": exporter, "opset": s.cfg.opset, "input": "uint8-nhwc",
+            "input_shape": ["batch", size, size, 3], "parity": parity}
+
+
+def make_onnx_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
+    from rise_edge.graph_form import shape_mismatches
+    from rise_edge.quantize import latency_ms, quantize_within_budget
+
+    with tempfile.TemporaryDirectory(dir=s.dir, prefix=".work-") as work:
+        work_dir = Path(work)
+        quantizer = cpu_quantizer(s, s.path_of("onnx-fp32"), work_dir)
+        settings, pre = quantizer.settings, quantizer.pre_path
+        budget = quantize_within_budget(quantizer, tmp, s.fidelity, s.fidelity_reference,
+                                        s.cfg.accuracy_budget, s.cfg.max_fallback_layers, work_dir,
+                                        s.log)
+        mismatches = shape_mismatches(pre, tmp, s.parity_images[:1], INPUT_NAME)
+        if mismatches:
+            raise UserError(f"the INT8 graph computes other shapes than the FP32 graph "
+                            f"({len(mismatches)} node(s), first: {mismatches[0]}); not written")
+        models = {"fp32": pre, "int8": work_dir / "int8-all.onnx"}
+        if budget.kept_fp32:
+            models["int8_with_fallback"] = tmp
+        latency = latency_ms(models, s.parity_images[:1])
+    stamp_metadata(tmp, {**s.metadata("int8", "float32-nchw"),
+                         "kept_fp32_layers": budget.kept_fp32, "quantization": settings.to_record()})
+    parity = s.check_parity(OnnxRuntimeRunner(tmp), "the INT8 ONNX", None)
+    if not budget.met:
+        s.log(f"INT8 misses the accuracy budget ({budget.final.worst_drop:.2f} > "
+              f"{s.cfg.accuracy_budget:g} points on a source domain) with {len(budget.kept_fp32)} "
+              "layer(s) in FP32: quantization-aware fine-tuning usually recovers it: "
+              "rise-edge export RUN --int8 --qat (or set export.qat: auto)")
+    return {"tool": "onnxruntime.quantization.quantize_static", "format_detail": "QDQ",
+            "calibration_method": s.cfg.calibration_method, "calibration_sha256": s.calibration.sha256,
+            "quantization": settings.to_record(), "accuracy_budget": budget.to_record(),
+            "shapes_checked": "every Conv/Pool/Pad output shape equals the FP32 graph's",
+            "latency_batch1_ms": latency, "parity": parity}
+
+
+# Fake-quant PyTorch vs the Q/DQ graph in ONNX Runtime: its fused integer kernels round a few
+# activations one step differently, and in a deep network those steps add up (Lite0: 5.7 % of the
+# largest logit at worst, about 30 dB), while a wrong scale or placement costs far more. Judged on
+# the logits' SQNR and top-1 agreement over the parity images.
+QAT_PARITY_MIN_SQNR_DB = 20.0
+QAT_PARITY_MIN_AGREEMENT = 0.9
+
+
+def _qat(s: ExportSession) -> Any:
+    """Run (or resume) quantization-aware fine-tuning once per export; see rise_edge/qat.py."""
+    def run() -> Any:
+        from rise_edge.qat import qat_finetune
+
+        result = qat_finetune(s.run, s.splits, s.cfg, s.calibration_images, s.dir / "qat",
+                              {"student": s.student_sha256, "calibration": s.calibration.sha256},
+                              s.log, keep_fp32=_edge_layers_in_fp32(s))
+        s.run.student.cpu()
+        return result
+    return s._once("qat", run)
+
+
+def _edge_layers_in_fp32(s: ExportSession) -> list[str]:
+    """Module names of the first/last layers that post-training INT8 measured better in FP32
+    (export.json's edge_policy), so QAT keeps the same policy."""
+    policy = s.records.get("onnx-int8", {}).get("accuracy_budget", {}).get("edge_policy", {})
+    layers = [v["layer"] for v in policy.values() if isinstance(v, dict) and v.get("decision") == "fp32"]
+    return [module_of_onnx_node(s.run.student, layer) for layer in layers]
+
+
+def make_onnx_int8_qat(s: ExportSession, tmp: Path) -> dict[str, Any]:
+    """The fake-quant student as an explicit Q/DQ graph: symmetric INT8, per-channel weights, Q/DQ on
+    every weighted layer's input (TensorRT's placement: it builds this as a strongly typed engine)."""
+    qat = _qat(s)
+    size = s.pre.input_size
+    exporter = export_graph(qat.model, torch.randn(2, 3, size, size), tmp, s.cfg.opset)
+    stamp_metadata(tmp, {**s.metadata("int8", "float32-nchw"), "quantization": "qat"})
+    with torch.no_grad():
+        fake_quant = qat.model(torch.from_numpy(s.parity_images)).numpy()
+    onnx_logits = OnnxRuntimeRunner(tmp)(s.parity_images)
+    sqnr = sqnr_db(fake_quant, onnx_logits)
+    agreement = float((onnx_logits.argmax(1) == fake_quant.argmax(1)).mean())
+    if not (sqnr >= QAT_PARITY_MIN_SQNR_DB and agreement >= QAT_PARITY_MIN_AGREEMENT):
+        raise UserError(f"the QAT Q/DQ ONNX disagrees with its fake-quant PyTorch model on "
+                        f"{len(fake_quant)} source images: logit SQNR {sqnr:.1f} dB (at least "
+                        f"{QAT_PARITY_MIN_SQNR_DB:g} needed), top-1 agreement {agreement:.1%} (at "
+                        f"least {QAT_PARITY_MIN_AGREEMENT:.0%}); not written")
+    parity = s.check_parity(OnnxRuntimeRunner(tmp), "the QAT INT8 ONNX", None)
+    parity["fake_quant_vs_onnxruntime"] = {
+        "logit_sqnr_db": round(sqnr, 2), "top1_agreement": round(agreement, 4),
+        "relative_max_diff": float(np.abs(onnx_logits - fake_quant).max()
+                                   / max(np.abs(fake_quant).max(), 1e-12)),
+        "tolerance": {"min_sqnr_db": QAT_PARITY_MIN_SQNR_DB,
+                      "min_top1_agreement": QAT_PARITY_MIN_AGREEMENT}}
+    return {"tool": "torch fake-quant ops -> ONNX Q/DQ", "exporter": exporter, "opset": s.cfg.opset,
+            "scheme": "symmetric int8, per-channel weights, per-tensor activations on the inputs of "
+                      "every Conv/Gemm but the first/last layers post-training INT8 measured better "
+                      "in FP32; BatchNorm folded, static pads",
+            "kept_fp32_modules": list(qat.kept_fp32),
+            "qat": qat.to_record(),
+            "objective": (f"{s.run.recipe.method}: the run's own objective with its teacher"
+                          if s.run.recipe.uses_teacher
+                          else "cross-entropy + distillation from the FP32 student"),
+            "calibration_sha256": s.calibration.sha256, "parity": parity}
+
+
+def make_onnx_int8_qat_cpu(s: ExportSession, tmp: Path) -> dict[str, Any]:
+    """QAT's fine-tuned weights quantized with ONNX Runtime's CPU placement (uint8 activations on this
+    x86 CPU, Q/DQ around whole Conv+activation groups): the Q/DQ graph of make_onnx_int8_qat is
+    symmetric INT8 for TensorRT, which ONNX Runtime's x86 kernels cannot fuse (measured slower than
+    FP32), so the CPU gets its own placement of the same weights."""
+    from rise_edge.qat import without_fake_quant
+    from rise_edge.quantize import measure_fidelity
+
+    qat = _qat(s)
+    size = s.pre.input_size
+    with tempfile.TemporaryDirectory(dir=s.dir, prefix=".work-") as work:
+        float_path = Path(work) / "qat-fp32.onnx"
+        export_graph(without_fake_quant(qat.model), torch.randn(2, 3, size, size), float_path,
+                     s.cfg.opset)
+        quantizer = cpu_quantizer(s, float_path, Path(work))
+        quantizer.quantize(tmp)
+    settings = quantizer.settings
+    fidelity = measure_fidelity(s.fidelity_reference, tmp, s.fidelity)
+    stamp_metadata(tmp, {**s.metadata("int8", "float32-nchw"), "quantization": "qat-cpu"})
+    parity = s.check_parity(OnnxRuntimeRunner(tmp), "the QAT CPU INT8 ONNX", None)
+    return {"tool": "onnxruntime.quantization.quantize_static on the QAT weights",
+            "format_detail": "QDQ", "quantization": settings.to_record(),
+            "fidelity_vs_fp32": fidelity.to_record(), "calibration_sha256": s.calibration.sha256,
+            "parity": parity}
+
+
+def plan(cfg: ExportConfig) -> list[str]:
+    names = ["onnx-fp32"]
+    names += ["onnx-fp32-uint8"] if cfg.fold_preprocessing else []
+    names += ["onnx-int8"] if cfg.int8 else []
+    names += ["onnx-int8-qat", "onnx-int8-qat-cpu"] if cfg.int8 and cfg.qat != "off" else []
+    return names
+
+
+def _unavailable() -> str | None:
+    if have("onnxruntime") and have("onnx"):
+        return None
+    return "ONNX export needs the 'onnx' and 'onnxruntime' packages: pip install 'rise-edge[cpu]'"
+
+
+BACKEND = Backend(
+    format="onnx", name="onnxruntime", summary="ONNX graphs; ONNX Runtime (CPU, CUDA or TensorRT EP)",
+    runner=OnnxRuntimeRunner, devices=("cpu", "auto", "cuda", "tensorrt"), unavailable=_unavailable,
+    aliases=("ort",), plan=plan, artefacts=(
+        Artefact("onnx-fp32", "onnx", "fp32", "model.onnx", "any ONNX runtime", make_onnx_fp32),
+        Artefact("onnx-fp32-uint8", "onnx", "fp32", "model.uint8-nhwc.onnx", "any ONNX runtime",
+                 make_onnx_fp32_uint8),
+        Artefact("onnx-int8", "onnx", "int8", "model.int8-cpu.onnx", "onnxruntime-cpu", make_onnx_int8,
+                 needs=("onnx-fp32",)),
+        Artefact("onnx-int8-qat", "onnx", "int8", "model.int8-qat.onnx",
+                 "tensorrt (strongly typed) and any ONNX runtime", make_onnx_int8_qat,
+                 needs=("onnx-fp32",)),
+        Artefact("onnx-int8-qat-cpu", "onnx", "int8", "model.int8-qat-cpu.onnx", "onnxruntime-cpu",
+                 make_onnx_int8_qat_cpu, needs=("onnx-int8-qat",)),
+    ))

@@ -1,0 +1,90 @@
+"""Torch-TensorRT: the student compiled by torch_tensorrt and saved as an ExportedProgram.
+
+    model.{fp32,fp16}.torch-trt.ep    Torch-TensorRT ExportedPrograms
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rise_edge.backends import Artefact, Backend
+from rise_edge.backends.base import Runner, cuda_backend_unavailable
+from rise_edge.config import ExportConfig
+from rise_edge.errors import UserError, missing_extra
+from rise_edge.export_session import ExportSession
+
+
+class TorchTensorRTRunner(Runner):
+    """A Torch-TensorRT compiled student saved as an ExportedProgram (.ep) or TorchScript (.ts)."""
+
+    def __init__(self, path: str | Path, *, precision: str = "fp16", device: str = "cuda"):
+        try:
+            import torch_tensorrt  # noqa: F401  (registers the TensorRT engine ops for loading)
+        except ImportError:
+            raise missing_extra("torch-tensorrt", "gpu", "running Torch-TensorRT programs") from None
+        if not torch.cuda.is_available():
+            raise UserError("Torch-TensorRT programs need a CUDA GPU, and PyTorch sees none here")
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"Torch-TensorRT program {path} not found")
+        self.path, self.precision, self.device, self.name = path, precision, "cuda", "torch-tensorrt"
+        self.torch_stream = True
+        if path.suffix == ".ts":
+            self.module = torch.jit.load(str(path)).cuda().eval()
+        else:
+            self.module = torch.export.load(str(path)).module()
+        # The compiled program takes fp32 input and casts internally where it was built for fp16.
+        self._dtype = torch.float32
+
+    def prepare(self, images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to("cuda", self._dtype)
+
+    def run_staged(self, staged: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            out = self.module(staged)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+
+def make_torch_tensorrt(s: ExportSession, tmp: Path, name: str) -> dict[str, Any]:
+    from rise_edge.tensorrt_build import compile_torch_tensorrt
+
+    precision = _ARTEFACTS[name].precision
+    with tempfile.TemporaryDirectory(dir=s.dir, prefix=".work-") as work:
+        program = Path(work) / _ARTEFACTS[name].filename  # saved under its real suffix, then moved
+        info = compile_torch_tensorrt(s.run.student, program, precision=precision,
+                                      input_size=s.pre.input_size, batch_profile=s.cfg.batch_profile)
+        os.replace(program, tmp)
+    s.run.student.cpu()
+    parity = s.check_parity(TorchTensorRTRunner(tmp, precision=precision), f"the {name} program",
+                            None, needs_data=False)
+    return {**info, "parity": parity}
+
+
+def plan(cfg: ExportConfig) -> list[str]:
+    return ["torch-tensorrt-fp16" if cfg.fp16 else "torch-tensorrt-fp32"]
+
+
+def _program(precision: str) -> Artefact:
+    name = f"torch-tensorrt-{precision}"
+    return Artefact(name, "torch-tensorrt", precision, f"model.{precision}.torch-trt.ep", "tensorrt",
+                    lambda s, tmp: make_torch_tensorrt(s, tmp, name))
+
+
+_ARTEFACTS = {a.name: a for a in (_program("fp32"), _program("fp16"))}
+
+BACKEND = Backend(
+    format="torch-tensorrt", name="torch-tensorrt",
+    summary="Torch-TensorRT ExportedPrograms on an NVIDIA GPU",
+    runner=TorchTensorRTRunner, devices=("cuda",),
+    unavailable=lambda: cuda_backend_unavailable("a Torch-TensorRT program", "torch_tensorrt",
+                                                 "torch-tensorrt"),
+    plan=plan, artefacts=tuple(_ARTEFACTS.values()))
