@@ -43,11 +43,11 @@ def main() -> None:
 
     from rise_edge.demo.story import train_or_reuse
     from rise_edge.resources import machine_info, software_versions
-    from rise_edge.teacher import BUILT_TEACHERS
+    from rise_edge.teacher import built_teacher
 
     base = load_recipe(args.recipe)
     splits = build_splits(base.data, progress=True)
-    teacher_dir = BUILT_TEACHERS[base.teacher.model]()
+    teacher_dir = built_teacher(base.teacher.model)()
     zero_shot = json.loads((teacher_dir / "zero_shot.json").read_text())["accuracy"]["rise"]
     target = splits.target_domain
     rows: list[dict[str, Any]] = []

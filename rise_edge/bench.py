@@ -181,7 +181,7 @@ def _check_record(spec: EngineSpec, explicit: bool, student_sha: str | None) -> 
                 f"{spec.path.name} does not match the sha256 {EXPORT_JSON} recorded for it: it was "
                 "changed or replaced after export; re-export it with `rise-edge export`")
             return
-        # An artefact of several files (an OpenVINO IR's .bin): every one is verified.
+        # An artefact of several files (an IR and its weights file): every one is verified.
         for name, sha in dict(record.get("files", {})).items():
             part = spec.path.parent / Path(name).name
             if not part.is_file() or file_sha256(part) != sha:

@@ -46,10 +46,39 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _PluginGroup(click.Group):
+    """The command group, with the commands plugins register (the demo's among them) loaded the
+    first time a command is looked up or listed."""
+
+    def _plugins(self) -> None:
+        from rise_edge.plugins import load_plugins
+
+        try:
+            load_plugins()
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._plugins()
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._plugins()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rise-edge")
 def main() -> None:
     """Train domain-robust compact classifiers with a CLIP teacher (RISE), export them, benchmark them."""
+
+
+def register_command(command: click.Command) -> None:
+    """Add a plugin's command to `rise-edge` (rise_edge.plugins)."""
+    if command.name in main.commands and main.commands[command.name] is not command:
+        raise ValueError(f"command '{command.name}' is already registered")
+    main.add_command(command)
 
 
 def _data_root(overrides: tuple[str, ...]) -> tuple[str | None, tuple[str, ...]]:
@@ -325,25 +354,6 @@ def list_data(root: Path | None) -> None:
             missing = missing_parts(path, known)
             state = f"incomplete: missing {', '.join(missing[:3])}" if missing else "complete"
         click.echo(f"{name:<15} {len(known.domains)} domains  {path}: {state}")
-
-
-# -- demo command --
-
-
-@main.command()
-@click.option("--recipe", type=click.Path(path_type=Path), default=None,
-              help="Demo recipe (default: recipes/demo.yaml).")
-@_set_option
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
-              help="Folder for the ERM and RISE runs and the summary.")
-@_user_errors
-def demo(recipe: Path | None, overrides: tuple[str, ...], out: Path) -> None:
-    """The whole story on the built-in demo world: data, teacher, ERM vs RISE, export, bench."""
-    from rise_edge.demo.story import run_demo
-
-    result = run_demo(recipe, out, overrides)
-    click.echo(result.table)
-    click.echo(f"\ndone in {result.seconds / 60:.1f} min; runs, exports and bench reports in {out}/")
 
 
 if __name__ == "__main__":

@@ -66,16 +66,24 @@ KNOWN_DATASETS: dict[str, KnownDataset] = {
 }
 
 
-def _build_demo_world(root: Path | None) -> Path:
-    from rise_edge.demo.world import default_world_spec, generate_world
-    from rise_edge.paths import cache_root
+def register_dataset(name: str, spec: KnownDataset) -> KnownDataset:
+    """Make a data set known by name (recipes' data.dataset): its folder, domains, classes, RD anchors,
+    and for generated data sets the function that builds them. Plugins call this (rise_edge.plugins)."""
+    if name in KNOWN_DATASETS and KNOWN_DATASETS[name] != spec:
+        raise ValueError(f"data set '{name}' is already registered")
+    KNOWN_DATASETS[name] = spec
+    return spec
 
-    return generate_world(root or cache_root(), default_world_spec())
 
+def known_dataset(name: str) -> KnownDataset | None:
+    """The registered data set called `name` (or whose folder is `name`), plugins' included."""
+    from rise_edge.plugins import load_plugins
 
-# The demo world: shapes in four styles, generated on first use (rise_edge.demo.world).
-KNOWN_DATASETS["demo"] = KnownDataset("demo", ("cartoon", "painting", "photo", "sketch"), None,
-                                      build=_build_demo_world)
+    load_plugins()
+    for key, spec in KNOWN_DATASETS.items():
+        if name in (key, spec.folder):
+            return spec
+    return None
 
 
 Sample = tuple[str, int]  # (image path, class index)
@@ -100,7 +108,7 @@ class DomainSplits:
 
     def anchors(self) -> tuple[str, ...]:
         """Default RD anchors: the registry's, else the source domain names (never the target)."""
-        known = _known(self.dataset_dir.name)
+        known = known_dataset(self.dataset_dir.name)
         if known is not None and known.anchors:
             return known.anchors
         return tuple(d.replace("_", " ") for d in self.source_domains)
@@ -139,13 +147,6 @@ def splits_from_record(record: dict[str, Any], data_root: str | None = None) -> 
                         tuple(str(folder / p) for p in record.get("skipped_images", [])))
 
 
-def _known(name: str) -> KnownDataset | None:
-    for key, spec in KNOWN_DATASETS.items():
-        if name in (key, spec.folder):
-            return spec
-    return None
-
-
 DATA_ENV = "RISE_EDGE_DATA"  # the data root users set once, for recipes whose data.root is ""
 
 
@@ -169,7 +170,7 @@ def split_lists_dir(cfg: DataConfig) -> Path | None:
 
 def dataset_dir(cfg: DataConfig) -> Path:
     """The folder holding the domains, generating it first for data sets that are built (the demo)."""
-    known = KNOWN_DATASETS.get(cfg.dataset)
+    known = known_dataset(cfg.dataset)
     if known is not None and known.build is not None:
         return known.build(Path(cfg.root).expanduser() if cfg.root else None)
     root = data_root(cfg)
@@ -200,7 +201,7 @@ def _image_files(folder: Path) -> list[Path]:
 def build_splits(cfg: DataConfig, *, check_images: bool = True, progress: bool = True) -> DomainSplits:
     """Scan the data set, check it, and split it leave-one-domain-out."""
     path = dataset_dir(cfg)
-    known = _known(cfg.dataset) or _known(path.name)
+    known = known_dataset(cfg.dataset) or known_dataset(path.name)
     present = _subfolders(path)
     if not cfg.target_domain:
         raise UserError(f"data.target_domain is empty; domains of {path.name}: {', '.join(present)}")

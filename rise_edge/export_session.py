@@ -20,7 +20,7 @@ from rise_edge.calibration import (CalibrationSet, balanced_val_samples, file_sh
 from rise_edge.config import ExportConfig, recipe_to_dict
 from rise_edge.errors import UserError
 from rise_edge.graph_form import fold_constants
-from rise_edge.quantize import FidelitySet
+from rise_edge.fidelity import FidelitySet
 from rise_edge.run_dir import EXPORT_DIR, STUDENT_FILE, TrainedRun, run_splits
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -147,12 +147,6 @@ class ExportSession:
             return FidelitySet({d: (load_images([p for p, _ in v], self.pre),
                                     np.array([y for _, y in v])) for d, v in chosen.items()})
         return self._once("fidelity", load)
-
-    @property
-    def fidelity_reference(self) -> dict[str, np.ndarray]:
-        """The FP32 ONNX's logits on the fidelity images: what every INT8 artefact is judged against."""
-        return self._once("fidelity_reference",
-                          lambda: self.fidelity.logits_of(self.path_of("onnx-fp32")))
 
     @property
     def parity_images(self) -> np.ndarray:

@@ -7,7 +7,7 @@ Ceil, Sub, Clip, Cast, Concat in ONNX). A post-training quantizer that wraps eve
 Q/DQ rounds those pad sizes too, and the pads that run change (measured on PACS Lite0: 3 of 5
 stride-2 convolutions, -10 points on the unseen sketch). An artefact is exported for one input size,
 so every pad is known at export time: writing them as constants removes the arithmetic from the graph
-for every backend (ONNX Runtime, TensorRT, OpenVINO) at once, instead of teaching each quantizer to
+for every backend (ONNX Runtime, TensorRT, the others) at once, instead of teaching each quantizer to
 step around it. The quantizer still refuses to quantize shape arithmetic (quantize.py) for students
 whose graphs keep some, and `same_shapes` proves the INT8 graph runs the FP32 graph's shapes.
 """

@@ -52,9 +52,21 @@ def register_method(method: Method) -> Method:
     return method
 
 
-def infer_method(w_kd: float, w_dist: float) -> str:
-    """Recipes written before loss.method existed: RISE when a teacher weight is set, else ERM."""
-    return "rise" if w_kd > 0 or w_dist > 0 else "erm"
+def method_of(recipe: Recipe) -> Method:
+    """The registered method a recipe names (loss.method), or a UserError listing the methods."""
+    import difflib
+
+    from rise_edge.errors import UserError
+    from rise_edge.plugins import load_plugins
+
+    load_plugins()
+    name = recipe.method
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, METHODS, n=1)
+        raise UserError(f"loss.method '{name}' is not a training method"
+                        + (f"; did you mean '{close[0]}'?" if close else "")
+                        + f"; methods: {', '.join(METHODS)}")
+    return METHODS[name]
 
 
 def _erm(cfg: Any, teacher: Any, text: Any, pre: Any) -> nn.Module:

@@ -64,9 +64,9 @@ class SelfDistillObjective(nn.Module):
 def run_objective(run: TrainedRun, splits: DomainSplits, device: torch.device) -> nn.Module:
     """The objective QAT fine-tunes with: the run's own method with its teacher (KD, RISE), or, for
     a run trained without one, CE + self-distillation from the FP32 student."""
-    from rise_edge.methods import METHODS, teacher_and_text
+    from rise_edge.methods import method_of, teacher_and_text
 
-    method = METHODS[run.recipe.method]
+    method = method_of(run.recipe)
     if not method.uses_teacher:
         return SelfDistillObjective(copy.deepcopy(run.student).to(device))
     teacher, text = teacher_and_text(run.recipe, splits.classes, splits.anchors(),

@@ -21,15 +21,26 @@ from rise_edge.paths import cache_key
 from rise_edge.student import Preprocessing
 
 
-def _demo_teacher() -> Path:
-    from rise_edge.demo.teacher import build_demo_teacher
+# Teachers that are built rather than downloaded (the demo's, a plugin's); name -> function returning
+# an open_clip 'local-dir:' folder (open_clip_config.json + weights), built on first use.
+BUILT_TEACHERS: dict[str, Callable[[], Path]] = {}
 
-    return build_demo_teacher().parent
+
+def register_teacher(name: str, build: Callable[[], Path]) -> None:
+    """Make teacher.model=`name` load the open_clip 'local-dir:' folder `build()` returns (built on
+    first use). Plugins call this (rise_edge.plugins)."""
+    old = BUILT_TEACHERS.get(name)
+    if old is not None and getattr(old, "__qualname__", old) != getattr(build, "__qualname__", build):
+        raise ValueError(f"teacher '{name}' is already registered")
+    BUILT_TEACHERS[name] = build
 
 
-# Teachers rise-edge builds itself; name -> function returning an open_clip 'local-dir:' folder
-# (open_clip_config.json + weights), built on first use.
-BUILT_TEACHERS: dict[str, Callable[[], Path]] = {"rise-edge-demo-clip": _demo_teacher}
+def built_teacher(name: str) -> Callable[[], Path] | None:
+    """The registered builder of teacher `name` (plugins' included), or None."""
+    from rise_edge.plugins import load_plugins
+
+    load_plugins()
+    return BUILT_TEACHERS.get(name)
 
 
 @dataclass(frozen=True)
@@ -199,9 +210,10 @@ def load_teacher(cfg: TeacherConfig, device: torch.device) -> ClipTeacher:
     precision = _precision(cfg, device)
     kwargs: dict = {}
     name = cfg.model
-    if name in BUILT_TEACHERS:
-        # A teacher rise-edge builds itself: an open_clip 'local-dir:' folder (config + weights).
-        name, weights = f"local-dir:{BUILT_TEACHERS[name]()}", ""
+    build = built_teacher(name)
+    if build is not None:
+        # A teacher that is built (the demo's, a plugin's): an open_clip 'local-dir:' folder.
+        name, weights = f"local-dir:{build()}", ""
     if name.startswith("local-dir:"):
         folder = Path(name.split(":", 1)[1]).expanduser()
         if not (folder / "open_clip_config.json").is_file():

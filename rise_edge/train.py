@@ -28,7 +28,7 @@ from rise_edge.data import (SPLITS_FILE, DomainImages, DomainSplits, EpochBatche
 from rise_edge.distributed import Distributed
 from rise_edge.errors import UserError
 from rise_edge.paths import cache_root
-from rise_edge.methods import METHODS, teacher_and_text
+from rise_edge.methods import method_of, teacher_and_text
 from rise_edge.run_dir import (RESUME_FILE, STUDENT_FILE, MetricsLog, StudentMeta, load_training_state,
                                run_lock, save_student, save_training_state, write_json_atomic,
                                write_text_atomic)
@@ -131,7 +131,7 @@ def _objective(recipe: Recipe, splits: DomainSplits, device: torch.device, run_d
     """The recipe's method (rise_edge.methods): ERM loads no teacher at all; KD and RISE load it and
     embed the prompts; RISE also sizes the student's head to CLIP's space and initialises it."""
     torch.manual_seed(recipe.train.seed)
-    method = METHODS[recipe.method]
+    method = method_of(recipe)
     if not method.uses_teacher:
         student, pre = build_student(recipe.student, len(splits.classes), None)
         return method.objective(recipe.loss, None, None, pre), student, pre
@@ -207,6 +207,7 @@ def train_run(recipe: Recipe, *, recipe_name: str = "recipe", run_dir: Path | No
               resume: bool = False, progress: bool = True, cache_dir: Path | None = None,
               ) -> TrainResult:
     """Train per the recipe into a run directory; resume continues an interrupted run exactly."""
+    method_of(recipe)  # an unknown loss.method stops here, before anything is written
     device = _device(recipe.train.device)
     dist = Distributed.from_env(device.type)
     if dist.enabled and device.type == "cuda":
@@ -243,7 +244,7 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
         # export and bench read these lists instead of rebuilding them: one truth about the data
         write_json_atomic(path / SPLITS_FILE, splits_to_record(splits))
     dist.barrier()
-    if cache_dir is None and recipe.uses_teacher:
+    if cache_dir is None and method_of(recipe).uses_teacher:
         cache_dir = cache_root() / "text_embeddings"
 
     objective, student, pre = _objective(recipe, splits, device, path, cache_dir)

@@ -37,7 +37,7 @@ def test_overrides_apply_with_types() -> None:
     assert recipe.optim.lr == 0.01 and recipe.train.epochs == 3
     assert recipe.bench.batch_sizes == (1, 8) and recipe.student.image_size is None
     assert recipe.loss.w_kd == 1.0 and isinstance(recipe.loss.w_kd, float)
-    assert recipe.uses_teacher and not Recipe().uses_teacher
+    assert recipe.method == "rise" and Recipe().method == "erm"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -93,8 +93,10 @@ def test_loss_method_is_named_inferred_for_older_recipes_and_checked(tmp_path: P
 
     assert recipe_from_dict({}).loss.method == "erm"
     assert recipe_from_dict({"loss": {"w_kd": 0.5}}).loss.method == "rise"  # written before method
-    assert recipe_from_dict({"loss": {"method": "kd", "w_kd": 0.5}}).uses_teacher
-    assert not recipe_from_dict({"loss": {"method": "erm", "w_kd": 0.5}}).uses_teacher
+    from rise_edge.methods import method_of
+
+    assert method_of(recipe_from_dict({"loss": {"method": "kd", "w_kd": 0.5}})).uses_teacher
+    assert not method_of(recipe_from_dict({"loss": {"method": "erm", "w_kd": 0.5}})).uses_teacher
     with pytest.raises(UserError, match="loss.method 'risee' is not a training method; did you mean "
                                         "'rise'"):
-        recipe_from_dict({"loss": {"method": "risee"}})
+        method_of(recipe_from_dict({"loss": {"method": "risee"}}))

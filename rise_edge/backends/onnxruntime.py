@@ -26,7 +26,8 @@ from rise_edge.config import ExportConfig
 from rise_edge.errors import UserError, missing_extra
 from rise_edge.export_session import INPUT_NAME, ExportSession, FoldedPreprocessing, export_graph, stamp_metadata
 from rise_edge.graph_form import module_of_onnx_node, with_static_padding
-from rise_edge.quantize import sqnr_db
+from rise_edge.methods import method_of
+from rise_edge.fidelity import sqnr_db
 
 
 def onnx_metadata(path: str | Path) -> dict[str, Any]:
@@ -130,6 +131,13 @@ class OnnxRuntimeRunner(Runner):
 # Making the artefacts
 
 
+def fidelity_reference(s: ExportSession) -> dict[str, np.ndarray]:
+    """The FP32 ONNX's logits on the fidelity images (ONNX Runtime, CPU), once per export: what every
+    INT8 artefact, whichever backend made it, is judged against."""
+    return s._once("fidelity_reference", lambda: s.fidelity.logits_of(
+        OnnxRuntimeRunner(s.path_of("onnx-fp32"), device="cpu")))
+
+
 def cpu_quantizer(s: ExportSession, fp32: Path, work_dir: Path) -> Any:
     """ONNX Runtime's CPU quantizer for an FP32 graph (pre-processed into `work_dir`), calibrated
     on this export's calibration set, its ranges cached under export/cache/."""
@@ -189,7 +197,7 @@ def make_onnx_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
         work_dir = Path(work)
         quantizer = cpu_quantizer(s, s.path_of("onnx-fp32"), work_dir)
         settings, pre = quantizer.settings, quantizer.pre_path
-        budget = quantize_within_budget(quantizer, tmp, s.fidelity, s.fidelity_reference,
+        budget = quantize_within_budget(quantizer, tmp, s.fidelity, fidelity_reference(s),
                                         s.cfg.accuracy_budget, s.cfg.max_fallback_layers, work_dir,
                                         s.log)
         mismatches = shape_mismatches(pre, tmp, s.parity_images[:1], INPUT_NAME)
@@ -275,7 +283,7 @@ def make_onnx_int8_qat(s: ExportSession, tmp: Path) -> dict[str, Any]:
             "kept_fp32_modules": list(qat.kept_fp32),
             "qat": qat.to_record(),
             "objective": (f"{s.run.recipe.method}: the run's own objective with its teacher"
-                          if s.run.recipe.uses_teacher
+                          if method_of(s.run.recipe).uses_teacher
                           else "cross-entropy + distillation from the FP32 student"),
             "calibration_sha256": s.calibration.sha256, "parity": parity}
 
@@ -297,7 +305,7 @@ def make_onnx_int8_qat_cpu(s: ExportSession, tmp: Path) -> dict[str, Any]:
         quantizer = cpu_quantizer(s, float_path, Path(work))
         quantizer.quantize(tmp)
     settings = quantizer.settings
-    fidelity = measure_fidelity(s.fidelity_reference, tmp, s.fidelity)
+    fidelity = measure_fidelity(fidelity_reference(s), tmp, s.fidelity)
     stamp_metadata(tmp, {**s.metadata("int8", "float32-nchw"), "quantization": "qat-cpu"})
     parity = s.check_parity(OnnxRuntimeRunner(tmp), "the QAT CPU INT8 ONNX", None)
     return {"tool": "onnxruntime.quantization.quantize_static on the QAT weights",

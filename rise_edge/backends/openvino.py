@@ -90,7 +90,8 @@ def make_openvino_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
         raise missing_extra("nncf", "openvino", "OpenVINO INT8") from None
     import openvino as ov
 
-    from rise_edge.quantize import measure_fidelity
+    from rise_edge.backends.onnxruntime import fidelity_reference
+    from rise_edge.fidelity import measure_fidelity
 
     fp32 = ov.convert_model(str(s.path_of("onnx-fp32")))
     calibration = nncf.Dataset([s.calibration_images[i:i + 1] for i in range(len(s.calibration_images))])
@@ -103,7 +104,7 @@ def make_openvino_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
             path = work_dir / name / final.name
             path.parent.mkdir()
             ov.save_model(model, str(path), compress_to_fp16=False)
-            return path, measure_fidelity(s.fidelity_reference, OpenVinoRunner(path), s.fidelity)
+            return path, measure_fidelity(fidelity_reference(s), OpenVinoRunner(path), s.fidelity)
 
         s.log(f"NNCF post-training INT8 on {len(s.calibration_images)} calibration images")
         plain = nncf.quantize(fp32, calibration, subset_size=len(s.calibration_images),

@@ -103,17 +103,17 @@ class DemoResult:
 def run_demo(recipe_path: Path | None = None, out_dir: Path = Path("runs/demo"),
              overrides: tuple[str, ...] = (), *, progress: bool = True) -> DemoResult:
     """Run the five steps; return the summary table (also written to OUT/demo.md and demo.json)."""
-    from rise_edge.data import KNOWN_DATASETS
+    from rise_edge.data import known_dataset
     from rise_edge.run_dir import run_lock
-    from rise_edge.teacher import BUILT_TEACHERS
+    from rise_edge.teacher import BUILT_TEACHERS, built_teacher
 
     started = time.perf_counter()
     recipe = load_recipe(recipe_path or default_demo_recipe(), overrides)
-    known = KNOWN_DATASETS.get(recipe.data.dataset)
+    known = known_dataset(recipe.data.dataset)
     if known is None or known.build is None:
         raise UserError(f"the demo runs on a data set rise-edge generates (data.dataset=demo), not "
                         f"'{recipe.data.dataset}'")
-    if recipe.teacher.model not in BUILT_TEACHERS:
+    if built_teacher(recipe.teacher.model) is None:
         raise UserError(f"the demo's teacher is one rise-edge builds ({', '.join(BUILT_TEACHERS)}), "
                         f"not '{recipe.teacher.model}'")
     # One demo per folder: a second one would delete the runs the first is training.
@@ -126,7 +126,7 @@ def _story(recipe: Recipe, out_dir: Path, started: float, progress: bool) -> Dem
     from rise_edge.bench import bench_run
     from rise_edge.data import build_splits
     from rise_edge.export import export_run, recommended_int8
-    from rise_edge.teacher import BUILT_TEACHERS
+    from rise_edge.teacher import built_teacher
 
     _say(1, "demo world: shapes drawn in four styles")
     # Builds the world on first use; its images are decoded and checked by each training run.
@@ -135,7 +135,7 @@ def _story(recipe: Recipe, out_dir: Path, started: float, progress: bool) -> Dem
           f"{splits.dataset_dir}; trained on {', '.join(splits.source_domains)}, unseen: "
           f"{splits.target_domain}", file=sys.stderr)
     _say(2, "demo teacher: a small CLIP that has seen more styles than the student")
-    teacher_dir = BUILT_TEACHERS[recipe.teacher.model]()
+    teacher_dir = built_teacher(recipe.teacher.model)()
     zero_shot = json.loads((teacher_dir / "zero_shot.json").read_text())["accuracy"]["rise"]
 
     _say(3, "ERM student (cross-entropy only)")

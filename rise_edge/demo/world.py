@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from rise_edge.demo import styles as _styles
+import rise_edge.demo.styles as _styles
 from rise_edge.demo.styles import COLOURS, STYLE_RENDERERS, SHAPES
 from rise_edge.paths import cache_key
 

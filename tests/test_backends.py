@@ -1,0 +1,205 @@
+"""Every backend in the registry, the same way (as DomainBed's tests loop over its algorithms): the
+table is consistent, and every backend this machine can run passes the same export and bench checks.
+Plus the architecture rules the registry exists for: no import cycle, the demo plugged in from
+outside, a backend's name nowhere but in its own module."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from rise_edge.backends import artefacts, backends, register_backend, runner_for
+from rise_edge.backends.pytorch import TorchRunner
+from rise_edge.cli import main
+from rise_edge.config import ExportConfig
+from rise_edge.export import EXPORT_DIR, EXPORT_JSON, export_run, plan_artefacts
+
+PACKAGE = Path(__file__).parents[1] / "rise_edge"
+EXPORTABLE = [fmt for fmt, b in backends().items() if b.exportable]
+
+
+def test_the_table_is_consistent() -> None:
+    table, names = backends(), artefacts()
+    assert list(table)[0] == "pytorch" and not table["pytorch"].exportable
+    for name, artefact in names.items():
+        assert artefact.runs_on in table, name
+        assert all(need in names for need in artefact.needs), name
+        assert Path(artefact.filename).name == artefact.filename  # a plain file in export/
+    filenames = [a.filename for a in names.values()]
+    assert len(filenames) == len(set(filenames))
+    every = ExportConfig(formats=("all",), int8=True, fp16=True, fold_preprocessing=True, qat="on")
+    for backend in table.values():
+        planned = backend.plan(every)
+        assert set(planned) <= set(names), backend.format
+    plan = plan_artefacts(every)
+    assert plan[0] == "onnx-fp32" and len(plan) == len(set(plan))
+    for i, name in enumerate(plan):  # prerequisites first
+        assert all(need in plan[:i] for need in names[name].needs), name
+    with pytest.raises(ValueError, match="already registered"):
+        register_backend(table["onnx"])
+
+
+@pytest.mark.parametrize("fmt", EXPORTABLE)
+def test_every_backend_this_machine_runs_exports_and_benches_the_same_way(fmt: str,
+                                                                         tiny_run: Path) -> None:
+    backend = backends()[fmt]
+    reason = backend.unavailable()
+    if reason is not None or "cpu" not in backend.devices:
+        pytest.skip(f"{fmt} cannot run on this machine's CPU: {reason or 'a GPU backend'}")
+    cfg = ExportConfig(formats=(fmt,), int8=True, calibration_size=24, fidelity_images=24)
+    result = export_run(tiny_run, cfg, progress=False)
+    own = [n for n in result.attempted if artefacts()[n].runs_on == fmt]
+    assert own, f"{fmt} planned no artefact of its own"
+    records = json.loads((tiny_run / EXPORT_DIR / EXPORT_JSON).read_text())["artefacts"]
+    images = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    reference = TorchRunner(tiny_run, device="cpu")(images)
+    for name in own:
+        record = records[name]
+        assert record["status"] == "ok", (name, record.get("reason"))
+        folder = tiny_run / EXPORT_DIR
+        for file, sha in {record["path"]: record["sha256"], **record.get("files", {})}.items():
+            assert hashlib.sha256((folder / file).read_bytes()).hexdigest() == sha, file
+        assert record["parity"]["top1_agreement"] >= 0.75, name
+        logits = runner_for(record, folder, device="cpu")(images)
+        assert logits.shape == reference.shape
+        if record["precision"] == "fp32":
+            np.testing.assert_allclose(logits, reference, atol=1e-3)
+        if record["precision"] == "int8":  # judged by the same budget as every INT8 artefact
+            assert record["accuracy_budget"]["fidelity"]["worst_drop_points"] is not None
+    bench = CliRunner().invoke(main, ["bench", str(tiny_run), "--engines", backend.name, "--domain",
+                                      "all", "--iterations", "2", "--warmup", "1", "--quiet"])
+    assert bench.exit_code == 0, bench.output
+    report = json.loads((tiny_run / "bench" / "report.json").read_text())
+    rows = {r["engine"]: r for r in report["rows"]}
+    for name in own:
+        assert rows[name]["status"] == "ok" and rows[name]["backend"] == backend.name
+        assert all(a["top1"] is not None for a in rows[name]["accuracy"].values())
+
+
+@pytest.mark.parametrize("fmt", EXPORTABLE)
+def test_a_backend_that_cannot_run_here_says_why_in_one_sentence(fmt: str) -> None:
+    reason = backends()[fmt].unavailable()
+    if reason is None:
+        pytest.skip(f"{fmt} runs here")
+    assert reason.endswith(".") and "install" in reason
+
+
+def _imports(path: Path) -> set[str]:
+    """rise_edge modules a file imports, function-level imports included, TYPE_CHECKING excluded."""
+    found: set[str] = set()
+
+    class Visitor(ast.NodeVisitor):
+        def visit_If(self, node: ast.If) -> None:
+            if "TYPE_CHECKING" in ast.unparse(node.test):
+                for child in node.orelse:
+                    self.visit(child)
+                return
+            self.generic_visit(node)
+
+        def visit_Import(self, node: ast.Import) -> None:
+            found.update(a.name for a in node.names if a.name.startswith("rise_edge"))
+
+        def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+            if node.module and node.module.startswith("rise_edge"):
+                found.add(node.module)
+
+    Visitor().visit(ast.parse(path.read_text()))
+    return found
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def test_the_import_graph_has_no_cycle_and_only_the_demo_imports_the_demo() -> None:
+    modules = _modules()
+    graph = {name: {m for m in _imports(path) if m in modules and m != name}
+             for name, path in modules.items()}
+    outside = {n: sorted(m for m in deps if m.startswith("rise_edge.demo"))
+               for n, deps in graph.items() if not n.startswith("rise_edge.demo")}
+    assert not {n: d for n, d in outside.items() if d}
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            assert state.get(nxt) != 1, " -> ".join([*path, node, nxt])
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+
+
+def test_the_backend_added_through_the_registry_is_named_only_in_its_module() -> None:
+    """OpenVINO came after the registry: one module plus its registration line, nothing else."""
+    module = PACKAGE / "backends" / "openvino.py"
+    elsewhere = [p for p in PACKAGE.rglob("*.py") if p != module and p.name != "__init__.py"
+                 and any(w in p.read_text().lower() for w in ("openvino", "nncf"))]
+    assert elsewhere == []
+    assert (PACKAGE / "backends" / "__init__.py").read_text().lower().count("openvino") == 1
+
+
+def test_plugins_register_data_sets_teachers_and_commands(monkeypatch) -> None:
+    """An entry point in the rise_edge.plugins group is called once; what it registers is used."""
+    import click
+
+    import rise_edge.plugins as plugins
+    from rise_edge.data import KNOWN_DATASETS, KnownDataset, known_dataset
+
+    calls = []
+
+    def register() -> None:
+        from rise_edge.cli import register_command
+        from rise_edge.data import register_dataset
+
+        calls.append(1)
+        register_dataset("MyCameras", KnownDataset("my_cameras", ("day", "night"), ("car", "person")))
+
+        @click.command("hello-plugin")
+        def hello() -> None:
+            click.echo("hello from a plugin")
+        register_command(hello)
+
+    class Entry:
+        name, value = "mine", "my_package:register"
+
+        def load(self):
+            return register
+
+    monkeypatch.setattr(plugins, "_loaded", False)
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: [Entry()])
+    monkeypatch.delitem(KNOWN_DATASETS, "MyCameras", raising=False)
+    assert known_dataset("my_cameras").domains == ("day", "night")
+    assert CliRunner().invoke(main, ["hello-plugin"]).output.strip() == "hello from a plugin"
+    assert calls == [1]
+    monkeypatch.delitem(KNOWN_DATASETS, "MyCameras")
+    main.commands.pop("hello-plugin")
+
+
+def test_a_broken_plugin_is_one_line(monkeypatch) -> None:
+    import rise_edge.plugins as plugins
+
+    class Entry:
+        name, value = "broken", "broken_package:register"
+
+        def load(self):
+            raise ImportError("No module named 'broken_package'")
+
+    monkeypatch.setattr(plugins, "_loaded", False)
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: [Entry()])
+    result = CliRunner().invoke(main, ["recipes"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "plugin 'broken'" in result.output and "fix or uninstall it" in result.output
