@@ -60,8 +60,8 @@ def main() -> None:
         print(f"accuracy on {domain} ({len(samples)} images)", file=sys.stderr, flush=True)
         top1[domain] = accuracy(runners, samples, pre)
     probe = load_images([p for p, _ in splits.test[:32]], pre)
-    timing = {1: latency(runners, probe[:1], args.rounds, args.iterations),
-              32: latency(runners, probe, args.rounds, max(2, args.iterations // 4))}
+    timing = {"1": latency(runners, probe[:1], args.rounds, args.iterations),
+              "32": latency(runners, probe, args.rounds, max(2, args.iterations // 4))}
     result = {
         "command": shlex.join(["python", "benchmarks/ort_vs_openvino.py", *sys.argv[1:]]),
         "run": args.run.name, "model": run.meta.model, "target_domain": splits.target_domain,
@@ -104,14 +104,13 @@ def to_markdown(r: dict) -> str:
     for name, label in ENGINES.items():
         a = r["artefacts"][name]
         drop = a["worst_source_drop_points"]
-        b1, b32 = r["latency"]["1"][name] if "1" in r["latency"] else r["latency"][1][name], \
-            r["latency"]["32"][name] if "32" in r["latency"] else r["latency"][32][name]
+        b1, b32 = r["latency"]["1"][name], r["latency"]["32"][name]
         lines.append(f"| {label} | " + " | ".join(f"{r['top1'][d][name]:.2f}" for d in domains)
                      + f" | {'-' if drop is None else f'{drop:.2f}'}"
                      + ("" if a["budget_met"] is None else " (met)" if a["budget_met"] else " (missed)")
                      + f" | {b1['median_ms']:.2f} | {b32['median_ms']:.1f} | "
                      f"{32e3 / b32['median_ms']:.0f} | {a['bytes'] / 1e6:.1f} |")
-    lines += ["", f"Images per domain: " + ", ".join(f"{d} {n}" for d, n in r["images"].items()) + "."]
+    lines += ["", "Images per domain: " + ", ".join(f"{d} {n}" for d, n in r["images"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
