@@ -29,14 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from rise_edge.calibration import load_images
+from rise_edge.config import CALIBRATION_METHODS
 from rise_edge.data import build_splits
 from rise_edge.backends.base import physical_cores
 from rise_edge.backends.onnxruntime import OnnxRuntimeRunner
 from rise_edge.backends.pytorch import TorchRunner
-from rise_edge.export import EXPORT_DIR, export_run, resolve_export_config
+from rise_edge.export import export_run, resolve_export_config
 from rise_edge.latency import interleaved_ms
 from rise_edge.resources import machine_info, software_versions
-from rise_edge.run_dir import open_run
+from rise_edge.run_dir import EXPORT_DIR, open_run
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -66,7 +67,7 @@ def accuracy(runners: dict[str, OnnxRuntimeRunner], samples: list[tuple[str, int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--calibration-method", default=None, choices=["minmax", "entropy", "percentile"])
+    parser.add_argument("--calibration-method", default=None, choices=CALIBRATION_METHODS)
     parser.add_argument("--calibration-size", type=int, default=None)
     parser.add_argument("--budget", type=float, default=None)
     parser.add_argument("--rounds", type=int, default=5)

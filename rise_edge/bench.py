@@ -175,7 +175,7 @@ def _check_record(spec: EngineSpec, explicit: bool, student_sha: str | None) -> 
     if spec.path is not None and record.get("sha256"):
         # Verified before it runs: a file swapped for another model of the same shape would
         # otherwise be benchmarked and reported as this run's.
-        from rise_edge.calibration import file_sha256
+        from rise_edge.files import file_sha256
         if spec.path.is_file() and file_sha256(spec.path) != record["sha256"]:
             spec.status, spec.reason = "tampered", (
                 f"{spec.path.name} does not match the sha256 {EXPORT_JSON} recorded for it: it was "
@@ -387,7 +387,7 @@ def _load_failure(spec: EngineSpec, exc: Exception) -> str:
     text = " ".join(text.split())[:600]
     expected = (spec.record or {}).get("sha256")
     if expected and spec.path is not None and spec.path.is_file():
-        from rise_edge.calibration import file_sha256
+        from rise_edge.files import file_sha256
         if file_sha256(spec.path) != expected:
             text += f" ({spec.path.name} no longer matches the sha256 in {EXPORT_JSON}: it changed or " \
                     "was damaged after export; re-export it)"
@@ -558,7 +558,7 @@ def bench_run(run_dir: str | Path, cfg: BenchConfig, *, progress: bool = True,
 
 def _bench(run: TrainedRun, cfg: BenchConfig, log: Callable[[str], None], progress: bool,
            command: str | None, data_root: str | None) -> BenchReport:
-    from rise_edge.calibration import file_sha256
+    from rise_edge.files import file_sha256
     from rise_edge.report import write_report
 
     run_dir = run.path

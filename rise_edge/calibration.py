@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from rise_edge.data import DomainSplits, Sample, load_rgb
+from rise_edge.files import file_sha256
 from rise_edge.student import Preprocessing
 from rise_edge.transforms import eval_transform
 
@@ -59,14 +60,6 @@ class CalibrationSet:
 
 def _relative(path: str, dataset_dir: Path) -> str:
     return Path(os.path.relpath(path, dataset_dir)).as_posix()
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def select_calibration_set(splits: DomainSplits, size: int, seed: int = 0) -> CalibrationSet:

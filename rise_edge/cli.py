@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from rise_edge.config import CALIBRATION_METHODS
 from rise_edge.errors import UserError
 
 EXIT_UNAVAILABLE = 3
@@ -151,7 +152,7 @@ def recipes() -> None:
 @click.option("--fp16/--no-fp16", default=None, help="Also make FP16 artefacts (GPU formats).")
 @click.option("--int8/--no-int8", default=None,
               help="Also make INT8 artefacts (ONNX Runtime CPU; TensorRT Q/DQ and engine).")
-@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]),
+@click.option("--calibration-method", type=click.Choice(CALIBRATION_METHODS),
               default=None, help="How INT8 activation ranges are calibrated.")
 @click.option("--calibration-size", type=int, default=None,
               help="Calibration images, balanced over source domains and classes.")

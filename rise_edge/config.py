@@ -117,6 +117,11 @@ class TrainConfig:
     log_every: int = _f(10, "steps between metric lines in metrics.jsonl", min=1)
 
 
+# INT8 activation-range calibration: the one list of names (quantizers map them to their own).
+CalibrationMethod = Literal["minmax", "entropy", "percentile"]
+CALIBRATION_METHODS: tuple[str, ...] = typing.get_args(CalibrationMethod)
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     formats: tuple[str, ...] = _f(("onnx",), "formats to export: backends' formats (see `rise-edge "
@@ -125,7 +130,7 @@ class ExportConfig:
                     "exporter the rest)", min=13, max=23)
     int8: bool = _f(False, "also produce INT8 artefacts")
     fp16: bool = _f(False, "also produce FP16 artefacts (GPU formats)")
-    calibration_method: Literal["minmax", "entropy", "percentile"] = _f(
+    calibration_method: CalibrationMethod = _f(
         "minmax", "INT8 calibration method")
     calibration_size: int = _f(512, "calibration images, balanced over source domains and classes", min=1)
     accuracy_budget: float = _f(1.0, "largest INT8 accuracy drop (points) on any source domain "

@@ -23,13 +23,11 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from rise_edge.config import LossConfig, Recipe
-    from rise_edge.student import Preprocessing
+    from rise_edge.config import Recipe
     from rise_edge.teacher import ClipTeacher, TextEmbeddings
 
 # (loss config, teacher or None, text embeddings or None, student preprocessing) -> objective module
-ObjectiveBuilder = Callable[["LossConfig", "ClipTeacher | None", "TextEmbeddings | None", "Preprocessing"],
-                            "nn.Module"]
+ObjectiveBuilder = Callable[..., "nn.Module"]
 
 
 @dataclass(frozen=True)

@@ -27,14 +27,17 @@ from typing import Any
 import numpy as np
 
 from rise_edge.backends.base import Runner, physical_cores
+from rise_edge.config import CALIBRATION_METHODS
 from rise_edge.errors import missing_extra
-from rise_edge.fidelity import Fidelity, FidelitySet, logits_in_batches, sqnr_db
+from rise_edge.fidelity import Fidelity, FidelitySet, logits_in_batches
 from rise_edge.fidelity import measure_fidelity as fidelity_of
 from rise_edge.latency import interleaved_ms
-from rise_edge.paths import cache_key
+from rise_edge.files import cache_key
 
 # export.calibration_method -> onnxruntime.quantization.CalibrationMethod member name
-CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+# ONNX Runtime's names for config.CALIBRATION_METHODS.
+ORT_CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+assert tuple(ORT_CALIBRATION_METHODS) == CALIBRATION_METHODS
 
 
 
@@ -181,7 +184,7 @@ class CpuQuantizer:
                 # Shape arithmetic is never quantized: rounding a pad or a size changes what runs.
                 nodes_to_exclude=sorted(fp32_regions(self.pre_path, exclude)
                                         | shape_arithmetic_nodes(self.pre_path)) or None,
-                calibrate_method=getattr(q.CalibrationMethod, CALIBRATION_METHODS[self.method]),
+                calibrate_method=getattr(q.CalibrationMethod, ORT_CALIBRATION_METHODS[self.method]),
                 extra_options={"CalibStridedMinMax": stride,
                                "ActivationSymmetric": self.settings.symmetric_activations,
                                "WeightSymmetric": True,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rise_edge.run_dir import atomic_path, write_json_atomic, write_text_atomic
+from rise_edge.files import atomic_path, write_json_atomic, write_text_atomic
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 PLOT_ACCURACY_LATENCY, PLOT_ACCURACY_DOMAINS = "accuracy_latency.png", "accuracy_per_domain.png"
@@ -331,7 +331,3 @@ def write_report(data: dict[str, Any], folder: Path) -> dict[str, str]:
     write_json_atomic(folder / REPORT_JSON, data)
     write_text_atomic(folder / REPORT_MD, to_markdown(data, plots))
     return files
-
-
-def load_report(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / REPORT_JSON).read_text())

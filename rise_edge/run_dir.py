@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,29 +32,12 @@ from safetensors.torch import save_file
 
 from rise_edge.config import Recipe, recipe_from_dict
 from rise_edge.errors import UserError
+from rise_edge.files import atomic_path, write_json_atomic, write_text_atomic
 from rise_edge.student import HeadSpec, Preprocessing, Student, create_backbone
 
 STUDENT_FILE = "student.safetensors"
 RESUME_FILE = "resume.safetensors"
 _META_KEY = "rise_edge"  # safetensors header key holding our JSON metadata
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        # mkstemp makes owner-only files; give the result the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp_path.chmod(0o666 & ~umask)
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -118,15 +100,6 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
             path.unlink(missing_ok=True)
         removed.append(path)
     return removed
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from rise_edge.config import TeacherConfig
 from rise_edge.errors import UserError, missing_extra
-from rise_edge.paths import cache_key
+from rise_edge.files import cache_key
 from rise_edge.student import Preprocessing
 
 

@@ -142,7 +142,7 @@ def build_engine(onnx_path: Path, engine_path: Path, *, input_name: str, input_s
         raise UserError(f"TensorRT failed to build an engine from {onnx_path.name} (see its log above)")
     engine_path.write_bytes(bytes(serialized))
     if cache is not None and timing_cache is not None:
-        from rise_edge.run_dir import atomic_path
+        from rise_edge.files import atomic_path
 
         with atomic_path(timing_cache) as tmp:
             tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
@@ -178,7 +178,7 @@ def legacy_entropy_calibrator(images: np.ndarray, cache_file: Path, batch: int =
             return cache_file.read_bytes() if cache_file.is_file() else None
 
         def write_calibration_cache(self, cache: bytes) -> None:
-            from rise_edge.run_dir import atomic_path
+            from rise_edge.files import atomic_path
 
             with atomic_path(cache_file) as tmp:
                 tmp.write_bytes(bytes(cache))

@@ -121,7 +121,8 @@ def build_tiny_run(run_dir: Path, data_root: Path, extra_overrides: list[str] = 
     """Write a run directory with a trained tiny student, as `rise-edge train` would."""
     from rise_edge.config import dump_recipe, load_recipe
     from rise_edge.data import build_splits
-    from rise_edge.run_dir import StudentMeta, save_student, write_text_atomic
+    from rise_edge.run_dir import StudentMeta, save_student
+    from rise_edge.files import write_text_atomic
     from rise_edge.student import build_student
     from rise_edge.transforms import eval_transform
 

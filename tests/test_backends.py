@@ -18,7 +18,8 @@ from rise_edge.backends import artefacts, backends, register_backend, runner_for
 from rise_edge.backends.pytorch import TorchRunner
 from rise_edge.cli import main
 from rise_edge.config import ExportConfig
-from rise_edge.export import EXPORT_DIR, EXPORT_JSON, export_run, plan_artefacts
+from rise_edge.export import export_run, plan_artefacts
+from rise_edge.run_dir import EXPORT_DIR, EXPORT_JSON
 
 PACKAGE = Path(__file__).parents[1] / "rise_edge"
 EXPORTABLE = [fmt for fmt, b in backends().items() if b.exportable]

@@ -54,7 +54,8 @@ class Backend:
     name: str                  # bench name (the engine column)
     summary: str
     runner: Callable[..., Runner]               # (path, *, precision, device) -> Runner
-    devices: tuple[str, ...]                    # devices its runner accepts; the first is the default
+    devices: tuple[str, ...]                    # devices its runner takes (`device=`), the first the
+                                                # default; one device: the runner takes no `device`
     unavailable: Callable[[], str | None]       # why it cannot make or run artefacts here, or None
     artefacts: tuple[Artefact, ...] = ()
     plan: Callable[[ExportConfig], list[str]] = field(default=lambda cfg: [])
@@ -132,7 +133,7 @@ def runner_for(record: dict[str, Any], base: str | Path, *, device: str = "auto"
     if backend is None:
         raise UserError(f"no runner for artefact format '{fmt}'; known: {', '.join(backends())}")
     kwargs: dict[str, Any] = {"precision": record.get("precision", "fp32")}
-    if device != "auto" or "auto" in backend.devices:
+    if len(backend.devices) > 1:  # the runner chooses among its devices; the others have one
         kwargs["device"] = device if device in backend.devices else backend.devices[0]
     return backend.runner(Path(base) / record["path"], **kwargs)
 

@@ -105,6 +105,3 @@ class Runner:
         self.run_staged(staged)
         self.synchronize()
         return (time.perf_counter() - begin) * 1e3
-
-    def describe(self) -> dict[str, str]:
-        return {"name": self.name, "precision": self.precision, "device": self.device}

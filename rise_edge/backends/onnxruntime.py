@@ -21,7 +21,7 @@ import torch
 
 from rise_edge.backends import Artefact, Backend
 from rise_edge.backends.base import META_PREFIX, Runner, have, physical_cores
-from rise_edge.calibration import file_sha256
+from rise_edge.files import file_sha256
 from rise_edge.config import ExportConfig
 from rise_edge.errors import UserError, missing_extra
 from rise_edge.export_session import INPUT_NAME, ExportSession, FoldedPreprocessing, export_graph, stamp_metadata

@@ -20,7 +20,7 @@ import numpy as np
 
 from rise_edge.backends import Artefact, Backend
 from rise_edge.backends.base import Runner, have, physical_cores
-from rise_edge.calibration import file_sha256
+from rise_edge.files import file_sha256
 from rise_edge.config import ExportConfig
 from rise_edge.errors import UserError, missing_extra
 from rise_edge.export_session import ExportSession
@@ -33,8 +33,7 @@ class OpenVinoRunner(Runner):
     have it: the INT8 model's speed must come from INT8, and FP32's accuracy must be FP32's).
     """
 
-    def __init__(self, path: str | Path, *, precision: str = "fp32", device: str = "cpu",
-                 threads: int | None = None):
+    def __init__(self, path: str | Path, *, precision: str = "fp32", threads: int | None = None):
         try:
             import openvino as ov
         except ImportError:

@@ -17,11 +17,11 @@ import torch
 
 from rise_edge.backends import Artefact, Backend
 from rise_edge.backends.base import Runner, cuda_backend_unavailable
-from rise_edge.calibration import file_sha256
+from rise_edge.files import file_sha256
 from rise_edge.config import ExportConfig
 from rise_edge.errors import UserError
 from rise_edge.export_session import INPUT_NAME, ExportSession, stamp_metadata
-from rise_edge.paths import cache_key
+from rise_edge.files import cache_key
 from rise_edge.tensorrt_build import import_tensorrt, modelopt_unavailable
 
 
@@ -32,7 +32,7 @@ class TensorRTRunner(Runner):
     to deserialize, with a sentence saying to rebuild on this device.
     """
 
-    def __init__(self, path: str | Path, *, precision: str = "int8", device: str = "cuda"):
+    def __init__(self, path: str | Path, *, precision: str = "int8"):
         trt = import_tensorrt("running TensorRT engines")
         if not torch.cuda.is_available():
             raise UserError("TensorRT engines need a CUDA GPU, and PyTorch sees none on this machine")

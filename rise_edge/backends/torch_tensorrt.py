@@ -23,7 +23,7 @@ from rise_edge.export_session import ExportSession
 class TorchTensorRTRunner(Runner):
     """A Torch-TensorRT compiled student saved as an ExportedProgram (.ep) or TorchScript (.ts)."""
 
-    def __init__(self, path: str | Path, *, precision: str = "fp16", device: str = "cuda"):
+    def __init__(self, path: str | Path, *, precision: str = "fp16"):
         try:
             import torch_tensorrt  # noqa: F401  (registers the TensorRT engine ops for loading)
         except ImportError:

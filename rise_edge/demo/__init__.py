@@ -13,7 +13,7 @@ TEACHER = "rise-edge-demo-clip"
 
 def _build_world(root: Path | None) -> Path:
     from rise_edge.demo.world import default_world_spec, generate_world
-    from rise_edge.paths import cache_root
+    from rise_edge.files import cache_root
 
     return generate_world(root or cache_root(), default_world_spec())
 

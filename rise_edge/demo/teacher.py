@@ -34,8 +34,8 @@ from rise_edge.demo.world import (
     default_world_spec, generate_world, iter_samples, make_temp_sibling, miniature_world_spec,
     publish_folder,
 )
-from rise_edge.paths import cache_key
-from rise_edge.run_dir import write_json_atomic
+from rise_edge.files import cache_key
+from rise_edge.files import write_json_atomic
 from rise_edge.teacher import template_mean_embeddings
 
 DEMO_TEACHER_MODEL = "rise-edge-demo-clip"
@@ -501,9 +501,3 @@ def _is_complete(folder: Path, settings: DemoTeacherSettings) -> bool:
     except (OSError, ValueError):
         return False
     return config.get("hash") == settings.hash and (folder / "model.safetensors").is_file()
-
-
-
-def demo_teacher_settings(**overrides) -> DemoTeacherSettings:
-    """The default settings with some fields replaced."""
-    return replace(DEFAULT_SETTINGS, **overrides)

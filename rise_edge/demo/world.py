@@ -29,7 +29,7 @@ from PIL import Image
 
 import rise_edge.demo.styles as _styles
 from rise_edge.demo.styles import COLOURS, STYLE_RENDERERS, SHAPES
-from rise_edge.paths import cache_key
+from rise_edge.files import cache_key
 
 # Bump when the drawing code changes what a spec produces, so old caches are not reused.
 GENERATOR_VERSION = 1
@@ -105,7 +105,7 @@ def miniature_world_spec() -> WorldSpec:
 
 def default_cache_dir() -> Path:
     """$RISE_EDGE_CACHE, else ~/.cache/rise-edge."""
-    from rise_edge.paths import cache_root
+    from rise_edge.files import cache_root
 
     return cache_root()
 
