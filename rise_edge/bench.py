@@ -44,16 +44,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rise_edge.config import BenchConfig, recipe_from_dict, recipe_to_dict
-from rise_edge.data import DomainSplits, Sample, load_rgb
 from rise_edge.backends import artefacts, backend_for_engine, backends, runner_for
 from rise_edge.backends.base import Runner
 from rise_edge.backends.pytorch import TorchRunner
+from rise_edge.config import BenchConfig, recipe_from_dict, recipe_to_dict
+from rise_edge.data import DomainSplits, Sample, load_rgb
 from rise_edge.errors import UserError
 from rise_edge.latency import PERCENTILE_DEFINITION, TimingPlan, mlperf_style, time_runner
 from rise_edge.resources import GpuMemory, HostMemory, TegraStats, machine_info, software_versions
-from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun, open_run, run_lock,
-                               read_export_record, run_splits)
+from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun, open_run,
+                               read_export_record, run_lock, run_splits)
 from rise_edge.transforms import eval_transform
 
 BENCH_DIR = "bench"

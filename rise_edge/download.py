@@ -29,11 +29,10 @@ from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
-from rise_edge.files import file_sha256
 from rise_edge.data import IMAGE_SUFFIXES, KNOWN_DATASETS, KnownDataset
 from rise_edge.errors import UserError
+from rise_edge.files import file_sha256, write_json_atomic
 from rise_edge.run_dir import run_lock
-from rise_edge.files import write_json_atomic
 
 WORK_FOLDER = ".rise-edge-downloads"
 _CHUNK = 1 << 20

@@ -26,13 +26,13 @@ from typing import Any
 import numpy as np
 
 from rise_edge.backends import artefacts, backends, plan_formats, why_unavailable
-from rise_edge.files import file_sha256
 from rise_edge.config import ExportConfig, parse_override, recipe_from_dict, recipe_to_dict
 from rise_edge.errors import UserError, missing_extra
 from rise_edge.export_session import ExportSession
+from rise_edge.files import atomic_path, file_sha256, write_json_atomic
 from rise_edge.resources import software_versions
-from rise_edge.run_dir import (EXPORT_JSON, STUDENT_FILE, TrainedRun, open_run, read_export_record, run_lock)
-from rise_edge.files import atomic_path, write_json_atomic
+from rise_edge.run_dir import (EXPORT_JSON, STUDENT_FILE, TrainedRun, open_run, read_export_record,
+                               run_lock)
 
 
 def plan_artefacts(cfg: ExportConfig) -> list[str]:

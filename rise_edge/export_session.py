@@ -15,12 +15,13 @@ import torch
 from torch import nn
 
 from rise_edge.backends.base import META_PREFIX
-from rise_edge.calibration import (CalibrationSet, balanced_val_samples, load_images, select_calibration_set, select_fidelity_samples)
-from rise_edge.files import file_sha256
+from rise_edge.calibration import (CalibrationSet, balanced_val_samples, load_images,
+                                   select_calibration_set, select_fidelity_samples)
 from rise_edge.config import ExportConfig, recipe_to_dict
 from rise_edge.errors import UserError
-from rise_edge.graph_form import fold_constants
 from rise_edge.fidelity import FidelitySet
+from rise_edge.files import file_sha256
+from rise_edge.graph_form import fold_constants
 from rise_edge.run_dir import EXPORT_DIR, STUDENT_FILE, TrainedRun, run_splits
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 
 from rise_edge.config import ExportConfig
 from rise_edge.data import DomainImages, DomainSplits, EpochBatches
-from rise_edge.fake_quant import ActivationQuantizer, QuantConv2d, QuantLinear, calibrate, quantize_model
+from rise_edge.fake_quant import (ActivationQuantizer, QuantConv2d, QuantLinear, calibrate,
+                                  quantize_model)
 from rise_edge.files import cache_key
 from rise_edge.rise import kd_loss
 from rise_edge.run_dir import (TrainedRun, load_tensors, load_training_state, save_tensors,

@@ -29,10 +29,10 @@ import numpy as np
 from rise_edge.backends.base import Runner, physical_cores
 from rise_edge.config import CALIBRATION_METHODS
 from rise_edge.errors import missing_extra
-from rise_edge.fidelity import Fidelity, FidelitySet, logits_in_batches
-from rise_edge.fidelity import measure_fidelity as fidelity_of
-from rise_edge.latency import interleaved_ms
+from rise_edge.fidelity import (Fidelity, FidelitySet, logits_in_batches,
+                                measure_fidelity as fidelity_of)
 from rise_edge.files import cache_key
+from rise_edge.latency import interleaved_ms
 
 # export.calibration_method -> onnxruntime.quantization.CalibrationMethod member name
 # ONNX Runtime's names for config.CALIBRATION_METHODS.

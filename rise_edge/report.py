@@ -7,7 +7,6 @@ Plots use matplotlib's object API with the Agg canvas (no pyplot, no global back
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any

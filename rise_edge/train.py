@@ -27,10 +27,10 @@ from rise_edge.data import (SPLITS_FILE, DomainImages, DomainSplits, EpochBatche
                             data_root, split_lists_dir, splits_to_record)
 from rise_edge.distributed import Distributed
 from rise_edge.errors import UserError
-from rise_edge.files import cache_root
+from rise_edge.files import cache_root, write_json_atomic, write_text_atomic
 from rise_edge.methods import method_of, teacher_and_text
-from rise_edge.run_dir import (RESUME_FILE, STUDENT_FILE, MetricsLog, StudentMeta, load_training_state, run_lock, save_student, save_training_state)
-from rise_edge.files import write_json_atomic, write_text_atomic
+from rise_edge.run_dir import (RESUME_FILE, STUDENT_FILE, MetricsLog, StudentMeta,
+                               load_training_state, run_lock, save_student, save_training_state)
 from rise_edge.student import Preprocessing, Student, build_student
 from rise_edge.transforms import eval_transform, train_transform
 

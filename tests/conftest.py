@@ -7,6 +7,7 @@ coloured shapes so its accuracy means something (well above chance on every doma
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -157,3 +158,52 @@ def tiny_run(tmp_path: Path, _tiny_run_template: Path) -> Path:
     """A fresh copy of a trained tiny run directory (test_resnet, 32 px, 3 classes, sources cartoon +
     photo, target sketch) that a test may write into freely. Returns the run directory's Path."""
     return Path(shutil.copytree(_tiny_run_template, tmp_path / "run"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# A tiny open_clip teacher: one layer, random weights, the real tokenizer.
+
+TINY_CLIP = "rise-edge-test-clip"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def register_tiny_clip(folder: Path) -> str:
+    """A one-layer open_clip config with random weights (the real tokenizer comes with it)."""
+    import open_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+    open_clip.add_model_config(folder / f"{TINY_CLIP}.json")
+    return TINY_CLIP
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory):
+    from rise_edge.config import TeacherConfig
+    from rise_edge.teacher import load_teacher
+
+    register_tiny_clip(tmp_path_factory.mktemp("clip_config"))
+    torch.manual_seed(0)
+    return load_teacher(TeacherConfig(model=TINY_CLIP, pretrained="none"), torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An open_clip 'local-dir:' teacher: config + random weights, loadable in any process."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": TINY_CLIP_CONFIG,
+         "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN),
+                            "std": list(open_clip.OPENAI_DATASET_STD)}}))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{folder}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(folder / "open_clip_model.safetensors"))
+    return folder

@@ -17,6 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import TINY_CLASSES, TINY_DOMAINS, TINY_TARGET
+from rise_edge.backends import backends
 from rise_edge.bench import BENCH_DIR, bench_run
 from rise_edge.cli import main
 from rise_edge.config import BenchConfig
@@ -322,9 +323,12 @@ def test_artefacts_this_machine_cannot_run_get_rows_with_reasons(exported: Path)
     assert rows["onnx-fp32-uint8"]["status"] == "stale"
     assert rows["torch-tensorrt-fp16"]["status"] == "not-exported"
     assert "export status 'unavailable': no CUDA GPU here." in rows["torch-tensorrt-fp16"]["reason"]
-    if not torch.cuda.is_available():
+    why_not = backends()["tensorrt"].unavailable()  # the same check on any machine
+    if why_not is not None:
         assert rows["tensorrt-int8"]["status"] == "unavailable"
-        assert "no CUDA GPU is visible" in rows["tensorrt-int8"]["reason"]
+        assert why_not.rstrip(".") in rows["tensorrt-int8"]["reason"]
+    else:  # a GPU with TensorRT: the record is run, and its file was never made
+        assert rows["tensorrt-int8"]["status"] == "missing"
     assert rows["onnx-int8"]["status"] == "ok"
 
     named = bench_run(exported, dataclasses.replace(QUICK, engines=("onnx-int8-tensorrt",)), progress=False)

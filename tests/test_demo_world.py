@@ -20,7 +20,7 @@ from rise_edge.demo.teacher import (
 )
 from rise_edge.demo.world import (
     ALL_STYLES, DEMO_CLASSES, STUDENT_STYLES, TEACHER_ONLY_STYLES, caption,
-    default_cache_dir, generate_world, iter_samples, miniature_world_spec,
+    generate_world, iter_samples, miniature_world_spec,
 )
 
 
@@ -36,7 +36,8 @@ def _file_digests(root: Path) -> dict[str, str]:
 
 
 def test_cache_dir_honours_env(tmp_path: Path) -> None:
-    assert default_cache_dir() == tmp_path / "env-cache"
+    from rise_edge.files import cache_root
+    assert cache_root() == tmp_path / "env-cache"
 
 
 def test_styles_and_captions() -> None:

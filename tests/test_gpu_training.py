@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from test_train import _args
+from conftest import train_cli_args as _args
 from rise_edge.cli import main
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(

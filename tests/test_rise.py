@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import TINY_CLIP
 from rise_edge.config import LossConfig, TeacherConfig
 from rise_edge.errors import UserError
 from rise_edge.rise import (RD_SCALE, ErmObjective, RiseObjective, absolute_distance, kd_loss,
@@ -17,31 +17,6 @@ from rise_edge.rise import (RD_SCALE, ErmObjective, RiseObjective, absolute_dist
 from rise_edge.student import HeadSpec, Preprocessing, Student
 from rise_edge.teacher import (TextEmbeddings, class_prompt_name, load_teacher,
                                text_embeddings_cached)
-
-TINY_CLIP = "rise-edge-test-clip"
-TINY_CLIP_CONFIG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-def register_tiny_clip(folder: Path) -> str:
-    """A one-layer open_clip config with random weights (the real tokenizer comes with it)."""
-    import open_clip
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
-    open_clip.add_model_config(folder / f"{TINY_CLIP}.json")
-    return TINY_CLIP
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory: pytest.TempPathFactory):
-    register_tiny_clip(tmp_path_factory.mktemp("clip_config"))
-    torch.manual_seed(0)
-    return load_teacher(TeacherConfig(model=TINY_CLIP, pretrained="none"), torch.device("cpu"))
-
 
 # ---------------------------------------------------------------------------------------------------
 # Literal, per-sample versions of the formulas in the method notes.

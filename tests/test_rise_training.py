@@ -8,33 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from conftest import TINY_DATASET
+from conftest import TINY_CLIP_CONFIG, TINY_DATASET
 from rise_edge.cli import main
-from test_rise import TINY_CLIP_CONFIG
 
 REPO = Path(__file__).parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An open_clip 'local-dir:' teacher: config + random weights, loadable in any process."""
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    (folder / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": TINY_CLIP_CONFIG,
-         "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN),
-                            "std": list(open_clip.OPENAI_DATASET_STD)}}))
-    torch.manual_seed(0)
-    model = open_clip.create_model(f"local-dir:{folder}")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(folder / "open_clip_model.safetensors"))
-    return folder
 
 
 def _rise_args(data_root: Path, clip_dir: Path, run_dir: Path, *extra: str) -> list[str]:

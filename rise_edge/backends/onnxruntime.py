@@ -21,13 +21,14 @@ import torch
 
 from rise_edge.backends import Artefact, Backend
 from rise_edge.backends.base import META_PREFIX, Runner, have, physical_cores
-from rise_edge.files import file_sha256
 from rise_edge.config import ExportConfig
 from rise_edge.errors import UserError, missing_extra
-from rise_edge.export_session import INPUT_NAME, ExportSession, FoldedPreprocessing, export_graph, stamp_metadata
+from rise_edge.export_session import (INPUT_NAME, ExportSession, FoldedPreprocessing, export_graph,
+                                      stamp_metadata)
+from rise_edge.fidelity import sqnr_db
+from rise_edge.files import file_sha256
 from rise_edge.graph_form import module_of_onnx_node, with_static_padding
 from rise_edge.methods import method_of
-from rise_edge.fidelity import sqnr_db
 
 
 def onnx_metadata(path: str | Path) -> dict[str, Any]:

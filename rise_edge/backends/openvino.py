@@ -20,10 +20,10 @@ import numpy as np
 
 from rise_edge.backends import Artefact, Backend
 from rise_edge.backends.base import Runner, have, physical_cores
-from rise_edge.files import file_sha256
 from rise_edge.config import ExportConfig
 from rise_edge.errors import UserError, missing_extra
 from rise_edge.export_session import ExportSession
+from rise_edge.files import file_sha256
 
 
 class OpenVinoRunner(Runner):

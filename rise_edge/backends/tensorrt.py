@@ -17,11 +17,10 @@ import torch
 
 from rise_edge.backends import Artefact, Backend
 from rise_edge.backends.base import Runner, cuda_backend_unavailable
-from rise_edge.files import file_sha256
 from rise_edge.config import ExportConfig
 from rise_edge.errors import UserError
 from rise_edge.export_session import INPUT_NAME, ExportSession, stamp_metadata
-from rise_edge.files import cache_key
+from rise_edge.files import cache_key, file_sha256
 from rise_edge.tensorrt_build import import_tensorrt, modelopt_unavailable
 
 

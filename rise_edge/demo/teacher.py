@@ -22,31 +22,28 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from rise_edge.demo.world import (
-    ALL_STYLES, DEMO_CLASSES, DEMO_COLOURS, STUDENT_STYLES, WorldSpec, caption, default_cache_dir,
-    default_world_spec, generate_world, iter_samples, make_temp_sibling, miniature_world_spec,
-    publish_folder,
-)
-from rise_edge.files import cache_key
-from rise_edge.files import write_json_atomic
+from rise_edge.config import CLIP_TEMPLATES
+from rise_edge.demo.world import (ALL_STYLES, DEMO_CLASSES, DEMO_COLOURS, STUDENT_STYLES, WorldSpec,
+                                  caption, default_world_spec, generate_world, iter_samples,
+                                  make_temp_sibling, miniature_world_spec, publish_folder)
+from rise_edge.files import cache_key, cache_root, write_json_atomic
 from rise_edge.teacher import template_mean_embeddings
 
 DEMO_TEACHER_MODEL = "rise-edge-demo-clip"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's statistics, not ImageNet's
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# OpenAI CLIP's statistics (not ImageNet's) and RISE's prompt templates: the originals.
+CLIP_MEAN, CLIP_STD = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 VOCAB_SIZE = 49408  # open_clip's SimpleTokenizer (the BPE vocabulary shipped with open_clip)
 TRAINING_VERSION = 1  # bump when the training code changes what the same settings produce
 
-RISE_TEMPLATES: tuple[str, ...] = (
-    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-    "a {} in a video game.", "art of the {}.", "a photo of the small {}.")
+RISE_TEMPLATES: tuple[str, ...] = CLIP_TEMPLATES
 PLAIN_TEMPLATES: tuple[str, ...] = ("a {}.",)
 
 
@@ -130,7 +127,7 @@ def register_demo_teacher_config(settings: DemoTeacherSettings = DEFAULT_SETTING
 
     The last registration in a process wins. Returns the registered JSON file.
     """
-    return _register(model_config(settings), cache_dir or default_cache_dir())
+    return _register(model_config(settings), cache_dir or cache_root())
 
 
 def _register(config: dict, cache: Path) -> Path:
@@ -150,7 +147,7 @@ def _register(config: dict, cache: Path) -> Path:
 
 def teacher_folder(settings: DemoTeacherSettings = DEFAULT_SETTINGS,
                    cache_dir: Path | None = None) -> Path:
-    return (cache_dir or default_cache_dir()) / settings.folder_name
+    return (cache_dir or cache_root()) / settings.folder_name
 
 
 def load_demo_teacher(weights: Path) -> torch.nn.Module:
@@ -441,7 +438,7 @@ def build_demo_teacher(cache_dir: Path | None = None, *,
                        threads: int | None = None) -> Path:
     """`<cache>/demo-teacher-<hash12>/model.safetensors`, trained on first use (minutes on a CPU),
     then reused. Registers `DEMO_TEACHER_MODEL` with open_clip as a side effect."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else cache_root()
     final = teacher_folder(settings, cache)
     register_demo_teacher_config(settings, cache)
     if _is_complete(final, settings):

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 import rise_edge.demo.styles as _styles
-from rise_edge.demo.styles import COLOURS, STYLE_RENDERERS, SHAPES
+from rise_edge.demo.styles import COLOURS, SHAPES, STYLE_RENDERERS
 from rise_edge.files import cache_key
 
 # Bump when the drawing code changes what a spec produces, so old caches are not reused.
@@ -101,13 +101,6 @@ def default_world_spec() -> WorldSpec:
 def miniature_world_spec() -> WorldSpec:
     """A world small enough for tests (seconds): 4 styles x 3 classes x 4 images of 32 px."""
     return WorldSpec(classes=("circle", "square", "triangle"), image_size=32, images_per_class=4)
-
-
-def default_cache_dir() -> Path:
-    """$RISE_EDGE_CACHE, else ~/.cache/rise-edge."""
-    from rise_edge.files import cache_root
-
-    return cache_root()
 
 
 def caption(style: str, colour: str, class_name: str) -> str:
