@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,6 +117,33 @@ def _reusable(s: ExportSession, name: str, previous: dict[str, Any]) -> bool:
     return False
 
 
+def _make(s: ExportSession, name: str, previous: dict[str, Any], record: dict[str, Any],
+          log: Callable[[str], None]) -> dict[str, Any]:
+    """Make one artefact under a temporary name and rename it into place once its maker returned
+    (its checks passed); on failure the record says why, and whether the earlier file was kept."""
+    spec = artefacts()[name]
+    path = s.path_of(name)
+    log(f"{name}: making {spec.filename}")
+    try:
+        with atomic_path(path) as tmp:
+            details = spec.make(s, tmp)
+        size = path.stat().st_size + sum((path.parent / part).stat().st_size
+                                         for part in details.get("files", {}))
+        return {**record, "status": "ok", "sha256": file_sha256(path), "bytes": size, **details}
+    except UserError as exc:
+        reason = str(exc)
+    except Exception as exc:  # any other failure of one format must not stop the others
+        reason = f"{type(exc).__name__}: {exc}"
+    log(f"{name}: FAILED: {reason}")
+    record = {**record, "status": "failed", "reason": reason}
+    # the last good file is still in place: say so (across repeated failures too)
+    good = previous if previous.get("status") == "ok" else previous.get("previous", {})
+    if path.is_file() and good.get("sha256"):
+        record["previous"] = {k: good[k] for k in ("sha256", "updated") if k in good}
+        record["reason"] += f" (the earlier {spec.filename} was kept)"
+    return record
+
+
 def export_run(run_dir: str | Path, cfg: ExportConfig, *, progress: bool = True,
                data_root: str | None = None) -> ExportResult:
     """Export a trained run's student as `cfg` asks; returns the records and export.json's path.
@@ -195,25 +222,7 @@ def _export(run: TrainedRun, cfg: ExportConfig, progress: bool, data_root: str |
             record.update(status="unavailable", reason=reason)
             log(f"{name}: unavailable: {reason}")
         else:
-            log(f"{name}: making {spec.filename}")
-            try:
-                with atomic_path(session.path_of(name)) as tmp:
-                    details = spec.make(session, tmp)
-                path = session.path_of(name)
-                size = path.stat().st_size + sum((path.parent / name).stat().st_size
-                                                 for name in details.get("files", {}))
-                record.update(status="ok", sha256=file_sha256(path), bytes=size, **details)
-            except UserError as exc:
-                record.update(status="failed", reason=str(exc))
-            except Exception as exc:  # any other failure of one format must not stop the others
-                record.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
-            if record["status"] == "failed":
-                log(f"{name}: FAILED: {record['reason']}")
-                # the last good file is still in place: say so (across repeated failures too)
-                good = previous if previous.get("status") == "ok" else previous.get("previous", {})
-                if session.path_of(name).is_file() and good.get("sha256"):
-                    record["previous"] = {k: good[k] for k in ("sha256", "updated") if k in good}
-                    record["reason"] += f" (the earlier {spec.filename} was kept)"
+            record = _make(session, name, previous, record, log)
         outcomes[name] = record
         records[name] = _kept_if_intact(session, name, previous, record)
         save()

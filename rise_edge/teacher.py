@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -208,22 +209,44 @@ def load_teacher(cfg: TeacherConfig, device: torch.device) -> ClipTeacher:
     except ImportError:
         raise missing_extra("open_clip_torch", "cpu", "the CLIP teacher") from None
     precision = _precision(cfg, device)
-    kwargs: dict = {}
+    name, weights, identity, kwargs = _weight_source(cfg)
+    try:
+        model = open_clip.create_model(name, pretrained=str(weights) or None, precision=precision,
+                                       device=device, **kwargs)
+    except (RuntimeError, ValueError, FileNotFoundError) as exc:
+        raise UserError(f"could not build teacher {cfg.model} from {weights or 'random weights'}: "
+                        f"{exc}") from None
+    pre = open_clip.get_model_preprocess_cfg(model)
+    size = pre.get("size", 224)
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    teacher = ClipTeacher(model, open_clip.get_tokenizer(name), size,
+                          pre.get("mean", open_clip.OPENAI_DATASET_MEAN),
+                          pre.get("std", open_clip.OPENAI_DATASET_STD), identity)
+    return teacher.to(device)
+
+
+def _weight_source(cfg: TeacherConfig) -> tuple[str, str | Path, str, dict[str, Any]]:
+    """Where the teacher's config and weights come from: (open_clip model name, weights file or ""
+    when open_clip finds them itself, an identity that keys the text-embedding cache, extra
+    create_model arguments). Raises a UserError that says what was looked for where."""
+    import open_clip
+
+    kwargs: dict[str, Any] = {}
     name = cfg.model
     build = built_teacher(name)
     if build is not None:
         # A teacher that is built (the demo's, a plugin's): an open_clip 'local-dir:' folder.
-        name, weights = f"local-dir:{build()}", ""
+        name = f"local-dir:{build()}"
     if name.startswith("local-dir:"):
         folder = Path(name.split(":", 1)[1]).expanduser()
         if not (folder / "open_clip_config.json").is_file():
             raise UserError(f"teacher.model '{cfg.model}': {folder} holds no open_clip_config.json")
-        weights = ""  # open_clip finds config and weights in the folder
-        identity = f"{name}|{sum(_file_size(p) for p in folder.iterdir())}"
-    elif name.startswith("hf-hub:"):
-        weights, identity = "", name  # config and weights from the hub repo (or its cache)
-    elif Path(cfg.pretrained).expanduser().is_file():
-        weights = Path(cfg.pretrained).expanduser()
+        # open_clip finds config and weights in the folder
+        return name, "", f"{name}|{sum(_file_size(p) for p in folder.iterdir())}", kwargs
+    if name.startswith("hf-hub:"):
+        return name, "", name, kwargs  # config and weights from the hub repo (or its cache)
+    if Path(cfg.pretrained).expanduser().is_file():
+        weights: str | Path = Path(cfg.pretrained).expanduser()
     elif cfg.pretrained == "none":
         weights = ""  # random weights: tests and smoke runs only
     else:
@@ -245,21 +268,7 @@ def load_teacher(cfg: TeacherConfig, device: torch.device) -> ClipTeacher:
                     f"them ({type(exc).__name__}). Fetch them once on a machine with network "
                     f"(open_clip.create_model('{cfg.model}', pretrained='{cfg.pretrained}')) and copy "
                     "the cache, or set teacher.pretrained to a local weights file.") from None
-    try:
-        model = open_clip.create_model(name, pretrained=str(weights) or None, precision=precision,
-                                       device=device, **kwargs)
-    except (RuntimeError, ValueError, FileNotFoundError) as exc:
-        raise UserError(f"could not build teacher {cfg.model} from {weights or 'random weights'}: "
-                        f"{exc}") from None
-    pre = open_clip.get_model_preprocess_cfg(model)
-    size = pre.get("size", 224)
-    size = int(size[0] if isinstance(size, (tuple, list)) else size)
-    if not name.startswith(("local-dir:", "hf-hub:")):
-        identity = f"{name}|{Path(str(weights)).name}|{_file_size(weights)}"
-    teacher = ClipTeacher(model, open_clip.get_tokenizer(name), size,
-                          pre.get("mean", open_clip.OPENAI_DATASET_MEAN),
-                          pre.get("std", open_clip.OPENAI_DATASET_STD), identity)
-    return teacher.to(device)
+    return name, weights, f"{name}|{Path(str(weights)).name}|{_file_size(weights)}", kwargs
 
 
 def _file_size(path: str | Path) -> int:

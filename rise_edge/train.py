@@ -12,6 +12,7 @@ import resource
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -327,24 +328,9 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
                 window_steps, window_start, seen = 0, time.perf_counter(), 0
             bar.update(1)
             if step % eval_every == 0 or step == total:
-                scores = {name: evaluate(model, dl, device, dist, autocast())
-                          for name, dl in eval_loaders.items()}
-                scores["val_mean"] = sum(scores[f"val/{d}"] for d in splits.source_domains) / len(
-                    splits.source_domains)
-                # A student with a non-finite weight is never selected, whatever it scored.
-                selected = scores["val_mean"] > best["val_mean"] and all(
-                    bool(torch.isfinite(t).all()) for t in student.state_dict().values()
-                    if t.is_floating_point())
-                if selected:
-                    best = {**scores, "step": step}
-                if dist.is_main:
-                    if selected:
-                        save_student(path, student, replace(meta, step=step, selection=best), recipe)
-                    log.write({"step": step, "epoch": epoch, "eval": scores, "selected": selected})
-                    _save_resume(path, student, optimizer, scaler, step, best)
-                    bar.write(f"step {step}: source val {100 * scores['val_mean']:.2f} %"
-                              f"{' (selected)' if selected else ''}, target "
-                              f"{100 * scores[f'target/{splits.target_domain}']:.2f} %")
+                best = _evaluate_and_select(
+                    _Checkpoint(path, recipe, splits, meta, dist, log, bar), model, student,
+                    eval_loaders, device, autocast, optimizer, scaler, step, epoch, best)
             if step >= total:
                 break
     bar.close()
@@ -364,6 +350,45 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
                        **{k: len(v) for k, v in eval_sets.items()}}})
         (path / RESUME_FILE).unlink(missing_ok=True)  # finished: nothing left to resume
     return result
+
+
+@dataclass
+class _Checkpoint:
+    """Where and how an evaluation is recorded: the run directory, its metadata, the log and bar."""
+
+    path: Path
+    recipe: Recipe
+    splits: DomainSplits
+    meta: StudentMeta
+    dist: Distributed
+    log: MetricsLog | None
+    bar: Any
+
+
+def _evaluate_and_select(c: _Checkpoint, model: nn.Module, student: Student,
+                         loaders: dict[str, DataLoader], device: torch.device,
+                         autocast: Callable[[], contextlib.AbstractContextManager],
+                         optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, step: int,
+                         epoch: int, best: dict[str, Any]) -> dict[str, Any]:
+    """Score every domain, select on the mean source validation accuracy (never the target), save
+    the selected student and the resume state; returns the best so far."""
+    sources = c.splits.source_domains
+    scores = {name: evaluate(model, dl, device, c.dist, autocast()) for name, dl in loaders.items()}
+    scores["val_mean"] = sum(scores[f"val/{d}"] for d in sources) / len(sources)
+    # A student with a non-finite weight is never selected, whatever it scored.
+    selected = scores["val_mean"] > best["val_mean"] and all(
+        bool(torch.isfinite(t).all()) for t in student.state_dict().values() if t.is_floating_point())
+    if selected:
+        best = {**scores, "step": step}
+    if c.dist.is_main:
+        if selected:
+            save_student(c.path, student, replace(c.meta, step=step, selection=best), c.recipe)
+        c.log.write({"step": step, "epoch": epoch, "eval": scores, "selected": selected})
+        _save_resume(c.path, student, optimizer, scaler, step, best)
+        c.bar.write(f"step {step}: source val {100 * scores['val_mean']:.2f} %"
+                    f"{' (selected)' if selected else ''}, target "
+                    f"{100 * scores[f'target/{c.splits.target_domain}']:.2f} %")
+    return best
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,11 @@ A backend declares
     run its artefacts (one sentence), or None when it can.
 
 export, bench, the command line and the latency clocks read this table; nothing else lists formats.
+
+Words, one meaning each: a *backend* is a format with its runner (this table); an *artefact* is one
+file export made (export.json); a *runner* is a loaded artefact that maps images to logits; an
+*engine* is a row of bench's report, the PyTorch reference or one artefact run by its backend
+(`bench --engines` picks rows); a *TensorRT engine* is the serialized file TensorRT builds.
 Adding a backend is one module that defines `BACKEND` plus its name in BUILT_IN (or, from outside
 rise-edge, a `rise_edge.plugins` entry point calling `register_backend`).
 """
