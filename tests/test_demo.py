@@ -40,6 +40,7 @@ bench: {warmup: 1, iterations: 3}
     return recipe
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_and_reuse(miniature_demo: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     out = tmp_path / "demo"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
@@ -65,6 +66,7 @@ def test_kd_method_trains_from_a_rise_recipe_with_a_plain_head(tiny_data_root: P
     assert "method: kd" in (run_dir / "recipe.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tiny_data_root: Path, tiny_clip_dir: Path,
                                              tmp_path: Path) -> None:
     """Same global batch of 8: one process, then torchrun with 2 gloo ranks of 4 (BN-free student)."""

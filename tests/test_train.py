@@ -86,6 +86,7 @@ def test_open_run_errors(tmp_path: Path) -> None:
         open_run(tmp_path / "empty")
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted(tiny_data_root: Path, recipe_file: Path,
                                                  tmp_path: Path) -> None:
     steps = ["--set", "train.steps=240", "--set", "train.eval_every=12", "--set", "optim.schedule=cosine"]
