@@ -284,6 +284,72 @@ def bench(run_dir: Path, domains: tuple[str, ...], engines: tuple[str, ...],
         sys.exit(1)
 
 
+# -- sweep commands --
+
+
+class _SweepGroup(click.Group):
+    """`rise-edge sweep SWEEP.yaml` runs a sweep; `rise-edge sweep collect DIR` tabulates one."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        if args and args[0] not in self.commands:
+            return "run", self.commands["run"], args
+        return super().resolve_command(ctx, args)
+
+
+@main.group(cls=_SweepGroup)
+def sweep() -> None:
+    """Run the DomainBed protocol: every target x seed x grid point of SWEEP.yaml (rise-edge sweep
+    SWEEP.yaml), then tabulate it (rise-edge sweep collect DIR)."""
+
+
+@sweep.command("run", hidden=True)
+@click.argument("sweep_file", metavar="SWEEP.yaml", type=click.Path(path_type=Path))
+@click.option("--launcher", type=click.Choice(["local", "submitit-local", "slurm"]), default="local",
+              show_default=True, help="local: a pool of processes here; slurm: jobs through "
+              "submitit; submitit-local: submitit's local executor (the SLURM code path, here).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs at once (local pool and submitit-local; SLURM's array parallelism).")
+@click.option("--threads", type=click.IntRange(min=0), default=0,
+              help="CPU threads per run (default: the cores divided between the workers).")
+@click.option("--gpus", default="", metavar="ID[,ID...]",
+              help="GPUs for the local pool, one per run in turn (CUDA_VISIBLE_DEVICES).")
+@click.option("--slurm-partition", default=None, help="SLURM partition.")
+@click.option("--timeout-min", type=click.IntRange(min=1), default=24 * 60, show_default=True,
+              help="SLURM time limit per run, in minutes.")
+@_user_errors
+def sweep_run(sweep_file: Path, launcher: str, workers: int, threads: int, gpus: str,
+              slurm_partition: str | None, timeout_min: int) -> None:
+    """Run every unfinished run of SWEEP.yaml (finished runs are skipped, interrupted ones resume)."""
+    from rise_edge.sweep import launch, load_sweep
+
+    spec = load_sweep(sweep_file)
+    slurm = {"timeout_min": timeout_min, **({"slurm_partition": slurm_partition}
+                                            if slurm_partition else {})}
+    result = launch(spec, sweep_file, launcher=launcher, workers=workers, threads=threads,
+                    gpus=[g for g in gpus.split(",") if g], slurm=slurm,
+                    log=lambda line: click.echo(line, err=True))
+    click.echo(f"{len(result.finished)} run(s) done, {len(result.skipped)} already finished, "
+               f"{len(result.failed)} failed, in {result.seconds / 60:.1f} min; runs in "
+               f"{spec.output_dir}; tables: rise-edge sweep collect {spec.output_dir}")
+    if result.failed:
+        for name, where in result.failed.items():
+            click.echo(f"error: {name} failed; its log: {where}", err=True)
+        sys.exit(1)
+
+
+@sweep.command("collect")
+@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
+@_user_errors
+def sweep_collect(folder: Path) -> None:
+    """Tables of a sweep's runs: per target domain and their average, mean ± SE over seeds, selected
+    on training-domain validation, with the oracle beside it (results.{md,csv,json,png} in DIR)."""
+    from rise_edge.collect import collect, to_markdown
+
+    data = collect(folder)
+    click.echo(to_markdown(data))
+    click.echo(f"written: {folder}/results.md, results.csv, results.json, results.png")
+
+
 # -- data commands --
 
 

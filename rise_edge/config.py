@@ -233,6 +233,22 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: builds plain data only
 
 
+def read_yaml_file(path: Path, kind: str) -> Any:
+    """A YAML file's plain data, with one-line errors: not UTF-8, unreadable, not YAML (with line and
+    column), a key written twice (the loader refuses it at its line)."""
+    try:
+        return parse_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: {kind} is UTF-8 text, but byte {exc.start} is not UTF-8 "
+                        f"({exc.object[exc.start:exc.start + 1]!r}); is it the right file?") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read {kind}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{pos}: {getattr(exc, 'problem', exc)}") from None
+
+
 def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Recipe:
     """Read a recipe file (or the defaults when path is None) and apply `section.key=value` overrides."""
     raw: dict[str, Any] = {}
@@ -242,17 +258,7 @@ def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         where = str(path)
         if not path.is_file():
             raise UserError(f"recipe file not found: {path}" + _nearby_recipes(path))
-        try:
-            loaded = parse_yaml(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{path}: a recipe is UTF-8 text, but byte {exc.start} is not UTF-8 "
-                            f"({exc.object[exc.start:exc.start + 1]!r}); is it the right file?") from None
-        except OSError as exc:
-            raise UserError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise UserError(f"{path}: not valid YAML{pos}: {getattr(exc, 'problem', exc)}") from None
+        loaded = read_yaml_file(path, "a recipe")
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

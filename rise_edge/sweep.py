@@ -1,0 +1,417 @@
+"""`rise-edge sweep`: the DomainBed protocol in one command. A sweep file expands into runs (every
+target domain x seed x grid point) with stable names; launchers run them on a local pool or through
+submitit (SLURM, or its local executor); finished runs are skipped and interrupted ones resume.
+
+    # sweep.yaml
+    base: pacs_erm_lite0          # a shipped recipe's name or a recipe file
+    targets: all                  # or [art_painting, sketch]
+    seeds: [0, 1, 2]
+    grid:                         # any recipe fields; every combination is a grid point
+      loss.method: [erm, rise]
+      optim.lr: [0.001, 0.005]
+    set:                          # fixed overrides for every run
+      train.steps: 300
+    export: {int8: true}          # optional stages per finished run: true or export fields
+    bench: {max_images: 500}      # true or bench fields
+    output_dir: runs/sweeps/pacs  # default: runs/sweeps/<file name>
+
+Runs live in `<output_dir>/<target>/seed<seed>[/<grid point>]`; each holds `sweep.json` with the
+sweep's hash, so a collected table (rise_edge.collect) traces back to the runs that made it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rise_edge.config import load_recipe, read_yaml_file, recipe_to_dict, resolve_recipe
+from rise_edge.errors import UserError
+from rise_edge.files import cache_key, write_json_atomic, write_text_atomic
+
+SWEEP_RECORD = "sweep.json"          # in every run directory
+SWEEP_COPY = "sweep.yaml"            # the sweep as it ran, in the output folder
+BASE_COPY = "base-recipe.yaml"       # its base recipe, beside it
+_KEYS = {"base", "targets", "seeds", "grid", "set", "export", "bench", "output_dir"}
+
+
+@dataclass(frozen=True)
+class Sweep:
+    base: Path                          # the recipe file
+    base_name: str                      # as written in the sweep file
+    targets: tuple[str, ...]
+    seeds: tuple[int, ...]
+    grid: dict[str, tuple[Any, ...]]
+    fixed: dict[str, Any]
+    export: dict[str, Any] | None       # None: no export stage
+    bench: dict[str, Any] | None
+    output_dir: Path
+    hash: str
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a sweep: everything a worker needs, as plain data (it crosses process bounds)."""
+
+    name: str
+    run_dir: str
+    recipe: str
+    overrides: tuple[str, ...]
+    target: str
+    seed: int
+    point: dict[str, Any]
+    export: dict[str, Any] | None
+    bench: dict[str, Any] | None
+    sweep_hash: str
+    threads: int = 0                    # CPU threads for this run (0: PyTorch's default)
+
+
+def load_sweep(path: Path) -> Sweep:
+    """Read and check a sweep file; every run's recipe is built once here, so a bad grid value
+    stops the sweep before anything runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"sweep file not found: {path}")
+    raw = read_yaml_file(path, "a sweep file")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a sweep file is a mapping with keys {', '.join(sorted(_KEYS))}")
+    unknown = sorted(set(raw) - _KEYS)
+    if unknown:
+        import difflib
+        close = difflib.get_close_matches(unknown[0], _KEYS, n=1)
+        raise UserError(f"{path}: unknown key '{unknown[0]}'"
+                        + (f"; did you mean '{close[0]}'?" if close else "")
+                        + f"; keys: {', '.join(sorted(_KEYS))}")
+    if "base" not in raw or not isinstance(raw["base"], str):
+        raise UserError(f"{path}: 'base' must name the recipe every run starts from (a shipped "
+                        "recipe's name or a file)")
+    base_text = raw["base"]
+    base = resolve_recipe(base_text if Path(base_text).is_absolute() or not (path.parent / base_text).is_file()
+                          else path.parent / base_text)
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                          for s in seeds):
+        raise UserError(f"{path}: 'seeds' must be a list of integers, e.g. [0, 1, 2]; got {seeds!r}")
+    grid = raw.get("grid") or {}
+    fixed = raw.get("set") or {}
+    for name, value in (("grid", grid), ("set", fixed)):
+        if not isinstance(value, dict) or not all(isinstance(k, str) and "." in k for k in value):
+            raise UserError(f"{path}: '{name}' maps recipe fields (section.key) to "
+                            f"{'lists of values' if name == 'grid' else 'values'}; got {value!r}")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{path}: grid '{key}' must be a non-empty list of values; got {values!r}")
+    overlap = sorted(set(grid) & set(fixed))
+    if overlap:
+        raise UserError(f"{path}: '{overlap[0]}' is both in grid and set; keep it in one")
+    if any(k.startswith("data.target_domain") or k == "train.seed" for k in (*grid, *fixed)):
+        raise UserError(f"{path}: targets and seeds are the sweep's own keys ('targets', 'seeds'), "
+                        "not grid or set fields")
+    stages = {}
+    for stage in ("export", "bench"):
+        value = raw.get(stage, False)
+        if value is False or value is None:
+            stages[stage] = None
+        elif value is True:
+            stages[stage] = {}
+        elif isinstance(value, dict):
+            stages[stage] = value
+        else:
+            raise UserError(f"{path}: '{stage}' is true, false or a mapping of {stage} fields")
+    recipe = load_recipe(base, [_override(k, v) for k, v in fixed.items()])
+    targets = _targets(raw.get("targets", "all"), recipe, path)
+    output = Path(raw.get("output_dir") or Path(recipe.train.output_dir) / "sweeps" / path.stem)
+    # The hash covers what the runs are (the base recipe's content, not its file name), so a
+    # copied sweep file names the same sweep.
+    normalised = {"base": recipe_to_dict(load_recipe(base)), "targets": list(targets), "seeds": seeds,
+                  "grid": grid, "set": fixed, "export": stages["export"], "bench": stages["bench"]}
+    sweep = Sweep(base, base_text, targets, tuple(seeds), {k: tuple(v) for k, v in grid.items()},
+                  dict(fixed), stages["export"], stages["bench"], output,
+                  cache_key(**normalised)[:16])
+    from rise_edge.methods import method_of
+
+    for spec in expand(sweep):  # every recipe of the sweep is valid before anything runs
+        method_of(load_recipe(base, spec.overrides))
+        if spec.export is not None:
+            load_recipe(base, [*spec.overrides, *(_override(f"export.{k}", v) for k, v in spec.export.items())])
+    return sweep
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value)}"
+
+
+def _targets(value: Any, recipe: Any, path: Path) -> tuple[str, ...]:
+    from rise_edge.data import dataset_dir, known_dataset
+
+    known = known_dataset(recipe.data.dataset)
+    if known is not None and known.build is None:
+        domains = known.domains
+    else:  # a generated or unregistered data set: its folders are its domains
+        folder = dataset_dir(recipe.data)
+        domains = tuple(sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    if value == "all":
+        return tuple(domains)
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{path}: 'targets' is 'all' or a list of domains of {recipe.data.dataset} "
+                        f"({', '.join(domains)})")
+    unknown = [t for t in value if t not in domains]
+    if unknown:
+        raise UserError(f"{path}: target '{unknown[0]}' is not a domain of {recipe.data.dataset}; "
+                        f"domains: {', '.join(domains)}")
+    return tuple(value)
+
+
+def _slug(point: dict[str, Any]) -> str:
+    """A grid point as a folder name: lr=0.001_method=rise (the key's last part, safe characters)."""
+    parts = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items()]
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "-", "_".join(parts))
+
+
+def expand(sweep: Sweep, threads: int = 0) -> list[RunSpec]:
+    """Every run of the sweep, in a stable order (target, seed, grid point)."""
+    keys = list(sweep.grid)
+    points = [dict(zip(keys, values)) for values in itertools.product(*sweep.grid.values())] or [{}]
+    runs = []
+    for target, seed, point in itertools.product(sweep.targets, sweep.seeds, points):
+        name = f"{target}/seed{seed}" + (f"/{_slug(point)}" if point else "")
+        overrides = (*(_override(k, v) for k, v in sweep.fixed.items()),
+                     *(_override(k, v) for k, v in point.items()),
+                     f"data.target_domain={target}", f"train.seed={seed}")
+        runs.append(RunSpec(name, str(sweep.output_dir / name), str(sweep.base), overrides, target,
+                            seed, point, sweep.export, sweep.bench, sweep.hash, threads))
+    return runs
+
+
+def run_state(spec: RunSpec) -> str:
+    """done (trained, and every asked stage done, by this sweep), resume, or new."""
+    run_dir = Path(spec.run_dir)
+    record = _read_record(run_dir)
+    if (run_dir / "results.json").is_file() and record.get("sweep_hash") == spec.sweep_hash \
+            and record.get("complete"):
+        return "done"
+    if (run_dir / "resume.safetensors").is_file() or (run_dir / "results.json").is_file():
+        return "resume"
+    return "new"
+
+
+def _read_record(run_dir: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((run_dir / SWEEP_RECORD).read_text())
+        return record if isinstance(record, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# One run (in whatever process the launcher gives it)
+
+
+def run_one(spec: RunSpec) -> dict[str, Any]:
+    """Train (or resume, or skip when finished), then the asked export and bench stages; write the
+    run's sweep record. Returns the run's results.json."""
+    import torch
+
+    from rise_edge.run_dir import open_run
+    from rise_edge.train import train_run
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    run_dir = Path(spec.run_dir)
+    recipe = load_recipe(spec.recipe, spec.overrides)
+    record = {"sweep_hash": spec.sweep_hash, "name": spec.name, "target": spec.target,
+              "seed": spec.seed, "point": spec.point, "recipe": spec.recipe,
+              "overrides": list(spec.overrides), "complete": False}
+    if not (run_dir / "results.json").is_file():
+        resume = (run_dir / "resume.safetensors").is_file()
+        train_run(recipe, recipe_name=Path(spec.recipe).stem, run_dir=run_dir, resume=resume,
+                  progress=False)
+    write_json_atomic(run_dir / SWEEP_RECORD, record)
+    if spec.export is not None:
+        from rise_edge.export import export_run, resolve_export_config
+
+        cfg = resolve_export_config(open_run(run_dir), [_override(f"export.{k}", v)
+                                                        for k, v in spec.export.items()])
+        export_run(run_dir, cfg, progress=False)
+    if spec.bench is not None:
+        from rise_edge.bench import bench_run, resolve_bench_config
+
+        fields = {"domains": ("all",), **spec.bench}
+        bench_run(run_dir, resolve_bench_config(open_run(run_dir), **fields), progress=False)
+    write_json_atomic(run_dir / SWEEP_RECORD, {**record, "complete": True})
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def _worker_main(spec_file: str) -> int:
+    """`python -m rise_edge.sweep SPEC.json`: one run in its own process (the local pool)."""
+    spec = RunSpec(**json.loads(Path(spec_file).read_text()))
+    try:
+        run_one(spec)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers
+
+
+@dataclass
+class LaunchResult:
+    total: int
+    skipped: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)   # name -> where to read why
+    seconds: float = 0.0
+
+
+LAUNCHERS = ("local", "submitit-local", "slurm")
+
+
+def launch(sweep: Sweep, sweep_file: Path, *, launcher: str = "local", workers: int = 1,
+           threads: int = 0, gpus: Sequence[str] = (), slurm: dict[str, Any] | None = None,
+           log: Callable[[str], None] = print) -> LaunchResult:
+    """Run every unfinished run of the sweep; finished ones are skipped, interrupted ones resume."""
+    if launcher not in LAUNCHERS:
+        raise UserError(f"unknown launcher '{launcher}'; launchers: {', '.join(LAUNCHERS)}")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    started = time.perf_counter()
+    sweep.output_dir.mkdir(parents=True, exist_ok=True)
+    copy = sweep.output_dir / SWEEP_COPY
+    if copy.is_file() and load_sweep(copy).hash != sweep.hash:
+        raise UserError(f"{sweep.output_dir} holds another sweep (its {SWEEP_COPY} makes other runs "
+                        f"than {sweep_file}); choose another output_dir, or move that folder aside")
+    _write_copy(sweep)
+    if threads == 0 and launcher == "local":  # divide the cores between the runs at once
+        threads = max(1, (os.cpu_count() or 1) // workers)
+    specs = expand(sweep, threads)
+    result = LaunchResult(len(specs))
+    pending = []
+    for spec in specs:
+        if run_state(spec) == "done":
+            result.skipped.append(spec.name)
+        else:
+            pending.append(spec)
+    log(f"sweep {sweep.hash}: {len(specs)} runs, {len(result.skipped)} finished already, "
+        f"{len(pending)} to run ({launcher}, {workers} at once"
+        + (f", {threads} CPU thread(s) each" if threads else "") + ")")
+    if launcher == "local":
+        _local_pool(pending, sweep.output_dir, workers, gpus, result, log)
+    else:
+        _submitit(pending, sweep.output_dir, launcher, workers, threads, slurm or {}, result, log)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _write_copy(sweep: Sweep) -> None:
+    """The sweep as it ran, beside its runs: its base recipe copied in, so the folder alone says
+    what made it (collect reads it, wherever the folder moved)."""
+    import yaml
+
+    write_text_atomic(sweep.output_dir / BASE_COPY, sweep.base.read_text(encoding="utf-8"))
+    write_text_atomic(sweep.output_dir / SWEEP_COPY, yaml.safe_dump({
+        "base": BASE_COPY, "targets": list(sweep.targets), "seeds": list(sweep.seeds),
+        "grid": {k: list(v) for k, v in sweep.grid.items()}, "set": sweep.fixed,
+        "export": sweep.export if sweep.export is not None else False,
+        "bench": sweep.bench if sweep.bench is not None else False,
+        "output_dir": str(sweep.output_dir)}, sort_keys=False))
+
+
+def _progress(result: LaunchResult, log: Callable[[str], None], name: str, outcome: str) -> None:
+    done = len(result.skipped) + len(result.finished) + len(result.failed)
+    log(f"[{done}/{result.total}] {name}: {outcome}")
+
+
+def _local_pool(pending: list[RunSpec], output: Path, workers: int, gpus: Sequence[str],
+                result: LaunchResult, log: Callable[[str], None]) -> None:
+    """N runs at once, each its own process (`python -m rise_edge.sweep`), with its CPU threads and,
+    given --gpus, one GPU each (round robin)."""
+    logs = output / "logs"
+    logs.mkdir(exist_ok=True)
+    processes: dict[str, subprocess.Popen] = {}
+
+    def one(index: int, spec: RunSpec) -> tuple[str, int]:
+        slug = spec.name.replace("/", "__")
+        spec_file = logs / f"{slug}.spec.json"
+        write_json_atomic(spec_file, asdict(spec))
+        env = dict(os.environ)
+        if spec.threads:
+            env["OMP_NUM_THREADS"] = str(spec.threads)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+        with open(logs / f"{slug}.log", "w") as out:
+            process = subprocess.Popen([sys.executable, "-m", "rise_edge.sweep", str(spec_file)],
+                                       stdout=out, stderr=subprocess.STDOUT, env=env)
+            processes[spec.name] = process
+            return spec.name, process.wait()
+
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(one, i, spec) for i, spec in enumerate(pending)]
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                name, code = future.result()
+                slug = name.replace("/", "__")
+                if code == 0:
+                    result.finished.append(name)
+                    _progress(result, log, name, "done")
+                else:
+                    result.failed[name] = str(logs / f"{slug}.log")
+                    _progress(result, log, name, f"FAILED (exit {code}; see {logs / f'{slug}.log'})")
+        except KeyboardInterrupt:
+            for future in futures:
+                future.cancel()
+            for process in processes.values():
+                process.terminate()
+            raise
+
+
+def _submitit(pending: list[RunSpec], output: Path, launcher: str, workers: int, threads: int,
+              slurm: dict[str, Any], result: LaunchResult, log: Callable[[str], None]) -> None:
+    """The same runs as jobs: SLURM through submitit, or submitit's local executor (one code path)."""
+    try:
+        import submitit
+    except ImportError:
+        from rise_edge.errors import missing_extra
+        raise missing_extra("submitit", "sweep", "rise-edge sweep --launcher " + launcher) from None
+    executor = submitit.AutoExecutor(folder=output / "submitit",
+                                     cluster="local" if launcher == "submitit-local" else "slurm")
+    parameters: dict[str, Any] = {"timeout_min": int(slurm.get("timeout_min", 24 * 60)),
+                                  "name": f"rise-edge-{output.name}"}
+    if launcher == "slurm":
+        parameters.update(slurm_array_parallelism=workers, cpus_per_task=threads or 4,
+                          gpus_per_node=int(slurm.get("gpus_per_node", 1)),
+                          **{k: v for k, v in slurm.items() if k.startswith("slurm_")})
+    try:
+        executor.update_parameters(**parameters)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"submitit refused the launcher settings: {exc}") from None
+    # The local executor runs every submitted job at once: submit in waves of `workers`.
+    waves = [pending[i:i + workers] for i in range(0, len(pending), workers)] \
+        if launcher == "submitit-local" else [pending]
+    for wave in waves:
+        jobs = [(spec, executor.submit(run_one, spec)) for spec in wave]
+        for spec, job in jobs:
+            try:
+                job.result()
+                result.finished.append(spec.name)
+                _progress(result, log, spec.name, "done")
+            except Exception as exc:  # submitit re-raises the job's failure with its traceback
+                where = str(job.paths.stderr)
+                result.failed[spec.name] = where
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+                _progress(result, log, spec.name, f"FAILED ({first}; see {where})")
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1]))

@@ -1,0 +1,133 @@
+"""`rise-edge sweep`: a tiny sweep (2 targets x 2 seeds x 2 methods on generated data) through the
+local pool and through submitit's local executor, killed mid-way and run again (finished runs are not
+retrained), then collected into tables whose numbers are the runs' own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import TINY_DATASET
+from rise_edge.cli import main
+
+RUNS = 8
+
+
+def _sweep_file(folder: Path, data_root: Path, clip_dir: Path, out: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "base.yaml").write_text(
+        f"data: {{root: '{data_root}', dataset: {TINY_DATASET}, val_fraction: 0.25, num_workers: 0}}\n"
+        "student: {model: test_resnet, pretrained: none, image_size: 32}\n"
+        f"teacher: {{model: 'local-dir:{clip_dir}'}}\n"
+        "loss: {w_ce: 1.0, w_kd: 1.0}\n"
+        "train: {steps: 6, batch_size: 8, eval_every: 3}\n"
+        "optim: {lr: 0.05}\n")
+    sweep = folder / "sweep.yaml"
+    sweep.write_text("base: base.yaml\ntargets: [sketch, photo]\nseeds: [0, 1]\n"
+                     f"grid:\n  loss.method: [erm, kd]\noutput_dir: '{out}'\n")
+    return sweep
+
+
+def _finished(out: Path) -> dict[str, int]:
+    """Run name -> results.json mtime, for every finished run."""
+    return {str(p.parent.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("results.json")
+            if p.parent != out}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["local", "submitit-local"])
+def test_a_killed_sweep_resumes_without_retraining_and_collects_the_runs_numbers(
+        launcher: str, tiny_data_root: Path, tiny_clip_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    sweep = _sweep_file(tmp_path / "sweep", tiny_data_root, tiny_clip_dir, out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "rise_edge.cli", "sweep", str(sweep),
+                                "--launcher", launcher, "--workers", "2"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # its own process group: kill it whole
+    deadline = time.time() + 240
+    while len(_finished(out)) < 2:
+        assert process.poll() is None and time.time() < deadline, "the sweep never finished a run"
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = _finished(out)
+    assert 2 <= len(before) < RUNS, "killed too late to test a resume"
+
+    result = CliRunner().invoke(main, ["sweep", str(sweep), "--launcher", launcher, "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    after = _finished(out)
+    assert len(after) == RUNS
+    assert all(after[name] == mtime for name, mtime in before.items())  # not retrained
+    assert f"{RUNS - len(before)} run(s) done" in result.output
+
+    collected = CliRunner().invoke(main, ["sweep", "collect", str(out)])
+    assert collected.exit_code == 0, collected.output
+    data = json.loads((out / "results.json").read_text())
+    table = data["tables"][TINY_DATASET]
+    assert set(table["methods"]) == {"erm", "kd"} and table["targets"] == ["photo", "sketch"]
+    for method in ("erm", "kd"):
+        for target in ("photo", "sketch"):
+            own = [json.loads((out / target / f"seed{seed}" / f"method={method}" / "results.json")
+                              .read_text())["accuracy"][f"target/{target}"] for seed in (0, 1)]
+            mean, se, n = table["methods"][method]["training"][target]
+            assert n == 2 and mean == pytest.approx(100 * sum(own) / 2, abs=1e-9)
+            assert table["methods"][method]["oracle"][target][0] >= mean - 1e-9
+    for name in ("results.md", "results.csv", "results.png"):
+        assert (out / name).is_file()
+    assert "training-domain validation" in (out / "results.md").read_text()
+    record = json.loads((out / "photo" / "seed0" / "method=kd" / "sweep.json").read_text())
+    assert record["sweep_hash"] == data["sweep_hash"] and record["complete"]
+
+
+def test_a_finished_sweep_skips_everything_and_another_sweep_is_not_mixed_in(
+        tiny_data_root: Path, tiny_clip_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    sweep = _sweep_file(tmp_path / "sweep", tiny_data_root, tiny_clip_dir, out)
+    sweep.write_text(sweep.read_text().replace("targets: [sketch, photo]", "targets: [sketch]")
+                     .replace("seeds: [0, 1]", "seeds: [0]").replace("[erm, kd]", "[erm]"))
+    first = CliRunner().invoke(main, ["sweep", str(sweep)])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(main, ["sweep", str(sweep)])
+    assert again.exit_code == 0 and "0 run(s) done, 1 already finished" in again.output
+    other = tmp_path / "other.yaml"
+    other.write_text(sweep.read_text().replace("[erm]", "[kd]").replace("base: base.yaml",
+                                                                           f"base: {sweep.parent}/base.yaml"))
+    refused = CliRunner().invoke(main, ["sweep", str(other)])
+    assert refused.exit_code == 2 and "holds another sweep" in refused.output
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("targets: all\n", "'base' must name the recipe"),
+    ("base: BASE\nseeds: 3\n", "'seeds' must be a list of integers"),
+    ("base: BASE\ngrid: {optim.lr: 0.1}\n", "grid 'optim.lr' must be a non-empty list"),
+    ("base: BASE\ngrid: {optim.lrr: [0.1]}\n", "optim.lrr"),
+    ("base: BASE\ntargets: [clipart]\n", "target 'clipart' is not a domain"),
+    ("base: BASE\nseedz: [0]\n", "unknown key 'seedz'; did you mean 'seeds'"),
+    ("base: BASE\ngrid: {train.seed: [0, 1]}\n", "the sweep's own keys"),
+    ("base: BASE\nseeds: [0]\nseeds: [1]\n", "seeds"),
+    ("base: BASE\ngrid: {loss.method: [erm, risee]}\n", "not a training method"),
+])
+def test_bad_sweep_files_are_one_line(text: str, needle: str, tiny_data_root: Path, tiny_clip_dir: Path,
+                                      tmp_path: Path) -> None:
+    sweep = _sweep_file(tmp_path, tiny_data_root, tiny_clip_dir, tmp_path / "out")
+    sweep.write_text(text.replace("BASE", str(tmp_path / "base.yaml"))
+                     + ("" if "base" not in text else f"output_dir: '{tmp_path / 'out'}'\n"))
+    result = CliRunner().invoke(main, ["sweep", str(sweep)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert needle in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_collect_of_a_folder_that_is_not_a_sweep_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["sweep", "collect", str(tmp_path)])
+    assert result.exit_code == 2 and "not a sweep's output folder" in result.output
