@@ -1,0 +1,93 @@
+"""Run a sweep and commit its tables with the command, machine, versions and wall time.
+
+    OMP_NUM_THREADS=1 python benchmarks/sweep_record.py benchmarks/sweeps/demo.yaml --name sweep_demo --workers 2
+    RISE_EDGE_DATA=<data root> OMP_NUM_THREADS=1 python benchmarks/sweep_record.py \\
+        benchmarks/sweeps/pacs_erm_lite0.yaml --name sweep_pacs_erm_lite0 --workers 2 --published domainbed-erm
+
+The same as `rise-edge sweep FILE --workers N` then `rise-edge sweep collect DIR`, timed. With
+--published, DomainBed's ERM figures for PACS (ResNet-50, training-domain validation, Gulrajani and
+Lopez-Paz 2021, their Table) are printed beside, labelled as such: another student, schedule and
+machine, a reference point, not a like-for-like comparison.
+Writes benchmarks/results/<name>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from rise_edge.collect import collect, to_markdown
+from rise_edge.resources import machine_info, software_versions
+from rise_edge.sweep import launch, load_sweep
+
+RESULTS = Path(__file__).parent / "results"
+# DomainBed (Gulrajani & Lopez-Paz, ICLR 2021), ERM with ResNet-50, training-domain validation,
+# PACS per held-out domain (A, C, P, S) and average.
+PUBLISHED = {"domainbed-erm": {"what": "DomainBed ERM, ResNet-50, training-domain validation",
+                               "PACS": {"art_painting": 84.7, "cartoon": 80.8, "photo": 97.2,
+                                        "sketch": 79.3, "avg": 85.5}}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("sweep", type=Path)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--published", choices=sorted(PUBLISHED), default=None)
+    args = parser.parse_args()
+
+    sweep = load_sweep(args.sweep)
+    started = time.perf_counter()
+    result = launch(sweep, args.sweep, workers=args.workers, threads=args.threads,
+                    log=lambda line: print(line, file=sys.stderr, flush=True))
+    wall = time.perf_counter() - started
+    if result.failed:
+        sys.exit(f"failed runs: {result.failed}")
+    data = collect(sweep.output_dir)
+    train_s = [json.loads((sweep.output_dir / r["name"] / "results.json").read_text())["stats"]
+               ["wall_time_s"] for r in data["runs"]]
+    record = {"command": shlex.join(["python", "benchmarks/sweep_record.py", *sys.argv[1:]]),
+              "sweep_file": args.sweep.read_text(), "wall_time_s": round(wall, 1),
+              "runs_trained_now": len(result.finished), "runs_reused": len(result.skipped),
+              "run_train_wall_s": {"sum": round(sum(train_s), 1), "max": round(max(train_s), 1)},
+              "workers": args.workers, "threads_per_run": args.threads,
+              "published": PUBLISHED.get(args.published), "collected": data,
+              "machine": machine_info(), "versions": software_versions()}
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(to_record_markdown(record))
+    print(to_record_markdown(record))
+
+
+def to_record_markdown(record: dict) -> str:
+    machine, versions = record["machine"], record["versions"]
+    lines = [f"Command: `{record['command']}`  ",
+             f"Machine: {machine['cpu']}, {machine['logical_cores']} logical cores, no GPU; "
+             f"{record['workers']} runs at once, {record['threads_per_run']} thread each.  ",
+             "Versions: " + ", ".join(f"{k} {versions[k]}" for k in (
+                 "python", "torch", "timm", "open_clip", "rise_edge") if k in versions) + ".  ",
+             f"Wall time: {record['wall_time_s'] / 60:.1f} min for {record['runs_trained_now']} runs "
+             f"trained now ({record['runs_reused']} reused); the runs' own training took "
+             f"{record['run_train_wall_s']['sum'] / 60:.1f} min in all, the longest "
+             f"{record['run_train_wall_s']['max'] / 60:.1f} min.", "", "Sweep file:", "", "```yaml",
+             record["sweep_file"].rstrip(), "```", "", to_markdown(record["collected"])]
+    published = record.get("published")
+    if published:
+        for dataset, table in record["collected"]["tables"].items():
+            if dataset not in published:
+                continue
+            targets = table["targets"]
+            lines += [f"Published reference ({published['what']}), not like for like (another "
+                      "student, the full schedule, a GPU):", "",
+                      "| | " + " | ".join(targets) + " | Avg |", "|---|" + "---|" * (len(targets) + 1),
+                      "| published | " + " | ".join(f"{published[dataset][t]:.1f}" for t in targets)
+                      + f" | {published[dataset]['avg']:.1f} |", ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
