@@ -222,7 +222,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     import torch
 
     from rise_edge.run_dir import open_run
-    from rise_edge.train import train_run
+    from rise_edge.train import finished_with, train_run
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -231,7 +231,11 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     record = {"sweep_hash": spec.sweep_hash, "name": spec.name, "target": spec.target,
               "seed": spec.seed, "point": spec.point, "recipe": spec.recipe,
               "overrides": list(spec.overrides), "complete": False}
-    if not (run_dir / "results.json").is_file():
+    if (run_dir / "results.json").is_file():
+        if not finished_with(run_dir, recipe):
+            raise UserError(f"{run_dir} holds a finished run that this sweep's recipe would not make "
+                            "(another recipe, or changed since); move it aside and run the sweep again")
+    else:
         resume = (run_dir / "resume.safetensors").is_file()
         train_run(recipe, recipe_name=Path(spec.recipe).stem, run_dir=run_dir, resume=resume,
                   progress=False)

@@ -89,6 +89,18 @@ def _run_dir(recipe: Recipe, recipe_name: str, run_dir: Path | None) -> Path:
 
 
 
+def finished_with(run_dir: Path, recipe: Recipe) -> bool:
+    """True for a finished run (results.json) trained as `recipe` trains, its data paths resolved:
+    export and bench settings aside, nothing that makes the student differs. Such a run is reused
+    (the demo, sweeps), never retrained."""
+    try:
+        saved = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir))
+    except (OSError, UnicodeDecodeError, UserError, yaml.YAMLError, AttributeError, TypeError):
+        return False
+    old, new = recipe_to_dict(saved), recipe_to_dict(_absolute_paths(recipe))
+    return (run_dir / "results.json").is_file() and all(old[s] == new[s] for s in TRAINING_SECTIONS)
+
+
 def _check_run_dir(path: Path, recipe: Recipe, resume: bool) -> None:
     """Refuse to overwrite a run; on resume, refuse a recipe that changed what training does.
 

@@ -131,3 +131,23 @@ def test_bad_sweep_files_are_one_line(text: str, needle: str, tiny_data_root: Pa
 def test_collect_of_a_folder_that_is_not_a_sweep_is_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["sweep", "collect", str(tmp_path)])
     assert result.exit_code == 2 and "not a sweep's output folder" in result.output
+
+
+def test_a_finished_run_of_another_recipe_in_the_sweeps_place_is_not_adopted(
+        tiny_data_root: Path, tiny_clip_dir: Path, tmp_path: Path) -> None:
+    """A run folder the sweep did not make (or made with other settings) is never taken as done."""
+    out = tmp_path / "out"
+    sweep = _sweep_file(tmp_path / "sweep", tiny_data_root, tiny_clip_dir, out)
+    sweep.write_text(sweep.read_text().replace("targets: [sketch, photo]", "targets: [sketch]")
+                     .replace("seeds: [0, 1]", "seeds: [0]").replace("[erm, kd]", "[erm]"))
+    assert CliRunner().invoke(main, ["sweep", str(sweep)]).exit_code == 0
+    run = out / "sketch" / "seed0" / "method=erm"
+    (run / "sweep.json").unlink()  # as if the record were lost, and the run were someone else's:
+    recipe = run / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("steps: 6", "steps: 7"))
+    before = (run / "results.json").read_bytes()
+    result = CliRunner().invoke(main, ["sweep", str(sweep)])
+    assert result.exit_code == 1 and "failed" in result.output
+    log = next((out / "logs").glob("sketch__seed0__method=erm.log")).read_text()
+    assert "holds a finished run that this sweep's recipe would not make" in log
+    assert (run / "results.json").read_bytes() == before

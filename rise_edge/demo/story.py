@@ -20,9 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from rise_edge.config import Recipe, load_recipe, recipe_from_dict, recipe_to_dict, shipped_recipes
+from rise_edge.config import Recipe, load_recipe, recipe_to_dict, shipped_recipes
 from rise_edge.errors import UserError
 
 STEPS = 5
@@ -46,20 +44,6 @@ def erm_recipe(recipe: Recipe) -> Recipe:
     return replace(recipe, loss=replace(recipe.loss, method="erm"))
 
 
-def _finished(run_dir: Path, recipe: Recipe) -> bool:
-    """A finished run of exactly this recipe (its data paths resolved) is reused, not retrained."""
-    from rise_edge.train import TRAINING_SECTIONS, _absolute_paths
-
-    try:
-        saved = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir))
-    except (OSError, UserError, yaml.YAMLError):
-        return False
-    old, new = recipe_to_dict(saved), recipe_to_dict(_absolute_paths(recipe))
-    # Export and bench settings do not change the student: only what training reads is compared.
-    return (run_dir / "results.json").is_file() and all(
-        old[section] == new[section] for section in TRAINING_SECTIONS)
-
-
 DEMO_MARK = ".rise-edge-demo"  # in every run folder the demo made: the only folders it ever deletes
 
 
@@ -80,9 +64,9 @@ def _clear_own_run(run_dir: Path) -> None:
 
 def train_or_reuse(recipe: Recipe, run_dir: Path, progress: bool) -> dict[str, Any]:
     """Train `recipe` into `run_dir` (a finished run of the same recipe is reused); its results.json."""
-    from rise_edge.train import train_run
+    from rise_edge.train import finished_with, train_run
 
-    if _finished(run_dir, recipe):
+    if finished_with(run_dir, recipe):
         print(f"      reusing {run_dir}", file=sys.stderr)
     else:
         _clear_own_run(run_dir)
