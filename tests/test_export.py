@@ -340,7 +340,6 @@ def test_engines_table_covers_every_artefact_and_runners_share_one_interface(exp
     for runner in runners:
         staged = runner.prepare(images)
         runner.synchronize()
-        assert runner.time_staged(staged) > 0
         outputs.append(runner.to_numpy(runner.run_staged(staged)))
     assert np.abs(outputs[0] - outputs[1]).max() < 1e-4
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
 from typing import Any
 
 import numpy as np
@@ -91,17 +90,3 @@ class Runner:
 
     def synchronize(self) -> None:
         """Wait for queued device work (no-op on the CPU)."""
-
-    def time_staged(self, staged: Any) -> float:
-        """Milliseconds of one run on a staged batch: CUDA events on the GPU, a wall clock on the CPU."""
-        if self.device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            self.run_staged(staged)
-            end.record()
-            end.synchronize()
-            return float(start.elapsed_time(end))
-        begin = time.perf_counter()
-        self.run_staged(staged)
-        self.synchronize()
-        return (time.perf_counter() - begin) * 1e3
