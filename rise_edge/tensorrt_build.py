@@ -22,15 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from rise_edge.backends.base import have
 from rise_edge.errors import UserError, missing_extra
 
-def _have(module: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(module) is not None
-
-
 def modelopt_unavailable() -> str | None:
-    if _have("modelopt"):
+    if have("modelopt"):
         return None
     return ("the TensorRT Q/DQ ONNX needs nvidia-modelopt, which is not installed; install it with: "
             "pip install 'rise-edge[gpu]'")
