@@ -371,7 +371,10 @@ def _local_pool(pending: list[RunSpec], output: Path, workers: int, gpus: Sequen
                     _progress(result, log, name, "done")
                 else:
                     result.failed[name] = str(logs / f"{slug}.log")
-                    _progress(result, log, name, f"FAILED (exit {code}; see {logs / f'{slug}.log'})")
+                    how = (f"killed by signal {-code}" + (": out of memory? lower --workers or "
+                           "data.num_workers" if code == -9 else "") if code < 0 else f"exit {code}")
+                    _progress(result, log, name, f"FAILED ({how}; see {logs / f'{slug}.log'}; "
+                              "run the sweep again to resume it)")
         except KeyboardInterrupt:
             for future in futures:
                 future.cancel()
