@@ -61,13 +61,14 @@ def test_a_killed_sweep_resumes_without_retraining_and_collects_the_runs_numbers
     process.wait()
     before = _finished(out)
     assert 2 <= len(before) < RUNS, "killed too late to test a resume"
+    complete = sum(json.loads(p.read_text()).get("complete", False) for p in out.rglob("sweep.json"))
 
     result = CliRunner().invoke(main, ["sweep", str(sweep), "--launcher", launcher, "--workers", "2"])
     assert result.exit_code == 0, result.output
     after = _finished(out)
     assert len(after) == RUNS
     assert all(after[name] == mtime for name, mtime in before.items())  # not retrained
-    assert f"{RUNS - len(before)} run(s) done" in result.output
+    assert f"{RUNS - complete} run(s) done, {complete} already finished" in result.output
 
     collected = CliRunner().invoke(main, ["sweep", "collect", str(out)])
     assert collected.exit_code == 0, collected.output
