@@ -3,7 +3,8 @@ target domain x seed x grid point) with stable names; launchers run them on a lo
 submitit (SLURM, or its local executor); finished runs are skipped and interrupted ones resume.
 
     # sweep.yaml
-    base: pacs_erm_lite0          # a shipped recipe's name or a recipe file
+    base: pacs_erm_lite0          # a shipped recipe's name, or a recipe file (relative paths: from
+                                  # the sweep file's folder, then the current one)
     targets: all                  # or [art_painting, sketch]
     seeds: [0, 1, 2]
     grid:                         # any recipe fields; every combination is a grid point
@@ -127,6 +128,11 @@ def load_sweep(path: Path) -> Sweep:
             stages[stage] = value
         else:
             raise UserError(f"{path}: '{stage}' is true, false or a mapping of {stage} fields")
+    if stages["bench"]:
+        from rise_edge.config import recipe_from_dict
+        recipe_from_dict({"bench": stages["bench"]}, f"{path}: bench")
+    if not isinstance(raw.get("output_dir", ""), str):
+        raise UserError(f"{path}: 'output_dir' is a folder path; got {raw['output_dir']!r}")
     recipe = load_recipe(base, [_override(k, v) for k, v in fixed.items()])
     targets = _targets(raw.get("targets", "all"), recipe, path)
     output = Path(raw.get("output_dir") or Path(recipe.train.output_dir) / "sweeps" / path.stem)

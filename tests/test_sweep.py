@@ -116,6 +116,8 @@ def test_a_finished_sweep_skips_everything_and_another_sweep_is_not_mixed_in(
     ("base: BASE\ngrid: {train.seed: [0, 1]}\n", "the sweep's own keys"),
     ("base: BASE\nseeds: [0]\nseeds: [1]\n", "seeds"),
     ("base: BASE\ngrid: {loss.method: [erm, risee]}\n", "not a training method"),
+    ("base: BASE\nbench: {iterationz: 3}\n", "bench.iterationz"),
+    ("base: BASE\nexport: {int9: true}\n", "export.int9"),
 ])
 def test_bad_sweep_files_are_one_line(text: str, needle: str, tiny_data_root: Path, tiny_clip_dir: Path,
                                       tmp_path: Path) -> None:
