@@ -52,7 +52,8 @@ def main() -> None:
     data = collect(sweep.output_dir)
     train_s = [json.loads((sweep.output_dir / r["name"] / "results.json").read_text())["stats"]
                ["wall_time_s"] for r in data["runs"]]
-    record = {"command": shlex.join(["python", "benchmarks/sweep_record.py", *sys.argv[1:]]),
+    record = {"name": args.name,
+              "command": shlex.join(["python", "benchmarks/sweep_record.py", *sys.argv[1:]]),
               "sweep_file": args.sweep.read_text(), "wall_time_s": round(wall, 1),
               "runs_trained_now": len(result.finished), "runs_reused": len(result.skipped),
               "run_train_wall_s": {"sum": round(sum(train_s), 1), "max": round(max(train_s), 1)},
@@ -66,7 +67,11 @@ def main() -> None:
 
 def to_record_markdown(record: dict) -> str:
     machine, versions = record["machine"], record["versions"]
-    lines = [f"Command: `{record['command']}`  ",
+    collected = record["collected"]
+    datasets = ", ".join(collected["tables"])
+    lines = [f"# {record['name']}: {datasets}, every domain held out in turn "
+             f"({len(collected['runs'])} runs)", "",
+             f"Command: `{record['command']}`  ",
              f"Machine: {machine['cpu']}, {machine['logical_cores']} logical cores, no GPU; "
              f"{record['workers']} runs at once, {record['threads_per_run']} thread each.  ",
              "Versions: " + ", ".join(f"{k} {versions[k]}" for k in (
@@ -75,7 +80,8 @@ def to_record_markdown(record: dict) -> str:
              f"trained now ({record['runs_reused']} reused); the runs' own training took "
              f"{record['run_train_wall_s']['sum'] / 60:.1f} min in all, the longest "
              f"{record['run_train_wall_s']['max'] / 60:.1f} min.", "", "Sweep file:", "", "```yaml",
-             record["sweep_file"].rstrip(), "```", "", to_markdown(record["collected"])]
+             record["sweep_file"].rstrip(), "```", "",
+             to_markdown(collected).replace("# Sweep ", "## Sweep ").replace("\n## ", "\n### ")]
     published = record.get("published")
     if published:
         for dataset, table in record["collected"]["tables"].items():
@@ -91,4 +97,8 @@ def to_record_markdown(record: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--render"]:  # rewrite a record's Markdown from its JSON
+        for path in map(Path, sys.argv[2:]):
+            path.with_suffix(".md").write_text(to_record_markdown(json.loads(path.read_text())))
+    else:
+        main()
