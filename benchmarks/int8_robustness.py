@@ -92,9 +92,8 @@ def latency(models: dict[str, Path], image: np.ndarray, rounds: int, iters: int)
 
 def measure_run(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     from rise_edge.export import export_run, resolve_export_config
-    from rise_edge.run_dir import EXPORT_DIR
     from rise_edge.export_session import ExportSession
-    from rise_edge.run_dir import open_run
+    from rise_edge.run_dir import EXPORT_DIR, open_run
 
     run = open_run(run_dir)
     overrides = [f"export.qat_steps={args.qat_steps}"]

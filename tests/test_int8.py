@@ -20,16 +20,16 @@ import timm
 import torch
 
 from conftest import TINY_TARGET
-from rise_edge.config import ExportConfig
 from rise_edge.backends.onnxruntime import QAT_PARITY_MIN_AGREEMENT, QAT_PARITY_MIN_SQNR_DB
+from rise_edge.config import ExportConfig
 from rise_edge.export import export_run
-from rise_edge.run_dir import EXPORT_DIR
 from rise_edge.export_session import export_graph
 from rise_edge.fake_quant import calibrate, quantize_model
-from rise_edge.graph_form import fold_batchnorm, shape_mismatches, with_static_padding
 from rise_edge.fidelity import Fidelity, FidelitySet, sqnr_db
-from rise_edge.quantize import (CpuQuantizer, cpu_quant_settings, preprocess, quantize_within_budget,
-                                shape_arithmetic_nodes)
+from rise_edge.graph_form import fold_batchnorm, shape_mismatches, with_static_padding
+from rise_edge.quantize import (CpuQuantizer, cpu_quant_settings, preprocess,
+                                quantize_within_budget, shape_arithmetic_nodes)
+from rise_edge.run_dir import EXPORT_DIR
 from rise_edge.student import HeadSpec, Student
 
 SIZE = 36  # odd multiples of the strides: TF 'same' pads are asymmetric here
