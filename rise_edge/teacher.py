@@ -19,29 +19,8 @@ from torch import nn
 from rise_edge.config import TeacherConfig
 from rise_edge.errors import UserError, missing_extra
 from rise_edge.files import cache_key
+from rise_edge.registry import BUILT_TEACHERS, built_teacher, register_teacher  # noqa: F401
 from rise_edge.student import Preprocessing
-
-
-# Teachers that are built rather than downloaded (the demo's, a plugin's); name -> function returning
-# an open_clip 'local-dir:' folder (open_clip_config.json + weights), built on first use.
-BUILT_TEACHERS: dict[str, Callable[[], Path]] = {}
-
-
-def register_teacher(name: str, build: Callable[[], Path]) -> None:
-    """Make teacher.model=`name` load the open_clip 'local-dir:' folder `build()` returns (built on
-    first use). Plugins call this (rise_edge.plugins)."""
-    old = BUILT_TEACHERS.get(name)
-    if old is not None and getattr(old, "__qualname__", old) != getattr(build, "__qualname__", build):
-        raise ValueError(f"teacher '{name}' is already registered")
-    BUILT_TEACHERS[name] = build
-
-
-def built_teacher(name: str) -> Callable[[], Path] | None:
-    """The registered builder of teacher `name` (plugins' included), or None."""
-    from rise_edge.plugins import load_plugins
-
-    load_plugins()
-    return BUILT_TEACHERS.get(name)
 
 
 @dataclass(frozen=True)

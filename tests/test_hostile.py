@@ -147,7 +147,7 @@ def test_demo_out_holding_a_users_runs_is_refused_from_the_command_line(tmp_path
     # World and teacher are the cached ones the demo builds; here they are stood in for, so the
     # test reaches the step that would have deleted the folder.
     monkeypatch.setattr("rise_edge.data.build_splits", lambda *a, **k: _FakeSplits())
-    monkeypatch.setattr("rise_edge.teacher.BUILT_TEACHERS",
+    monkeypatch.setattr("rise_edge.registry.BUILT_TEACHERS",
                         {"rise-edge-demo-clip": lambda: _fake_teacher(tmp_path)})
     result = CliRunner().invoke(main, ["demo", "--out", str(out)])
     assert result.exit_code == 2 and "never deletes what it did not make" in result.output
@@ -523,7 +523,7 @@ def test_demo_paths_that_are_files_are_one_line(tmp_path: Path, monkeypatch) -> 
     a_file = tmp_path / "a-file"
     a_file.write_text("keep")
     monkeypatch.setattr("rise_edge.data.build_splits", lambda *a, **k: _FakeSplits())
-    monkeypatch.setattr("rise_edge.teacher.BUILT_TEACHERS",
+    monkeypatch.setattr("rise_edge.registry.BUILT_TEACHERS",
                         {"rise-edge-demo-clip": lambda: _fake_teacher(tmp_path)})
     result = CliRunner().invoke(main, ["demo", "--out", str(a_file)])
     assert result.exit_code == 2 and "Traceback" not in result.output

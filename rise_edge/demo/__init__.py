@@ -27,9 +27,8 @@ def _build_teacher() -> Path:
 def register() -> None:
     """Entry point: register the demo's data set, teacher and command (imports nothing heavy)."""
     from rise_edge.cli import register_command
-    from rise_edge.data import KnownDataset, register_dataset
     from rise_edge.demo.command import demo
-    from rise_edge.teacher import register_teacher
+    from rise_edge.registry import KnownDataset, register_dataset, register_teacher
 
     register_dataset(DATASET, KnownDataset("demo", ("cartoon", "painting", "photo", "sketch"), None,
                                            build=_build_world))
