@@ -60,9 +60,9 @@ class ErmObjective(nn.Module):
         return {"loss": ce, "ce": ce}
 
 
-class KdObjective(nn.Module):
-    """Hinton's knowledge distillation from CLIP's zero-shot logits, plus CE: RISE without the
-    language terms and without the text-initialised head (the paper's main comparison)."""
+class _TeacherObjective(nn.Module):
+    """What KD and RISE share: the frozen teacher, its text embeddings, and its zero-shot logits on
+    the student's own (re-normalised) view of the batch."""
 
     def __init__(self, cfg: LossConfig, teacher: ClipTeacher, text: TextEmbeddings,
                  student_preprocessing: Preprocessing):
@@ -71,27 +71,26 @@ class KdObjective(nn.Module):
         self.teacher = teacher
         self.text = text
         self.student_preprocessing = student_preprocessing
+
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) student-normalised images -> (B, C) zero-shot logits."""
+        return self.teacher.zero_shot_logits(images, self.student_preprocessing, self.text.prototypes)
+
+
+class KdObjective(_TeacherObjective):
+    """Hinton's knowledge distillation from CLIP's zero-shot logits, plus CE: RISE without the
+    language terms and without the text-initialised head (the paper's main comparison)."""
 
     def forward(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
         logits = student(images).float()
-        teacher_logits = self.teacher.zero_shot_logits(images, self.student_preprocessing,
-                                                       self.text.prototypes)
         terms = {"ce": F.cross_entropy(logits, labels),
-                 "kd": kd_loss(logits, teacher_logits, self.cfg.tau)}
+                 "kd": kd_loss(logits, self.teacher_logits(images), self.cfg.tau)}
         return {"loss": self.cfg.w_ce * terms["ce"] + self.cfg.w_kd * terms["kd"], **terms}
 
 
-class RiseObjective(nn.Module):
+class RiseObjective(_TeacherObjective):
     """RISE: CE + distillation from CLIP's zero-shot logits + language-guided embedding distances."""
-
-    def __init__(self, cfg: LossConfig, teacher: ClipTeacher, text: TextEmbeddings,
-                 student_preprocessing: Preprocessing):
-        super().__init__()
-        self.cfg = cfg
-        self.teacher = teacher
-        self.text = text
-        self.student_preprocessing = student_preprocessing
 
     def forward(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
@@ -101,9 +100,7 @@ class RiseObjective(nn.Module):
         terms: dict[str, torch.Tensor] = {"ce": F.cross_entropy(logits, labels)}
         total = cfg.w_ce * terms["ce"]
         if cfg.w_kd > 0:
-            teacher_logits = self.teacher.zero_shot_logits(images, self.student_preprocessing,
-                                                           text.prototypes)
-            terms["kd"] = kd_loss(logits, teacher_logits, cfg.tau)
+            terms["kd"] = kd_loss(logits, self.teacher_logits(images), cfg.tau)
             total = total + cfg.w_kd * terms["kd"]
         if cfg.w_dist > 0 and cfg.absolute_distance:
             terms["ad"] = absolute_distance(z, text.prototypes, labels)
