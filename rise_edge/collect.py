@@ -17,6 +17,7 @@ the sweep's hash count. Writes results.{md,csv,json,png} into DIR.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -28,7 +29,7 @@ from typing import Any
 
 from rise_edge.errors import UserError
 from rise_edge.files import write_json_atomic, write_text_atomic
-from rise_edge.sweep import SWEEP_COPY, SWEEP_RECORD, expand, load_sweep
+from rise_edge.sweep import SWEEP_COPY, expand, load_sweep, read_run_record
 
 SELECTIONS = {"training": "training-domain validation", "oracle": "oracle (test-domain validation)",
               "int8": "training-domain validation, INT8 artefact"}
@@ -61,17 +62,15 @@ def read_runs(folder: Path) -> tuple[Any, list[RunResult], list[str]]:
         raise UserError(f"{folder} holds no {SWEEP_COPY}: not a sweep's output folder (rise-edge sweep "
                         "writes it there)")
     sweep = load_sweep(folder / SWEEP_COPY)
-    sweep = type(sweep)(**{**sweep.__dict__, "output_dir": folder})
+    sweep = dataclasses.replace(sweep, output_dir=folder)  # wherever the folder moved
     runs, missing = [], []
     for spec in expand(sweep):
         run_dir = Path(spec.run_dir)
         try:
-            record = json.loads((run_dir / SWEEP_RECORD).read_text())
             results = json.loads((run_dir / "results.json").read_text())
         except (OSError, json.JSONDecodeError):
-            missing.append(spec.name)
-            continue
-        if record.get("sweep_hash") != sweep.hash:
+            results = None
+        if results is None or read_run_record(run_dir).get("sweep_hash") != sweep.hash:
             missing.append(spec.name)
             continue
         from rise_edge.config import load_recipe

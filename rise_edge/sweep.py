@@ -201,7 +201,7 @@ def expand(sweep: Sweep, threads: int = 0) -> list[RunSpec]:
 def run_state(spec: RunSpec) -> str:
     """done (trained, and every asked stage done, by this sweep), resume, or new."""
     run_dir = Path(spec.run_dir)
-    record = _read_record(run_dir)
+    record = read_run_record(run_dir)
     if (run_dir / "results.json").is_file() and record.get("sweep_hash") == spec.sweep_hash \
             and record.get("complete"):
         return "done"
@@ -210,7 +210,8 @@ def run_state(spec: RunSpec) -> str:
     return "new"
 
 
-def _read_record(run_dir: Path) -> dict[str, Any]:
+def read_run_record(run_dir: Path) -> dict[str, Any]:
+    """A run's sweep.json ({} when it is missing or damaged)."""
     try:
         record = json.loads((run_dir / SWEEP_RECORD).read_text())
         return record if isinstance(record, dict) else {}
@@ -351,7 +352,7 @@ def _local_pool(pending: list[RunSpec], output: Path, workers: int, gpus: Sequen
     logs.mkdir(exist_ok=True)
     processes: dict[str, subprocess.Popen] = {}
 
-    def one(index: int, spec: RunSpec) -> tuple[str, int]:
+    def one(index: int, spec: RunSpec) -> tuple[str, int, Path]:
         slug = spec.name.replace("/", "__")
         spec_file = logs / f"{slug}.spec.json"
         write_json_atomic(spec_file, asdict(spec))
@@ -360,26 +361,26 @@ def _local_pool(pending: list[RunSpec], output: Path, workers: int, gpus: Sequen
             env["OMP_NUM_THREADS"] = str(spec.threads)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
-        with open(logs / f"{slug}.log", "w") as out:
+        log_file = logs / f"{slug}.log"
+        with open(log_file, "w") as out:
             process = subprocess.Popen([sys.executable, "-m", "rise_edge.sweep", str(spec_file)],
                                        stdout=out, stderr=subprocess.STDOUT, env=env)
             processes[spec.name] = process
-            return spec.name, process.wait()
+            return spec.name, process.wait(), log_file
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         futures = [pool.submit(one, i, spec) for i, spec in enumerate(pending)]
         try:
             for future in concurrent.futures.as_completed(futures):
-                name, code = future.result()
-                slug = name.replace("/", "__")
+                name, code, log_file = future.result()
                 if code == 0:
                     result.finished.append(name)
                     _progress(result, log, name, "done")
                 else:
-                    result.failed[name] = str(logs / f"{slug}.log")
+                    result.failed[name] = str(log_file)
                     how = (f"killed by signal {-code}" + (": out of memory? lower --workers or "
                            "data.num_workers" if code == -9 else "") if code < 0 else f"exit {code}")
-                    _progress(result, log, name, f"FAILED ({how}; see {logs / f'{slug}.log'}; "
+                    _progress(result, log, name, f"FAILED ({how}; see {log_file}; "
                               "run the sweep again to resume it)")
         except KeyboardInterrupt:
             for future in futures:

@@ -97,8 +97,13 @@ def finished_with(run_dir: Path, recipe: Recipe) -> bool:
         saved = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir))
     except (OSError, UnicodeDecodeError, UserError, yaml.YAMLError, AttributeError, TypeError):
         return False
-    old, new = recipe_to_dict(saved), recipe_to_dict(_absolute_paths(recipe))
-    return (run_dir / "results.json").is_file() and all(old[s] == new[s] for s in TRAINING_SECTIONS)
+    return (run_dir / "results.json").is_file() and not _training_changes(saved, _absolute_paths(recipe))
+
+
+def _training_changes(saved: Recipe, recipe: Recipe) -> list[str]:
+    """The fields that make the student (TRAINING_SECTIONS) on which two recipes differ."""
+    old, new = recipe_to_dict(saved), recipe_to_dict(recipe)
+    return [f"{s}.{k}" for s in TRAINING_SECTIONS for k in new[s] if old[s][k] != new[s][k]]
 
 
 def _check_run_dir(path: Path, recipe: Recipe, resume: bool) -> None:
@@ -131,8 +136,7 @@ def _check_run_dir(path: Path, recipe: Recipe, resume: bool) -> None:
     except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, TypeError) as exc:
         raise UserError(f"cannot resume {path}: its recipe.yaml is unreadable ({' '.join(str(exc).split())}"
                         "); it was changed or damaged after the run started") from None
-    old, new = recipe_to_dict(saved), recipe_to_dict(recipe)
-    changed = [f"{s}.{k}" for s in TRAINING_SECTIONS for k in new[s] if old[s][k] != new[s][k]]
+    changed = _training_changes(saved, recipe)
     if changed:
         raise UserError(f"cannot resume {path}: the recipe changed {', '.join(changed)} since the run "
                         "started; resume with the same recipe and --set options")

@@ -36,6 +36,14 @@ def _sweep_file(folder: Path, data_root: Path, clip_dir: Path, out: Path) -> Pat
     return sweep
 
 
+def _one_run_sweep(folder: Path, data_root: Path, clip_dir: Path, out: Path) -> Path:
+    """The same sweep cut to one run: sketch held out, seed 0, ERM."""
+    sweep = _sweep_file(folder, data_root, clip_dir, out)
+    sweep.write_text(sweep.read_text().replace("targets: [sketch, photo]", "targets: [sketch]")
+                     .replace("seeds: [0, 1]", "seeds: [0]").replace("[erm, kd]", "[erm]"))
+    return sweep
+
+
 def _finished(out: Path) -> dict[str, int]:
     """Run name -> results.json mtime, for every finished run."""
     return {str(p.parent.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("results.json")
@@ -92,9 +100,7 @@ def test_a_killed_sweep_resumes_without_retraining_and_collects_the_runs_numbers
 def test_a_finished_sweep_skips_everything_and_another_sweep_is_not_mixed_in(
         tiny_data_root: Path, tiny_clip_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    sweep = _sweep_file(tmp_path / "sweep", tiny_data_root, tiny_clip_dir, out)
-    sweep.write_text(sweep.read_text().replace("targets: [sketch, photo]", "targets: [sketch]")
-                     .replace("seeds: [0, 1]", "seeds: [0]").replace("[erm, kd]", "[erm]"))
+    sweep = _one_run_sweep(tmp_path / "sweep", tiny_data_root, tiny_clip_dir, out)
     first = CliRunner().invoke(main, ["sweep", str(sweep)])
     assert first.exit_code == 0, first.output
     again = CliRunner().invoke(main, ["sweep", str(sweep)])
@@ -140,9 +146,7 @@ def test_a_finished_run_of_another_recipe_in_the_sweeps_place_is_not_adopted(
         tiny_data_root: Path, tiny_clip_dir: Path, tmp_path: Path) -> None:
     """A run folder the sweep did not make (or made with other settings) is never taken as done."""
     out = tmp_path / "out"
-    sweep = _sweep_file(tmp_path / "sweep", tiny_data_root, tiny_clip_dir, out)
-    sweep.write_text(sweep.read_text().replace("targets: [sketch, photo]", "targets: [sketch]")
-                     .replace("seeds: [0, 1]", "seeds: [0]").replace("[erm, kd]", "[erm]"))
+    sweep = _one_run_sweep(tmp_path / "sweep", tiny_data_root, tiny_clip_dir, out)
     assert CliRunner().invoke(main, ["sweep", str(sweep)]).exit_code == 0
     run = out / "sketch" / "seed0" / "method=erm"
     (run / "sweep.json").unlink()  # as if the record were lost, and the run were someone else's:
