@@ -3,7 +3,7 @@
     python benchmarks/bench_overhead.py [--onnx MODEL.onnx] [--rounds 15] [--iterations 40]
 
 Three ways of timing the same ONNX model on the same (1, 3, 224, 224) input, in one process:
-  harness       rise_edge.latency.time_runner on an engines.OnnxRuntimeRunner (what `rise-edge bench` does)
+  harness       rise_edge.backends.latency.time_runner on an engines.OnnxRuntimeRunner (what `rise-edge bench` does)
   bare          a plain `InferenceSession(path).run(None, feed)` loop, default session options,
                 perf_counter around each call
   bare-runner   the same plain loop on the harness runner's own session (tells session options apart
@@ -36,7 +36,7 @@ def export_resnet18(folder: Path) -> Path:
     import timm
     import torch
 
-    from rise_edge.export_session import export_graph
+    from rise_edge.export.session import export_graph
 
     torch.manual_seed(0)
     model = timm.create_model("resnet18", pretrained=False, num_classes=7).eval()
@@ -67,9 +67,10 @@ def main() -> None:
 
     import onnxruntime as ort
 
+    from rise_edge.backends.latency import TimingPlan, time_runner
     from rise_edge.backends.onnxruntime import OnnxRuntimeRunner
-    from rise_edge.latency import TimingPlan, time_runner
-    from rise_edge.resources import machine_info, software_versions
+    from rise_edge.bench.resources import machine_info
+    from rise_edge.run_dir import software_versions
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,7 +143,7 @@ def to_markdown(result: dict) -> str:
     verdict = "within" if result["within_5_percent"] else "NOT within"
     lines += ["", f"Harness p50 / bare-loop p50 (medians of the rounds) = {result['harness_over_bare']:.3f}: "
               f"{verdict} 5 %; median of the per-round ratios {result['median_of_round_ratios']:.3f}. "
-              "harness = `rise_edge.latency.time_runner` on `OnnxRuntimeRunner` (what `rise-edge bench` "
+              "harness = `rise_edge.backends.latency.time_runner` on `OnnxRuntimeRunner` (what `rise-edge bench` "
               "times); bare = `InferenceSession.run(None, feed)` with default options; bare-runner = the "
               "bare loop on the runner's own session."]
     return "\n".join(lines) + "\n"

@@ -37,13 +37,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "demo_seeds.md")
     args = parser.parse_args()
 
-    from rise_edge.config import load_recipe, recipe_to_dict
-    from rise_edge.data import build_splits
     from dataclasses import replace
 
+    from rise_edge.bench.resources import machine_info
+    from rise_edge.config import load_recipe, recipe_to_dict
+    from rise_edge.data.domains import build_splits
     from rise_edge.demo.story import train_or_reuse
-    from rise_edge.resources import machine_info, software_versions
-    from rise_edge.teacher import built_teacher
+    from rise_edge.run_dir import software_versions
+    from rise_edge.train.teacher import built_teacher
 
     base = load_recipe(args.recipe)
     splits = build_splits(base.data, progress=True)

@@ -29,15 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from rise_edge.backends.base import physical_cores
+from rise_edge.backends.latency import interleaved_ms
 from rise_edge.backends.onnxruntime import OnnxRuntimeRunner
 from rise_edge.backends.pytorch import TorchRunner
-from rise_edge.calibration import load_images
+from rise_edge.bench.resources import machine_info
 from rise_edge.config import CALIBRATION_METHODS
-from rise_edge.data import build_splits
-from rise_edge.export import export_run, resolve_export_config
-from rise_edge.latency import interleaved_ms
-from rise_edge.resources import machine_info, software_versions
-from rise_edge.run_dir import EXPORT_DIR, open_run
+from rise_edge.data.domains import build_splits
+from rise_edge.export.calibration import load_images
+from rise_edge.export.driver import export_run, resolve_export_config
+from rise_edge.run_dir import EXPORT_DIR, open_run, software_versions
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -8,7 +8,7 @@
    bf16 autocast and channels_last, with a random-weight ViT-B/16 teacher of the real architecture
    (no CLIP weights can be downloaded; time does not depend on weight values). Peak GPU memory.
 3. Quantization-aware fine-tuning throughput (INT8 fake quantization) of the same students.
-4. Inference latency with CUDA events (rise_edge.latency.time_runner): PyTorch FP32 and FP16 at batch 1
+4. Inference latency with CUDA events (rise_edge.backends.latency.time_runner): PyTorch FP32 and FP16 at batch 1
    and 32, p50 / p90 ms and images/s, H2D / compute / D2H split.
 Each section is fenced: one that fails prints its error and the others still run. Prints one Markdown
 report and writes it with a JSON copy to --out (default: $OUT if set, else benchmarks/results/).
@@ -73,9 +73,9 @@ def _seconds_per_step(step: Callable[[], None], steps: int, warmup: int, device:
 def training_throughput(device: torch.device, batch: int, size: int, steps: int, teacher_name: str
                         ) -> list[dict[str, Any]]:
     from rise_edge.config import CLIP_TEMPLATES, LossConfig, StudentConfig, TeacherConfig
-    from rise_edge.rise import ErmObjective, RiseObjective
-    from rise_edge.student import build_student
-    from rise_edge.teacher import load_teacher
+    from rise_edge.train.objectives import ErmObjective, RiseObjective
+    from rise_edge.train.student import build_student
+    from rise_edge.train.teacher import load_teacher
 
     torch.manual_seed(0)
     teacher = load_teacher(TeacherConfig(model=teacher_name, pretrained="none"), device)
@@ -119,8 +119,8 @@ def training_throughput(device: torch.device, batch: int, size: int, steps: int,
 
 def qat_throughput(device: torch.device, batch: int, size: int, steps: int) -> list[dict[str, Any]]:
     from rise_edge.config import StudentConfig
-    from rise_edge.fake_quant import calibrate, quantize_model
-    from rise_edge.student import build_student
+    from rise_edge.export.fake_quant import calibrate, quantize_model
+    from rise_edge.train.student import build_student
 
     rows = []
     images = torch.randn(batch, 3, size, size, device=device)
@@ -146,10 +146,10 @@ def qat_throughput(device: torch.device, batch: int, size: int, steps: int) -> l
 
 
 def inference_latency(device: torch.device, size: int, iterations: int) -> list[dict[str, Any]]:
-    from rise_edge.config import StudentConfig
+    from rise_edge.backends.latency import TimingPlan, time_runner
     from rise_edge.backends.pytorch import TorchRunner
-    from rise_edge.latency import TimingPlan, time_runner
-    from rise_edge.student import build_student
+    from rise_edge.config import StudentConfig
+    from rise_edge.train.student import build_student
 
     rows = []
     plan = TimingPlan(warmup=10, iterations=iterations)

@@ -44,8 +44,8 @@ def previous_pipeline_int8(run: Any, session: Any, out: Path, work: Path) -> Non
     import torch
     from onnxruntime import quantization as q
 
-    from rise_edge.export_session import export_graph
-    from rise_edge.quantize import _reader, cpu_quant_settings, preprocess
+    from rise_edge.backends.onnxruntime.int8 import _reader, cpu_quant_settings, preprocess
+    from rise_edge.export.session import export_graph
 
     size = run.meta.preprocessing.input_size
     dynamic, pre = work / "dynamic.onnx", work / "dynamic-pre.onnx"
@@ -77,8 +77,8 @@ def accuracy(models: dict[str, Path], splits: Any, pre: Any) -> dict[str, dict]:
 
 
 def latency(models: dict[str, Path], image: np.ndarray, rounds: int, iters: int) -> dict[str, dict]:
+    from rise_edge.backends.latency import interleaved_ms
     from rise_edge.backends.onnxruntime import OnnxRuntimeRunner
-    from rise_edge.latency import interleaved_ms
 
     result: dict[str, dict] = {name: {} for name in models}
     for batch in (1, 32):
@@ -91,8 +91,8 @@ def latency(models: dict[str, Path], image: np.ndarray, rounds: int, iters: int)
 
 
 def measure_run(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from rise_edge.export import export_run, resolve_export_config
-    from rise_edge.export_session import ExportSession
+    from rise_edge.export.driver import export_run, resolve_export_config
+    from rise_edge.export.session import ExportSession
     from rise_edge.run_dir import EXPORT_DIR, open_run
 
     run = open_run(run_dir)
@@ -149,7 +149,8 @@ def main() -> None:
     if args.table:
         return write_table()
 
-    from rise_edge.resources import machine_info, software_versions
+    from rise_edge.bench.resources import machine_info
+    from rise_edge.run_dir import software_versions
 
     runs = list(args.run)
     if args.demo_seeds:

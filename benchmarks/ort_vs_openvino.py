@@ -21,11 +21,11 @@ from pathlib import Path
 
 from export_pacs import accuracy, latency
 
-from rise_edge.backends import runner_for
-from rise_edge.calibration import load_images
-from rise_edge.export import export_run, resolve_export_config
-from rise_edge.resources import machine_info, software_versions
-from rise_edge.run_dir import EXPORT_DIR, open_run, run_splits
+from rise_edge.backend_table import runner_for
+from rise_edge.bench.resources import machine_info
+from rise_edge.export.calibration import load_images
+from rise_edge.export.driver import export_run, resolve_export_config
+from rise_edge.run_dir import EXPORT_DIR, open_run, run_splits, software_versions
 
 RESULTS = Path(__file__).parent / "results"
 ENGINES = {"onnx-fp32": "ONNX Runtime FP32", "onnx-int8": "ONNX Runtime INT8",

@@ -14,7 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
-from rise_edge.resources import machine_info
+from rise_edge.bench.resources import machine_info
 from rise_edge.run_dir import read_jsonl
 
 RESULTS = Path(__file__).parent / "results"

@@ -20,9 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from rise_edge.collect import collect, to_markdown
-from rise_edge.resources import machine_info, software_versions
-from rise_edge.sweep import launch, load_sweep
+from rise_edge.bench.resources import machine_info
+from rise_edge.run_dir import software_versions
+from rise_edge.sweep.collect import collect, to_markdown
+from rise_edge.sweep.launch import launch, load_sweep
 
 RESULTS = Path(__file__).parent / "results"
 # DomainBed (Gulrajani & Lopez-Paz, ICLR 2021), ERM with ResNet-50, training-domain validation,

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
+from rise_edge.bench.resources import machine_info
 from rise_edge.config import CLIP_TEMPLATES, LossConfig, StudentConfig, TeacherConfig
-from rise_edge.resources import machine_info
-from rise_edge.rise import (ErmObjective, RiseObjective, absolute_distance, kd_loss,
-                            relative_distance)
-from rise_edge.student import build_student
-from rise_edge.teacher import load_teacher
+from rise_edge.train.objectives import (ErmObjective, RiseObjective, absolute_distance, kd_loss,
+                                        relative_distance)
+from rise_edge.train.student import build_student
+from rise_edge.train.teacher import load_teacher
 
 
 def _median_time(fn, repeats: int, warmup: int = 1) -> float:

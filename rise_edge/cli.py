@@ -118,7 +118,7 @@ def train(recipe: Path, overrides: tuple[str, ...], resume: bool, run_dir: Path 
     """Train a student on the source domains of RECIPE (a file, or a shipped recipe's name: see
     `rise-edge recipes`) and test it on the unseen target domain."""
     from rise_edge.config import load_recipe, resolve_recipe
-    from rise_edge.train import train_run
+    from rise_edge.train.loop import train_run
 
     path = resolve_recipe(recipe)
     result = train_run(load_recipe(path, overrides), recipe_name=path.stem, run_dir=run_dir,
@@ -175,7 +175,7 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
            fold_preprocessing: bool | None, qat: bool | None, qat_steps: int | None,
            overrides: tuple[str, ...], quiet: bool) -> None:
     """Export the trained student of RUN_DIR (ONNX, INT8, TensorRT) into RUN_DIR/export/."""
-    from rise_edge.export import export_run, recommended_int8, resolve_export_config
+    from rise_edge.export.driver import export_run, recommended_int8, resolve_export_config
     from rise_edge.run_dir import open_run
 
     data_root, overrides = _data_root(overrides)
@@ -213,7 +213,7 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
 @_user_errors
 def list_backends() -> None:
     """The export backends, their artefacts, and whether this machine can make and run them."""
-    from rise_edge.backends import backends, why_unavailable
+    from rise_edge.backend_table import backends, why_unavailable
 
     for backend in backends().values():
         if not backend.exportable:
@@ -257,7 +257,7 @@ def bench(run_dir: Path, domains: tuple[str, ...], engines: tuple[str, ...],
           warmup: int | None, cuda_graphs: bool, max_images: int | None,
           overrides: tuple[str, ...], quiet: bool) -> None:
     """Accuracy per domain and latency of every artefact of RUN_DIR; report in RUN_DIR/bench/."""
-    from rise_edge.bench import bench_run, resolve_bench_config
+    from rise_edge.bench.driver import bench_run, resolve_bench_config
     from rise_edge.run_dir import open_run
 
     if iterations is not None and duration is not None:
@@ -320,7 +320,7 @@ def sweep() -> None:
 def sweep_run(sweep_file: Path, launcher: str, workers: int, threads: int, gpus: str,
               slurm_partition: str | None, timeout_min: int) -> None:
     """Run every unfinished run of SWEEP.yaml (finished runs are skipped, interrupted ones resume)."""
-    from rise_edge.sweep import launch, load_sweep
+    from rise_edge.sweep.launch import launch, load_sweep
 
     spec = load_sweep(sweep_file)
     slurm = {"timeout_min": timeout_min, **({"slurm_partition": slurm_partition}
@@ -343,7 +343,7 @@ def sweep_run(sweep_file: Path, launcher: str, workers: int, threads: int, gpus:
 def sweep_collect(folder: Path) -> None:
     """Tables of a sweep's runs: per target domain and their average, mean ± SE over seeds, selected
     on training-domain validation, with the oracle beside it (results.{md,csv,json,png} in DIR)."""
-    from rise_edge.collect import collect, to_markdown
+    from rise_edge.sweep.collect import collect, to_markdown
 
     data = collect(folder)
     click.echo(to_markdown(data))
@@ -364,7 +364,7 @@ def _root_option(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _resolve_root(root: Path | None) -> Path:
-    from rise_edge.data import DATA_ENV
+    from rise_edge.data.domains import DATA_ENV
 
     text = str(root) if root is not None else os.environ.get(DATA_ENV, "")
     if not text:
@@ -388,7 +388,7 @@ def download(name: str, root: Path | None, archives: tuple[Path, ...], mirror: s
              keep_archives: bool, quiet: bool) -> None:
     """Download data set NAME (PACS, VLCS, OfficeHome, TerraIncognita, DomainNet) into the data root,
     in the layout recipes read; an interrupted download resumes when run again."""
-    from rise_edge.download import download_dataset
+    from rise_edge.data.download import download_dataset
 
     result = download_dataset(name, _resolve_root(root), mirror=mirror, archives=archives,
                               keep_archives=keep_archives, progress=not quiet)
@@ -408,8 +408,8 @@ def download(name: str, root: Path | None, archives: tuple[Path, ...], mirror: s
 @_user_errors
 def list_data(root: Path | None) -> None:
     """The data sets rise-edge knows, and whether each is complete under the data root."""
-    from rise_edge.data import KNOWN_DATASETS
-    from rise_edge.download import SOURCES, missing_parts
+    from rise_edge.data.domains import KNOWN_DATASETS
+    from rise_edge.data.download import SOURCES, missing_parts
 
     where = _resolve_root(root)
     for name, source in SOURCES.items():

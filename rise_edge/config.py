@@ -77,7 +77,7 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    method: str = _f("", "training method: erm, kd or rise (rise_edge.methods); empty: rise when "
+    method: str = _f("", "training method: erm, kd or rise (rise_edge.train.methods); empty: rise when "
                      "w_kd or w_dist > 0, else erm")
     w_ce: float = _f(1.0, "weight of cross-entropy on the labels", min=0.0)
     w_kd: float = _f(0.0, "weight of distillation from the teacher's zero-shot logits", min=0.0)
@@ -185,7 +185,7 @@ class Recipe:
 
     @property
     def method(self) -> str:
-        """loss.method (a name in rise_edge.methods), or for recipes written before it existed:
+        """loss.method (a name in rise_edge.train.methods), or for recipes written before it existed:
         rise when a teacher weight is set, else erm."""
         if self.loss.method:
             return self.loss.method
@@ -290,7 +290,7 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
             raise UserError(f"{where}: section '{name}' must be a mapping of keys, got {value!r}")
         sections[name] = _build_section(_SECTION_TYPES[name], value, name, where)
     recipe = Recipe(**sections)
-    # The name is checked against the methods registry where training starts (rise_edge.methods).
+    # The name is checked against the methods registry where training starts (rise_edge.train.methods).
     # Saved recipes name their method, so a run reads the same whatever the weights' defaults become.
     return dataclasses.replace(recipe, loss=dataclasses.replace(recipe.loss, method=recipe.method))
 

@@ -1,16 +1,19 @@
 """Files rise-edge writes and trusts: atomic writes (a kill never leaves half a file), sha256 of a
-file's bytes, and the cache folder with its content keys."""
+file's bytes, the cache folder with its content keys, and the lock a command holds on its folder."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from rise_edge.errors import UserError
 
 
 @contextmanager
@@ -56,3 +59,65 @@ def cache_root() -> Path:
 def cache_key(**parts: Any) -> str:
     """A sha256 (hex) over named JSON-able parts, key order ignored: what cached things are named by."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+@contextmanager
+def run_lock(run_dir: Path, command: str, *, noun: str = "run directory", clean: bool = True
+             ) -> Iterator[None]:
+    """Own a run directory for the duration of one command: a second train, export or bench on the
+    same run stops with a UserError naming the holder instead of mixing its files with ours.
+
+    The lock is an flock on `.<name>.rise-edge.lock` beside the run directory (so a failed start
+    leaves no run directory behind); the kernel releases it when the process ends, kill -9 included,
+    so a crash never leaves a run locked. With `clean`, the temporaries a killed command left in
+    the run directory are removed once the lock is held (a folder holding other lockable run
+    directories, like the demo's, passes clean=False: their own locks clean them).
+    """
+    import fcntl
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a {noun}; choose another path")
+    parent = run_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(parent / f".{run_dir.name}.rise-edge.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(f"cannot use {run_dir}: {exc.strerror or exc} ({exc.filename or parent}); "
+                        "choose a writable folder") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise UserError(f"{run_dir} is in use by {holder}; wait for it to finish or use another "
+                            f"{noun}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"rise-edge {command} (pid {os.getpid()})".encode(), 0)
+        if clean:
+            remove_leftovers(run_dir)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# What a command killed with -9 leaves behind: atomic_path's temporaries, export's work folders,
+# calibration's range folders. Only the lock's holder removes them: no live process owns them then.
+LEFTOVER_PATTERNS = (".*.tmp", ".work-*", ".ranges.*")
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Delete the temporary files and folders a killed command left in `run_dir`; return them."""
+    if not run_dir.is_dir():
+        return []
+    found = {p for pattern in LEFTOVER_PATTERNS for p in run_dir.rglob(pattern)}
+    removed = []
+    for path in sorted(found, key=lambda p: len(p.parts)):  # parents first
+        if not path.exists() and not path.is_symlink():
+            continue  # inside a folder removed just before
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed

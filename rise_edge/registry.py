@@ -1,6 +1,6 @@
 """The names rise-edge knows beyond its code: data sets and built teachers, with what each needs.
 Plugins (rise_edge.plugins) add to them. Nothing heavy is imported here, so the command line can
-load plugins at start-up without loading torch; rise_edge.data and rise_edge.teacher re-export these.
+load plugins at start-up without loading torch; rise_edge.data.domains and rise_edge.train.teacher re-export these.
 """
 
 from __future__ import annotations

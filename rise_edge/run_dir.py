@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,75 +29,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rise_edge.config import Recipe, recipe_from_dict
+from rise_edge.data.transforms import Preprocessing
 from rise_edge.errors import UserError
 from rise_edge.files import atomic_path, write_json_atomic, write_text_atomic
-from rise_edge.student import HeadSpec, Preprocessing, Student, create_backbone
+from rise_edge.train.student import HeadSpec, Student, create_backbone
 
 STUDENT_FILE = "student.safetensors"
 RESUME_FILE = "resume.safetensors"
 _META_KEY = "rise_edge"  # safetensors header key holding our JSON metadata
-
-
-@contextmanager
-def run_lock(run_dir: Path, command: str, *, noun: str = "run directory", clean: bool = True
-             ) -> Iterator[None]:
-    """Own a run directory for the duration of one command: a second train, export or bench on the
-    same run stops with a UserError naming the holder instead of mixing its files with ours.
-
-    The lock is an flock on `.<name>.rise-edge.lock` beside the run directory (so a failed start
-    leaves no run directory behind); the kernel releases it when the process ends, kill -9 included,
-    so a crash never leaves a run locked. With `clean`, the temporaries a killed command left in
-    the run directory are removed once the lock is held (a folder holding other lockable run
-    directories, like the demo's, passes clean=False: their own locks clean them).
-    """
-    import fcntl
-
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir} is a file, not a {noun}; choose another path")
-    parent = run_dir.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(parent / f".{run_dir.name}.rise-edge.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise UserError(f"cannot use {run_dir}: {exc.strerror or exc} ({exc.filename or parent}); "
-                        "choose a writable folder") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise UserError(f"{run_dir} is in use by {holder}; wait for it to finish or use another "
-                            f"{noun}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"rise-edge {command} (pid {os.getpid()})".encode(), 0)
-        if clean:
-            remove_leftovers(run_dir)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-# What a command killed with -9 leaves behind: atomic_path's temporaries, export's work folders,
-# calibration's range folders. Only the lock's holder removes them: no live process owns them then.
-LEFTOVER_PATTERNS = (".*.tmp", ".work-*", ".ranges.*")
-
-
-def remove_leftovers(run_dir: Path) -> list[Path]:
-    """Delete the temporary files and folders a killed command left in `run_dir`; return them."""
-    if not run_dir.is_dir():
-        return []
-    found = {p for pattern in LEFTOVER_PATTERNS for p in run_dir.rglob(pattern)}
-    removed = []
-    for path in sorted(found, key=lambda p: len(p.parts)):  # parents first
-        if not path.exists() and not path.is_symlink():
-            continue  # inside a folder removed just before
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
@@ -159,6 +96,23 @@ def versions() -> dict[str, str]:
     try:
         import open_clip
         found["open_clip"] = open_clip.__version__
+    except ImportError:
+        pass
+    return found
+
+
+def software_versions() -> dict[str, str]:
+    """rise-edge's versions record plus every inference package present here."""
+    found = versions()
+    for module in ("numpy", "onnx", "onnxruntime", "tensorrt", "torch_tensorrt", "modelopt",
+                   "matplotlib"):
+        try:
+            found[module] = __import__(module).__version__
+        except (ImportError, AttributeError):
+            pass
+    try:
+        import onnxruntime
+        found["onnxruntime_providers"] = ",".join(onnxruntime.get_available_providers())
     except ImportError:
         pass
     return found
@@ -250,7 +204,7 @@ def run_splits(run: TrainedRun, data_root: str | None = None) -> Any:
     the splits from their recipe, as training did."""
     from dataclasses import replace
 
-    from rise_edge.data import SPLITS_FILE, build_splits, splits_from_record
+    from rise_edge.data.domains import SPLITS_FILE, build_splits, splits_from_record
 
     path = run.path / SPLITS_FILE
     if not path.is_file():

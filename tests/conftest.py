@@ -92,7 +92,7 @@ def recipe_file(tmp_path: Path) -> Path:
 
 def _train_tiny_student(student: torch.nn.Module, samples: list[tuple[str, int]], transform,
                         steps: int, seed: int) -> None:
-    """A few plain SGD steps (not rise_edge.train: these fixtures must not depend on it)."""
+    """A few plain SGD steps (not rise_edge.train.loop: these fixtures must not depend on it)."""
     torch.manual_seed(seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a busy 2-core machine, OpenMP's spin-waiting threads cost 100x
@@ -104,7 +104,7 @@ def _train_tiny_student(student: torch.nn.Module, samples: list[tuple[str, int]]
 
 
 def _sgd_steps(student: torch.nn.Module, samples: list[tuple[str, int]], transform, steps: int) -> None:
-    from rise_edge.data import load_rgb
+    from rise_edge.data.domains import load_rgb
 
     images = torch.stack([transform(load_rgb(p)) for p, _ in samples])
     labels = torch.tensor([y for _, y in samples])
@@ -121,11 +121,11 @@ def _sgd_steps(student: torch.nn.Module, samples: list[tuple[str, int]], transfo
 def build_tiny_run(run_dir: Path, data_root: Path, extra_overrides: list[str] = ()) -> Path:
     """Write a run directory with a trained tiny student, as `rise-edge train` would."""
     from rise_edge.config import dump_recipe, load_recipe
-    from rise_edge.data import build_splits
-    from rise_edge.run_dir import StudentMeta, save_student
+    from rise_edge.data.domains import build_splits
+    from rise_edge.data.transforms import eval_transform
     from rise_edge.files import write_text_atomic
-    from rise_edge.student import build_student
-    from rise_edge.transforms import eval_transform
+    from rise_edge.run_dir import StudentMeta, save_student
+    from rise_edge.train.student import build_student
 
     recipe = load_recipe(None, [*tiny_recipe_overrides(data_root), *extra_overrides])
     splits = build_splits(recipe.data, progress=False)
@@ -184,7 +184,7 @@ def register_tiny_clip(folder: Path) -> str:
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory: pytest.TempPathFactory):
     from rise_edge.config import TeacherConfig
-    from rise_edge.teacher import load_teacher
+    from rise_edge.train.teacher import load_teacher
 
     register_tiny_clip(tmp_path_factory.mktemp("clip_config"))
     torch.manual_seed(0)

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import TINY_CLASSES, TINY_DOMAINS, TINY_TARGET
-from rise_edge.backends import backends
-from rise_edge.bench import BENCH_DIR, bench_run
+
+from rise_edge.backend_table import backends
+from rise_edge.backends.latency import TimingPlan, mlperf_style, percentile, summarize, time_runner
+from rise_edge.bench.driver import BENCH_DIR, bench_run
+from rise_edge.bench.resources import board_power_mw, parse_tegrastats_line
 from rise_edge.cli import main
 from rise_edge.config import BenchConfig
 from rise_edge.errors import UserError
-from rise_edge.latency import TimingPlan, mlperf_style, percentile, summarize, time_runner
-from rise_edge.resources import board_power_mw, parse_tegrastats_line
 
 onnx_stack = pytest.importorskip("onnxruntime", reason="the ONNX rows need the 'cpu' extra")
 
@@ -59,7 +59,7 @@ def _rows(data: dict) -> dict[str, dict]:
 def exported_template(_tiny_run_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny run with export/: ONNX FP32 and ONNX Runtime INT8 (built by the export library)."""
     from rise_edge.config import ExportConfig
-    from rise_edge.export import export_run
+    from rise_edge.export.driver import export_run
 
     run = Path(shutil.copytree(_tiny_run_template, tmp_path_factory.mktemp("bench_exported") / "run"))
     result = export_run(run, ExportConfig(formats=("onnx",), int8=True, calibration_size=24),

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from rise_edge.cli import main
 from rise_edge.config import Recipe, dump_recipe, load_recipe, recipe_from_dict
 from rise_edge.errors import UserError
-import yaml
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
 
@@ -93,7 +93,7 @@ def test_loss_method_is_named_inferred_for_older_recipes_and_checked(tmp_path: P
 
     assert recipe_from_dict({}).loss.method == "erm"
     assert recipe_from_dict({"loss": {"w_kd": 0.5}}).loss.method == "rise"  # written before method
-    from rise_edge.methods import method_of
+    from rise_edge.train.methods import method_of
 
     assert method_of(recipe_from_dict({"loss": {"method": "kd", "w_kd": 0.5}})).uses_teacher
     assert not method_of(recipe_from_dict({"loss": {"method": "erm", "w_kd": 0.5}})).uses_teacher

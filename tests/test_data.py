@@ -6,11 +6,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import TINY_CLASSES, TINY_DATASET, make_tiny_dataset
 from PIL import Image
 
-from conftest import TINY_CLASSES, TINY_DATASET, make_tiny_dataset
 from rise_edge.config import load_recipe
-from rise_edge.data import EpochBatches, build_splits, load_rgb
+from rise_edge.data.domains import EpochBatches, build_splits, load_rgb
 from rise_edge.errors import UserError
 
 
@@ -141,9 +141,8 @@ def test_epoch_batches_shard_the_same_global_batches() -> None:
 def test_seeded_augmentation_depends_on_the_seed_alone(data_root: Path) -> None:
     import torch
 
-    from rise_edge.data import DomainImages
-    from rise_edge.student import Preprocessing
-    from rise_edge.transforms import train_transform
+    from rise_edge.data.domains import DomainImages
+    from rise_edge.data.transforms import Preprocessing, train_transform
 
     splits = build_splits(_cfg(data_root), progress=False)
     images = DomainImages(splits.train_samples, train_transform(Preprocessing(8, (0.5,) * 3, (0.5,) * 3)))

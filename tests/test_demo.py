@@ -10,10 +10,10 @@ import torch
 from click.testing import CliRunner
 
 from rise_edge.cli import main
-from rise_edge.data import KNOWN_DATASETS, KnownDataset
+from rise_edge.data.domains import KNOWN_DATASETS, KnownDataset
 from rise_edge.demo.teacher import build_demo_teacher, miniature_teacher_settings
 from rise_edge.demo.world import generate_world, miniature_world_spec
-from rise_edge.teacher import BUILT_TEACHERS
+from rise_edge.train.teacher import BUILT_TEACHERS
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from rise_edge.cli import main
-from rise_edge.data import KNOWN_DATASETS
-from rise_edge.download import WORK_FOLDER
+from rise_edge.data.domains import KNOWN_DATASETS
+from rise_edge.data.download import WORK_FOLDER
 
 PACS = KNOWN_DATASETS["PACS"]
 
@@ -248,7 +248,7 @@ def test_bad_download_arguments_are_one_line(tmp_path: Path, monkeypatch, args: 
 def test_a_downloaded_pacs_trains(server: _Server, tmp_path: Path, recipe_file: Path) -> None:
     """The layout the download makes is the one training reads."""
     from rise_edge.config import load_recipe
-    from rise_edge.data import build_splits
+    from rise_edge.data.domains import build_splits
 
     server.files["PACS.zip"] = pacs_zip()
     assert _download(tmp_path, "--mirror", server.url).exit_code == 0

@@ -15,17 +15,17 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-
 from conftest import TINY_CLASSES, TINY_TARGET, tiny_recipe_overrides
-from rise_edge.backends import artefacts, backends, runner_for
+
+from rise_edge.backend_table import artefacts, backends, runner_for
 from rise_edge.backends.onnxruntime import OnnxRuntimeRunner, onnx_metadata
 from rise_edge.backends.pytorch import TorchRunner
-from rise_edge.calibration import select_calibration_set
 from rise_edge.cli import main
 from rise_edge.config import ExportConfig, load_recipe
-from rise_edge.data import build_splits
+from rise_edge.data.domains import build_splits
 from rise_edge.errors import UserError
-from rise_edge.export import export_run, plan_artefacts
+from rise_edge.export.calibration import select_calibration_set
+from rise_edge.export.driver import export_run, plan_artefacts
 from rise_edge.run_dir import EXPORT_DIR, EXPORT_JSON, open_run, save_student
 
 CPU_ALL = ExportConfig(formats=("onnx",), int8=True, fold_preprocessing=True, calibration_size=24)
@@ -238,7 +238,7 @@ def _replace_maker(monkeypatch: pytest.MonkeyPatch, name: str, make) -> None:
     """Swap one artefact's maker in the backend registry for this test."""
     import dataclasses
 
-    import rise_edge.backends as registry
+    import rise_edge.backend_table as registry
     artefacts()  # the registry is filled on first use
     monkeypatch.setitem(registry._ARTEFACTS, name, dataclasses.replace(registry._ARTEFACTS[name],
                                                                        make=make))

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import TINY_DATASET, train_cli_args
+
 from rise_edge.cli import main
 from rise_edge.errors import UserError
-from rise_edge.run_dir import run_lock
+from rise_edge.files import run_lock
 
 
 def _args(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -86,7 +86,7 @@ def test_two_processes_cannot_own_one_run_directory(tiny_data_root: Path, recipe
 def test_a_killed_holder_does_not_keep_the_run_directory(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import signal, sys; from pathlib import Path; from rise_edge.run_dir import run_lock\n"
+        "import signal, sys; from pathlib import Path; from rise_edge.files import run_lock\n"
         f"with run_lock(Path({str(run_dir)!r}), 'train'):\n"
         "    print('held', flush=True); signal.pause()")], stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
@@ -146,7 +146,7 @@ def test_demo_out_holding_a_users_runs_is_refused_from_the_command_line(tmp_path
     (out / "erm" / "notes.txt").write_text("keep me")
     # World and teacher are the cached ones the demo builds; here they are stood in for, so the
     # test reaches the step that would have deleted the folder.
-    monkeypatch.setattr("rise_edge.data.build_splits", lambda *a, **k: _FakeSplits())
+    monkeypatch.setattr("rise_edge.data.domains.build_splits", lambda *a, **k: _FakeSplits())
     monkeypatch.setattr("rise_edge.registry.BUILT_TEACHERS",
                         {"rise-edge-demo-clip": lambda: _fake_teacher(tmp_path)})
     result = CliRunner().invoke(main, ["demo", "--out", str(out)])
@@ -187,12 +187,12 @@ def test_a_full_disk_is_one_line_not_a_traceback(tiny_data_root: Path, recipe_fi
                                                  tmp_path: Path, monkeypatch) -> None:
     import errno
 
-    import rise_edge.train
+    import rise_edge.train.loop
 
     def full(path, text):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(rise_edge.train, "write_text_atomic", full)
+    monkeypatch.setattr(rise_edge.train.loop, "write_text_atomic", full)
     result = CliRunner().invoke(main, ["train", str(recipe_file),
                                        *_args(tiny_data_root, tmp_path / "r")])
     _one_clean_line(result, "No space left on device", "recipe.yaml")
@@ -334,7 +334,7 @@ def test_shipped_recipes_live_in_the_package_and_train_takes_their_names(tmp_pat
 def test_the_data_root_comes_from_the_environment_and_split_lists_from_the_root(
         tiny_data_root: Path, tmp_path: Path, monkeypatch) -> None:
     from rise_edge.config import load_recipe
-    from rise_edge.data import build_splits
+    from rise_edge.data.domains import build_splits
 
     overrides = [f"data.dataset={TINY_DATASET}", "data.target_domain=sketch", "data.num_workers=0"]
     monkeypatch.delenv("RISE_EDGE_DATA", raising=False)
@@ -522,7 +522,7 @@ def test_a_run_directory_that_is_missing_or_a_file(tmp_path: Path, command: str,
 def test_demo_paths_that_are_files_are_one_line(tmp_path: Path, monkeypatch) -> None:
     a_file = tmp_path / "a-file"
     a_file.write_text("keep")
-    monkeypatch.setattr("rise_edge.data.build_splits", lambda *a, **k: _FakeSplits())
+    monkeypatch.setattr("rise_edge.data.domains.build_splits", lambda *a, **k: _FakeSplits())
     monkeypatch.setattr("rise_edge.registry.BUILT_TEACHERS",
                         {"rise-edge-demo-clip": lambda: _fake_teacher(tmp_path)})
     result = CliRunner().invoke(main, ["demo", "--out", str(a_file)])
@@ -533,6 +533,7 @@ def test_demo_paths_that_are_files_are_one_line(tmp_path: Path, monkeypatch) -> 
 def test_the_demo_reuses_a_finished_run_whose_export_settings_changed(
         tiny_data_root: Path, tmp_path: Path) -> None:
     from conftest import tiny_recipe_overrides
+
     from rise_edge.config import load_recipe
     from rise_edge.demo.story import DEMO_MARK, train_or_reuse
 

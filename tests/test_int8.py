@@ -18,19 +18,19 @@ import onnx
 import pytest
 import timm
 import torch
-
 from conftest import TINY_TARGET
+
 from rise_edge.backends.onnxruntime import QAT_PARITY_MIN_AGREEMENT, QAT_PARITY_MIN_SQNR_DB
+from rise_edge.backends.onnxruntime.int8 import (CpuQuantizer, cpu_quant_settings, preprocess,
+                                                 quantize_within_budget, shape_arithmetic_nodes)
 from rise_edge.config import ExportConfig
-from rise_edge.export import export_run
-from rise_edge.export_session import export_graph
-from rise_edge.fake_quant import calibrate, quantize_model
-from rise_edge.fidelity import Fidelity, FidelitySet, sqnr_db
-from rise_edge.graph_form import fold_batchnorm, shape_mismatches, with_static_padding
-from rise_edge.quantize import (CpuQuantizer, cpu_quant_settings, preprocess,
-                                quantize_within_budget, shape_arithmetic_nodes)
+from rise_edge.export.driver import export_run
+from rise_edge.export.fake_quant import calibrate, quantize_model
+from rise_edge.export.fidelity import Fidelity, FidelitySet, sqnr_db
+from rise_edge.export.graph_form import fold_batchnorm, shape_mismatches, with_static_padding
+from rise_edge.export.session import export_graph
 from rise_edge.run_dir import EXPORT_DIR
-from rise_edge.student import HeadSpec, Student
+from rise_edge.train.student import HeadSpec, Student
 
 SIZE = 36  # odd multiples of the strides: TF 'same' pads are asymmetric here
 
@@ -86,7 +86,8 @@ def test_int8_graph_of_a_tf_padding_student_runs_the_fp32_pads_and_shapes(tmp_pa
     assert not rounded  # no value the pad arithmetic computes is rounded
     # Without the guard, ONNX Runtime's quantizer does round them (the bug this guards against).
     from onnxruntime import quantization as q
-    from rise_edge.quantize import _reader
+
+    from rise_edge.backends.onnxruntime.int8 import _reader
     unguarded = tmp_path / "unguarded.onnx"
     q.quantize_static(str(tmp_path / "dynamic-pre.onnx"), str(unguarded),
                       _reader("images", images, 8), quant_format=q.QuantFormat.QDQ, per_channel=True)
@@ -141,8 +142,8 @@ def test_budget_loop_ships_the_best_model_it_tried_not_the_last(tmp_path: Path, 
     # Worst drops by the set of FP32 layers, as the PACS Lite0 loop measured them: noisy, not monotone.
     drops = {(): 1.92, ("L3",): 4.33, ("L1", "L3"): 1.44, ("L1", "L2", "L3"): 2.40,
              ("L1", "L2", "L3", "L4"): 3.37}
-    monkeypatch.setattr("rise_edge.quantize.real_layers", lambda path: ["L0", "L1", "L2", "L3", "L4", "L5"])
-    monkeypatch.setattr("rise_edge.quantize.rank_by_accumulated_error",
+    monkeypatch.setattr("rise_edge.backends.onnxruntime.int8.real_layers", lambda path: ["L0", "L1", "L2", "L3", "L4", "L5"])
+    monkeypatch.setattr("rise_edge.backends.onnxruntime.int8.rank_by_accumulated_error",
                         lambda *a, **k: [("L3", 0.4), ("L1", 0.3), ("L2", 0.2), ("L4", 0.1)])
 
     def fidelity(reference, path, fid):
@@ -152,7 +153,7 @@ def test_budget_loop_ships_the_best_model_it_tried_not_the_last(tmp_path: Path, 
         return Fidelity({"a": domain}, logit_sqnr_db=20.0 - drop if excluded not in (("L0",), ("L5",))
                         else 10.0)
 
-    monkeypatch.setattr("rise_edge.quantize.measure_fidelity", fidelity)
+    monkeypatch.setattr("rise_edge.backends.onnxruntime.int8.measure_fidelity", fidelity)
     data = FidelitySet({"a": (np.zeros((4, 3, 2, 2), np.float32), np.zeros(4, int))})
     out = tmp_path / "shipped.onnx"
     result = quantize_within_budget(_ScriptedQuantizer(tmp_path / "pre.onnx"), out, data,
@@ -193,18 +194,18 @@ QAT = ["--int8", "--qat", "--quiet", "--set", "export.qat_eval_every=2",
 
 
 def test_qat_export_records_and_never_reads_a_target_image(tiny_run: Path, monkeypatch) -> None:
-    import rise_edge.calibration
-    import rise_edge.data
+    import rise_edge.data.domains
+    import rise_edge.export.calibration
 
     opened: list[str] = []
-    original = rise_edge.data.load_rgb
+    original = rise_edge.data.domains.load_rgb
 
     def spy(path):
         opened.append(str(path))
         return original(path)
 
-    monkeypatch.setattr(rise_edge.data, "load_rgb", spy)
-    monkeypatch.setattr(rise_edge.calibration, "load_rgb", spy)
+    monkeypatch.setattr(rise_edge.data.domains, "load_rgb", spy)
+    monkeypatch.setattr(rise_edge.export.calibration, "load_rgb", spy)
     cfg = ExportConfig(int8=True, qat="on", qat_steps=4, qat_eval_every=2, qat_batch_size=8,
                        calibration_size=12, fidelity_images=12)
     result = export_run(tiny_run, cfg, progress=False)
@@ -228,7 +229,7 @@ def test_qat_export_records_and_never_reads_a_target_image(tiny_run: Path, monke
     cpu = result.artefacts["onnx-int8-qat-cpu"]
     assert cpu["status"] == "ok" and set(cpu["fidelity_vs_fp32"]["per_domain"]) == {"cartoon", "photo"}
 
-    from rise_edge.bench import bench_run
+    from rise_edge.bench.driver import bench_run
     from rise_edge.config import BenchConfig
     report = bench_run(tiny_run, BenchConfig(batch_sizes=(1,), warmup=1, iterations=2), progress=False)
     rows = {r["engine"]: r for r in report.rows}
@@ -305,7 +306,7 @@ def test_tensorrt_builds_the_qat_qdq_graph_as_a_strongly_typed_int8_engine(tiny_
 
 @pytest.mark.parametrize("arch", ["test_resnet", "resnet10t", "test_efficientnet"])
 def test_every_onnx_layer_maps_back_to_its_module(arch: str, tmp_path: Path) -> None:
-    from rise_edge.graph_form import module_of_onnx_node
+    from rise_edge.export.graph_form import module_of_onnx_node
 
     backbone = timm.create_model(arch, num_classes=0)
     student = Student(backbone, HeadSpec(backbone.num_features, 3)).eval()

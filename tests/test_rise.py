@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import TINY_CLIP
+
 from rise_edge.config import LossConfig, TeacherConfig
+from rise_edge.data.transforms import Preprocessing
 from rise_edge.errors import UserError
-from rise_edge.rise import (RD_SCALE, ErmObjective, RiseObjective, absolute_distance, kd_loss,
-                            relative_distance)
-from rise_edge.student import HeadSpec, Preprocessing, Student
-from rise_edge.teacher import (TextEmbeddings, class_prompt_name, load_teacher,
-                               text_embeddings_cached)
+from rise_edge.train.objectives import (RD_SCALE, ErmObjective, RiseObjective, absolute_distance,
+                                        kd_loss, relative_distance)
+from rise_edge.train.student import HeadSpec, Student
+from rise_edge.train.teacher import (TextEmbeddings, class_prompt_name, load_teacher,
+                                     text_embeddings_cached)
 
 # ---------------------------------------------------------------------------------------------------
 # Literal, per-sample versions of the formulas in the method notes.
@@ -139,7 +140,7 @@ def test_erm_objective_is_cross_entropy() -> None:
 
 
 def test_kd_objective_is_ce_plus_hinton_kd_from_zero_shot_logits(tiny_teacher) -> None:
-    from rise_edge.rise import KdObjective
+    from rise_edge.train.objectives import KdObjective
 
     text = tiny_teacher.text_embeddings(["dog", "guitar", "house"], ["a photo of a {}."], ["sketch"])
     student = _tiny_student(None)  # KD's head is a plain linear classifier
@@ -154,7 +155,7 @@ def test_kd_objective_is_ce_plus_hinton_kd_from_zero_shot_logits(tiny_teacher) -
 
 
 def test_methods_registry_names_each_method_once() -> None:
-    from rise_edge.methods import METHODS, Method, register_method
+    from rise_edge.train.methods import METHODS, Method, register_method
 
     assert list(METHODS) == ["erm", "kd", "rise"]
     assert [m.uses_teacher for m in METHODS.values()] == [False, True, True]

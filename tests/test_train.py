@@ -13,25 +13,24 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import train_cli_args
 from safetensors.torch import load_file
 
-from conftest import train_cli_args
 from rise_edge.cli import main
 from rise_edge.config import load_recipe
 from rise_edge.run_dir import open_run
-
 
 _args = train_cli_args
 
 
 def test_erm_run_directory(tiny_data_root: Path, recipe_file: Path, tmp_path: Path,
                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import rise_edge.teacher
+    import rise_edge.train.teacher
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("ERM must not load a teacher")
 
-    monkeypatch.setattr(rise_edge.teacher, "load_teacher", no_teacher)
+    monkeypatch.setattr(rise_edge.train.teacher, "load_teacher", no_teacher)
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(main, ["train", str(recipe_file),
                                        *_args(tiny_data_root, run_dir, "--set", "train.steps=12",
@@ -136,7 +135,7 @@ def test_resume_refuses_a_changed_recipe(tiny_data_root: Path, recipe_file: Path
                                          tmp_path: Path) -> None:
     from rise_edge.config import dump_recipe
     from rise_edge.errors import UserError
-    from rise_edge.train import _check_run_dir
+    from rise_edge.train.loop import _check_run_dir
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -1,6 +1,6 @@
 """What every backend's runner shares: one call, images -> logits, and staged runs for timing.
 
-    runner = runner_for(record, export_dir)   # rise_edge.backends
+    runner = runner_for(record, export_dir)   # rise_edge.backend_table
     logits = runner(images)             # images: float32 NCHW, normalised as the student expects
                                         # logits: float32 (N, C) numpy
 
@@ -21,9 +21,6 @@ import numpy as np
 import torch
 
 from rise_edge.errors import UserError
-
-# ONNX metadata_props keys written by export and read back by the runners.
-META_PREFIX = "rise_edge."
 
 
 def have(module: str) -> bool:

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from rise_edge.backends import Artefact, Backend
+from rise_edge.backend_table import Artefact, Backend
 from rise_edge.backends.base import Runner, have, physical_cores
 from rise_edge.config import ExportConfig
 from rise_edge.errors import UserError, missing_extra
-from rise_edge.export_session import ExportSession
+from rise_edge.export.session import ExportSession
 from rise_edge.files import file_sha256
 
 
@@ -90,7 +90,7 @@ def make_openvino_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
     import openvino as ov
 
     from rise_edge.backends.onnxruntime import fidelity_reference
-    from rise_edge.fidelity import measure_fidelity
+    from rise_edge.export.fidelity import measure_fidelity
 
     fp32 = ov.convert_model(str(s.path_of("onnx-fp32")))
     calibration = nncf.Dataset([s.calibration_images[i:i + 1] for i in range(len(s.calibration_images))])

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rise_edge.backends import Backend
+from rise_edge.backend_table import Backend
 from rise_edge.backends.base import Runner, resolve_device
 from rise_edge.errors import UserError
 

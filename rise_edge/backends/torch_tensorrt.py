@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from rise_edge.backends import Artefact, Backend
+from rise_edge.backend_table import Artefact, Backend
 from rise_edge.backends.base import Runner, cuda_backend_unavailable
 from rise_edge.config import ExportConfig
 from rise_edge.errors import UserError, missing_extra
-from rise_edge.export_session import ExportSession
+from rise_edge.export.session import ExportSession
 
 
 class TorchTensorRTRunner(Runner):
@@ -55,7 +55,7 @@ class TorchTensorRTRunner(Runner):
 
 
 def make_torch_tensorrt(s: ExportSession, tmp: Path, name: str) -> dict[str, Any]:
-    from rise_edge.tensorrt_build import compile_torch_tensorrt
+    from rise_edge.backends.tensorrt.build import compile_torch_tensorrt
 
     precision = _ARTEFACTS[name].precision
     with tempfile.TemporaryDirectory(dir=s.dir, prefix=".work-") as work:

@@ -64,7 +64,7 @@ def _clear_own_run(run_dir: Path) -> None:
 
 def train_or_reuse(recipe: Recipe, run_dir: Path, progress: bool) -> dict[str, Any]:
     """Train `recipe` into `run_dir` (a finished run of the same recipe is reused); its results.json."""
-    from rise_edge.train import finished_with, train_run
+    from rise_edge.train.loop import finished_with, train_run
 
     if finished_with(run_dir, recipe):
         print(f"      reusing {run_dir}", file=sys.stderr)
@@ -87,9 +87,9 @@ class DemoResult:
 def run_demo(recipe_path: Path | None = None, out_dir: Path = Path("runs/demo"),
              overrides: tuple[str, ...] = (), *, progress: bool = True) -> DemoResult:
     """Run the five steps; return the summary table (also written to OUT/demo.md and demo.json)."""
-    from rise_edge.data import known_dataset
-    from rise_edge.run_dir import run_lock
-    from rise_edge.teacher import BUILT_TEACHERS, built_teacher
+    from rise_edge.data.domains import known_dataset
+    from rise_edge.files import run_lock
+    from rise_edge.train.teacher import BUILT_TEACHERS, built_teacher
 
     started = time.perf_counter()
     recipe = load_recipe(recipe_path or default_demo_recipe(), overrides)
@@ -107,10 +107,10 @@ def run_demo(recipe_path: Path | None = None, out_dir: Path = Path("runs/demo"),
 
 def _story(recipe: Recipe, out_dir: Path, started: float, progress: bool) -> DemoResult:
     """The five steps and the summary, with the demo folder held."""
-    from rise_edge.bench import bench_run
-    from rise_edge.data import build_splits
-    from rise_edge.export import export_run, recommended_int8
-    from rise_edge.teacher import built_teacher
+    from rise_edge.bench.driver import bench_run
+    from rise_edge.data.domains import build_splits
+    from rise_edge.export.driver import export_run, recommended_int8
+    from rise_edge.train.teacher import built_teacher
 
     _say(1, "demo world: shapes drawn in four styles")
     # Builds the world on first use; its images are decoded and checked by each training run.

@@ -35,7 +35,7 @@ from rise_edge.demo.world import (ALL_STYLES, DEMO_CLASSES, DEMO_COLOURS, STUDEN
                                   caption, default_world_spec, generate_world, iter_samples,
                                   make_temp_sibling, miniature_world_spec, publish_folder)
 from rise_edge.files import cache_key, cache_root, write_json_atomic
-from rise_edge.teacher import template_mean_embeddings
+from rise_edge.train.teacher import template_mean_embeddings
 
 DEMO_TEACHER_MODEL = "rise-edge-demo-clip"
 # OpenAI CLIP's statistics (not ImageNet's) and RISE's prompt templates: the originals.

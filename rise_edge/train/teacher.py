@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from rise_edge.config import TeacherConfig
+from rise_edge.data.transforms import Preprocessing
 from rise_edge.errors import UserError, missing_extra
 from rise_edge.files import cache_key
 from rise_edge.registry import BUILT_TEACHERS, built_teacher, register_teacher  # noqa: F401
-from rise_edge.student import Preprocessing
 
 
 @dataclass(frozen=True)

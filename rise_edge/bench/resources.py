@@ -224,23 +224,3 @@ def machine_info() -> dict[str, Any]:
             "memory_bytes": memory, "platform": platform.platform(),
             "gpu": gpu, "jetson": _jetson_model(), "tegrastats": shutil.which("tegrastats") is not None,
             "torch_threads": torch.get_num_threads()}
-
-
-def software_versions() -> dict[str, str]:
-    """rise-edge's versions record plus every inference package present here."""
-    from rise_edge.run_dir import versions
-
-    found = versions()
-    for module in ("numpy", "onnx", "onnxruntime", "tensorrt", "torch_tensorrt", "modelopt",
-                   "matplotlib"):
-        try:
-            found[module] = __import__(module).__version__
-        except (ImportError, AttributeError):
-            pass
-    try:
-        import onnxruntime
-        found["onnxruntime_providers"] = ",".join(onnxruntime.get_available_providers())
-    except ImportError:
-        pass
-    return found
-

@@ -14,17 +14,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from rise_edge.backends.base import META_PREFIX
-from rise_edge.calibration import (CalibrationSet, balanced_val_samples, load_images,
-                                   select_calibration_set, select_fidelity_samples)
 from rise_edge.config import ExportConfig, recipe_to_dict
 from rise_edge.errors import UserError
-from rise_edge.fidelity import FidelitySet
+from rise_edge.export.calibration import (CalibrationSet, balanced_val_samples, load_images,
+                                          select_calibration_set, select_fidelity_samples)
+from rise_edge.export.fidelity import FidelitySet
+from rise_edge.export.graph_form import fold_constants
 from rise_edge.files import file_sha256
-from rise_edge.graph_form import fold_constants
 from rise_edge.run_dir import EXPORT_DIR, STUDENT_FILE, TrainedRun, run_splits
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
+# ONNX metadata_props keys written here and read back by the runners.
+META_PREFIX = "rise_edge."
 PARITY_IMAGES = 32  # source-val images for ONNX / engine vs PyTorch checks
 
 
@@ -112,7 +113,7 @@ class ExportSession:
         self.previous_calibration: dict[str, Any] = {}
 
     def path_of(self, name: str) -> Path:
-        from rise_edge.backends import artefacts
+        from rise_edge.backend_table import artefacts
 
         return self.dir / artefacts()[name].filename
 
@@ -173,9 +174,11 @@ class ExportSession:
         return np.load(path).astype(np.float32), sha
 
     def reference_logits(self) -> np.ndarray:
-        from rise_edge.backends.pytorch import TorchRunner
+        from rise_edge.backend_table import backends
 
-        return self._once("reference", lambda: TorchRunner(module=self.run.student, device="cpu")(
+        # The PyTorch backend's own runner, found in the table: export never imports a backend.
+        reference = backends()["pytorch"].runner
+        return self._once("reference", lambda: reference(module=self.run.student, device="cpu")(
             self.parity_images))
 
     def metadata(self, precision: str, input_kind: str) -> dict[str, Any]:

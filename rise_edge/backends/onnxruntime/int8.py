@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 
 from rise_edge.backends.base import Runner, physical_cores
+from rise_edge.backends.latency import interleaved_ms
 from rise_edge.config import CALIBRATION_METHODS
 from rise_edge.errors import missing_extra
-from rise_edge.fidelity import (Fidelity, FidelitySet, logits_in_batches,
-                                measure_fidelity as fidelity_of)
+from rise_edge.export.fidelity import Fidelity, FidelitySet, logits_in_batches
+from rise_edge.export.fidelity import measure_fidelity as fidelity_of
 from rise_edge.files import cache_key
-from rise_edge.latency import interleaved_ms
 
 # export.calibration_method -> onnxruntime.quantization.CalibrationMethod member name
 # ONNX Runtime's names for config.CALIBRATION_METHODS.
@@ -310,7 +310,7 @@ def logits_of(path: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
 
 def measure_fidelity(reference: dict[str, np.ndarray], model: Path | Callable[[np.ndarray], np.ndarray],
                      fidelity: FidelitySet) -> Fidelity:
-    """rise_edge.fidelity.measure_fidelity for an ONNX file (run on ONNX Runtime's CPU) or a runner."""
+    """rise_edge.export.fidelity.measure_fidelity for an ONNX file (run on ONNX Runtime's CPU) or a runner."""
     return fidelity_of(reference, model if callable(model) else _session(model), fidelity)
 
 

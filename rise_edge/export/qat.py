@@ -31,14 +31,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from rise_edge.config import ExportConfig
-from rise_edge.data import DomainImages, DomainSplits, EpochBatches
-from rise_edge.fake_quant import (ActivationQuantizer, QuantConv2d, QuantLinear, calibrate,
-                                  quantize_model)
+from rise_edge.data.domains import DomainImages, DomainSplits, EpochBatches
+from rise_edge.data.transforms import eval_transform, train_transform
+from rise_edge.export.fake_quant import (ActivationQuantizer, QuantConv2d, QuantLinear, calibrate,
+                                         quantize_model)
 from rise_edge.files import cache_key
-from rise_edge.rise import kd_loss
 from rise_edge.run_dir import (TrainedRun, load_tensors, load_training_state, save_tensors,
                                save_training_state)
-from rise_edge.transforms import eval_transform, train_transform
+from rise_edge.train.objectives import kd_loss
 
 STATE_FILE, BEST_FILE = "state.safetensors", "best.safetensors"
 
@@ -65,7 +65,7 @@ class SelfDistillObjective(nn.Module):
 def run_objective(run: TrainedRun, splits: DomainSplits, device: torch.device) -> nn.Module:
     """The objective QAT fine-tunes with: the run's own method with its teacher (KD, RISE), or, for
     a run trained without one, CE + self-distillation from the FP32 student."""
-    from rise_edge.methods import method_of, teacher_and_text
+    from rise_edge.train.methods import method_of, teacher_and_text
 
     method = method_of(run.recipe)
     if not method.uses_teacher:

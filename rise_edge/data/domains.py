@@ -25,7 +25,8 @@ from rise_edge.config import DataConfig
 from rise_edge.errors import UserError
 # The data-set registry lives in a module without torch (the command line reads it at start-up);
 # its names are part of this module's interface too.
-from rise_edge.registry import KNOWN_DATASETS, KnownDataset, known_dataset, register_dataset  # noqa: F401
+from rise_edge.registry import (KNOWN_DATASETS, KnownDataset, known_dataset,  # noqa: F401
+                                register_dataset)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 

@@ -22,7 +22,7 @@ batch size, unload), so each row's memory peak is its own and a failing engine s
 Accuracy: top-1 on the target domain's images (all of them: the unseen test set) and on each source
 domain's validation split (held out from training), with the confusion matrix and the agreement with
 the reference's predictions. Images are decoded and preprocessed in the main thread, timed apart
-from inference: that is the decode + preprocess figure. Latency: see rise_edge.latency.
+from inference: that is the decode + preprocess figure. Latency: see rise_edge.backends.latency.
 """
 
 from __future__ import annotations
@@ -44,17 +44,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rise_edge.backends import artefacts, backend_for_engine, backends, runner_for
+from rise_edge.backend_table import artefacts, backend_for_engine, backends, runner_for
 from rise_edge.backends.base import Runner
+from rise_edge.backends.latency import PERCENTILE_DEFINITION, TimingPlan, mlperf_style, time_runner
 from rise_edge.backends.pytorch import TorchRunner
+from rise_edge.bench.resources import GpuMemory, HostMemory, TegraStats, machine_info
 from rise_edge.config import BenchConfig, recipe_from_dict, recipe_to_dict
-from rise_edge.data import DomainSplits, Sample, load_rgb
+from rise_edge.data.domains import DomainSplits, Sample, load_rgb
+from rise_edge.data.transforms import eval_transform
 from rise_edge.errors import UserError
-from rise_edge.latency import PERCENTILE_DEFINITION, TimingPlan, mlperf_style, time_runner
-from rise_edge.resources import GpuMemory, HostMemory, TegraStats, machine_info, software_versions
+from rise_edge.files import run_lock
 from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun, open_run,
-                               read_export_record, run_lock, run_splits)
-from rise_edge.transforms import eval_transform
+                               read_export_record, run_splits, software_versions)
 
 BENCH_DIR = "bench"
 REFERENCE = "pytorch"
@@ -137,7 +138,7 @@ def domain_sets(run: TrainedRun, splits: DomainSplits, names: Sequence[str], max
 @dataclass
 class EngineSpec:
     name: str                      # row name: "pytorch" or the export artefact's name
-    format: str                    # the format of the backend that runs it (rise_edge.backends)
+    format: str                    # the format of the backend that runs it (rise_edge.backend_table)
     precision: str
     target: str
     record: dict[str, Any] | None  # export.json record (None for the reference)
@@ -394,7 +395,7 @@ def _load_failure(spec: EngineSpec, exc: Exception) -> str:
     built_on = (spec.record or {}).get("device")
     if spec.format == "tensorrt" and built_on:
         try:
-            from rise_edge.tensorrt_build import device_tag
+            from rise_edge.backends.tensorrt.build import device_tag
             here = device_tag()
         except Exception:  # no TensorRT or no GPU: the runner's own message already says so
             here = None
@@ -505,7 +506,7 @@ class BenchReport:
         return [r["engine"] for r in self.rows if r["status"] in FAILED]
 
     def table(self) -> str:
-        from rise_edge.report import format_table
+        from rise_edge.bench.report import format_table
         return format_table(self.data)
 
 
@@ -558,8 +559,8 @@ def bench_run(run_dir: str | Path, cfg: BenchConfig, *, progress: bool = True,
 
 def _bench(run: TrainedRun, cfg: BenchConfig, log: Callable[[str], None], progress: bool,
            command: str | None, data_root: str | None) -> BenchReport:
+    from rise_edge.bench.report import write_report
     from rise_edge.files import file_sha256
-    from rise_edge.report import write_report
 
     run_dir = run.path
     names = select_domains(run, cfg.domains)

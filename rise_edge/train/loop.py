@@ -24,16 +24,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from rise_edge.config import Recipe, dump_recipe, recipe_from_dict, recipe_to_dict
-from rise_edge.data import (SPLITS_FILE, DomainImages, DomainSplits, EpochBatches, build_splits,
-                            data_root, split_lists_dir, splits_to_record)
-from rise_edge.distributed import Distributed
+from rise_edge.data.domains import (SPLITS_FILE, DomainImages, DomainSplits, EpochBatches,
+                                    build_splits, data_root, split_lists_dir, splits_to_record)
+from rise_edge.data.transforms import Preprocessing, eval_transform, train_transform
 from rise_edge.errors import UserError
-from rise_edge.files import cache_root, write_json_atomic, write_text_atomic
-from rise_edge.methods import method_of, teacher_and_text
+from rise_edge.files import cache_root, run_lock, write_json_atomic, write_text_atomic
 from rise_edge.run_dir import (RESUME_FILE, STUDENT_FILE, MetricsLog, StudentMeta,
-                               load_training_state, run_lock, save_student, save_training_state)
-from rise_edge.student import Preprocessing, Student, build_student
-from rise_edge.transforms import eval_transform, train_transform
+                               load_training_state, save_student, save_training_state)
+from rise_edge.train.distributed import Distributed
+from rise_edge.train.methods import method_of, teacher_and_text
+from rise_edge.train.student import Student, build_student
 
 TRAINING_SECTIONS = ("data", "student", "teacher", "loss", "optim", "train")  # what makes the student
 
@@ -144,7 +144,7 @@ def _check_run_dir(path: Path, recipe: Recipe, resume: bool) -> None:
 
 def _objective(recipe: Recipe, splits: DomainSplits, device: torch.device, run_dir: Path,
                cache_dir: Path | None) -> tuple[nn.Module, Student, Preprocessing]:
-    """The recipe's method (rise_edge.methods): ERM loads no teacher at all; KD and RISE load it and
+    """The recipe's method (rise_edge.train.methods): ERM loads no teacher at all; KD and RISE load it and
     embed the prompts; RISE also sizes the student's head to CLIP's space and initialises it."""
     torch.manual_seed(recipe.train.seed)
     method = method_of(recipe)
@@ -244,25 +244,10 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
     started = time.perf_counter()
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    recipe = _absolute_paths(recipe)
-    path = _run_dir(recipe, recipe_name, run_dir)
-    if dist.is_main:
-        _check_run_dir(path, recipe, resume)
-    splits = dist.share(build_splits(recipe.data, progress=progress) if dist.is_main else None)
-    if splits.skipped_images and dist.is_main:
-        print(f"skipped {len(splits.skipped_images)} unreadable image(s) (data.skip_bad_images)",
-              file=sys.stderr)
+    recipe, path, splits, cache_dir = _prepare_run(recipe, recipe_name, run_dir, resume, progress,
+                                                   dist, cache_dir)
     batches = EpochBatches(len(splits.train_samples), recipe.train.batch_size, recipe.train.seed,
                            rank=dist.rank, world_size=dist.world_size)
-    if dist.is_main and not resume:
-        path.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path / "recipe.yaml", dump_recipe(recipe))
-    if dist.is_main and not (resume and (path / SPLITS_FILE).is_file()):
-        # export and bench read these lists instead of rebuilding them: one truth about the data
-        write_json_atomic(path / SPLITS_FILE, splits_to_record(splits))
-    dist.barrier()
-    if cache_dir is None and method_of(recipe).uses_teacher:
-        cache_dir = cache_root() / "text_embeddings"
 
     objective, student, pre = _objective(recipe, splits, device, path, cache_dir)
     student.to(device)
@@ -273,27 +258,13 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
         model = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = _optimizer(recipe, student)
-    use_amp = device.type == "cuda" and recipe.train.precision != "fp32"
-    amp_dtype = torch.bfloat16 if recipe.train.precision == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+    scaler, autocast = _mixed_precision(recipe, device)
 
     train_set = DomainImages(splits.train_samples, train_transform(pre, recipe.train.augment))
     per_epoch = len(train_set) // recipe.train.batch_size
     total = recipe.train.steps or recipe.train.epochs * per_epoch
     eval_every = recipe.train.eval_every or per_epoch
-    eval_sets = {**{f"val/{d}": splits.val[d] for d in splits.source_domains},
-                 f"target/{splits.target_domain}": splits.test}
-    eval_batch = max(1, min(256, 2 * recipe.train.batch_size // dist.world_size))
-    # Evaluation workers live for one evaluation only: kept alive, every domain's workers (forks of a
-    # process holding the model) stayed for the whole run, and two PACS runs ran out of 24 GiB.
-    # Their own generator keeps the training's random stream untouched by when evaluations happen.
-    eval_loaders = {name: _loader(DomainImages(samples, eval_transform(pre)), recipe, device,
-                                  persistent=False, generator=torch.Generator().manual_seed(0),
-                                  batch_size=eval_batch, sampler=_Shard(len(samples), dist))
-                    for name, samples in eval_sets.items()}
+    eval_sets, eval_loaders = _eval_loaders(recipe, splits, pre, device, dist)
 
     step, best = 0, {"val_mean": -1.0, "step": -1}
     if resume:
@@ -313,25 +284,15 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
         loader = _loader(train_set, recipe, device, batch_sampler=batches)
         for images, labels in loader:
             model.train()
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            if device.type == "cuda" and recipe.train.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images, labels = _to_device(images, labels, device, recipe.train.channels_last)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(recipe, step, total)
             with autocast():
                 terms = objective(model, images, labels)
             if not torch.isfinite(terms["loss"].detach()):
                 bar.close()
-                kept = (f"{STUDENT_FILE} keeps the student selected at step {best['step']}"
-                        if best["step"] > 0 else "no student was saved")
-                raise UserError(f"training loss became {float(terms['loss'].detach())} at step {step + 1} of "
-                                f"{total} in {path}; {kept}; lower optim.lr (now "
-                                f"{recipe.optim.lr:g}) and start a new run")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
+                _diverged(float(terms["loss"].detach()), step, total, path, recipe, best)
+            _optimizer_step(terms["loss"], optimizer, scaler)
             step += 1
             seen += images.shape[0] * dist.world_size
             for name, value in terms.items():
@@ -355,6 +316,93 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
             if step >= total:
                 break
     bar.close()
+    return _finish(path, splits, eval_sets, best, total, started, device, dist)
+
+
+def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch, images (B, 3, S, S) and labels (B,), on the training device (channels-last on CUDA
+    when the recipe asks: the layout cuDNN's convolutions are fastest in)."""
+    images = images.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    if device.type == "cuda" and channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels
+
+
+def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler) -> None:
+    """Backward through the (scaled) loss and one optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def _prepare_run(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
+                 progress: bool, dist: Distributed, cache_dir: Path | None
+                 ) -> tuple[Recipe, Path, DomainSplits, Path | None]:
+    """The run directory with its recipe and splits written (main process), and the splits shared."""
+    recipe = _absolute_paths(recipe)
+    path = _run_dir(recipe, recipe_name, run_dir)
+    if dist.is_main:
+        _check_run_dir(path, recipe, resume)
+    splits = dist.share(build_splits(recipe.data, progress=progress) if dist.is_main else None)
+    if splits.skipped_images and dist.is_main:
+        print(f"skipped {len(splits.skipped_images)} unreadable image(s) (data.skip_bad_images)",
+              file=sys.stderr)
+    if dist.is_main and not resume:
+        path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path / "recipe.yaml", dump_recipe(recipe))
+    if dist.is_main and not (resume and (path / SPLITS_FILE).is_file()):
+        # export and bench read these lists instead of rebuilding them: one truth about the data
+        write_json_atomic(path / SPLITS_FILE, splits_to_record(splits))
+    dist.barrier()
+    if cache_dir is None and method_of(recipe).uses_teacher:
+        cache_dir = cache_root() / "text_embeddings"
+    return recipe, path, splits, cache_dir
+
+
+def _mixed_precision(recipe: Recipe, device: torch.device
+                     ) -> tuple[torch.amp.GradScaler, Callable[[], contextlib.AbstractContextManager]]:
+    """The gradient scaler (active for fp16 only) and the autocast context the recipe asks for."""
+    use_amp = device.type == "cuda" and recipe.train.precision != "fp32"
+    amp_dtype = torch.bfloat16 if recipe.train.precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast("cuda", dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+    return scaler, autocast
+
+
+def _eval_loaders(recipe: Recipe, splits: DomainSplits, pre: Preprocessing, device: torch.device,
+                  dist: Distributed) -> tuple[dict[str, list], dict[str, DataLoader]]:
+    """Each source domain's validation images and the target domain's test images, with a loader each."""
+    eval_sets = {**{f"val/{d}": splits.val[d] for d in splits.source_domains},
+                 f"target/{splits.target_domain}": splits.test}
+    eval_batch = max(1, min(256, 2 * recipe.train.batch_size // dist.world_size))
+    # Evaluation workers live for one evaluation only: kept alive, every domain's workers (forks of a
+    # process holding the model) stayed for the whole run, and two PACS runs ran out of 24 GiB.
+    # Their own generator keeps the training's random stream untouched by when evaluations happen.
+    eval_loaders = {name: _loader(DomainImages(samples, eval_transform(pre)), recipe, device,
+                                  persistent=False, generator=torch.Generator().manual_seed(0),
+                                  batch_size=eval_batch, sampler=_Shard(len(samples), dist))
+                    for name, samples in eval_sets.items()}
+    return eval_sets, eval_loaders
+
+
+def _diverged(loss: float, step: int, total: int, path: Path, recipe: Recipe,
+              best: dict[str, float]) -> None:
+    """Stop a run whose loss stopped being finite, saying what was kept and what to change."""
+    kept = (f"{STUDENT_FILE} keeps the student selected at step {best['step']}"
+            if best["step"] > 0 else "no student was saved")
+    raise UserError(f"training loss became {loss} at step {step + 1} of {total} in {path}; {kept}; "
+                    f"lower optim.lr (now {recipe.optim.lr:g}) and start a new run")
+
+
+def _finish(path: Path, splits: DomainSplits, eval_sets: dict[str, list], best: dict[str, float],
+            total: int, started: float, device: torch.device, dist: Distributed) -> TrainResult:
+    """The run's results.json (selected step, accuracies, cost) written; the resume state removed."""
     stats = {"wall_time_s": time.perf_counter() - started, "steps": total,
              "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
              "device": str(device), "world_size": dist.world_size}

@@ -1,6 +1,6 @@
 """TensorRT engines: built on the device that runs them, from the FP32 ONNX (FP32, FP16) or from an
 explicit Q/DQ ONNX (INT8: QAT's graph, else nvidia-modelopt's), and run with torch CUDA tensors as
-I/O on PyTorch's current stream (see rise_edge.tensorrt_build for the builder).
+I/O on PyTorch's current stream (see rise_edge.backends.tensorrt.build for the builder).
 
     model.int8-qdq-tensorrt.onnx      INT8 Q/DQ placed for TensorRT (nvidia-modelopt), made on any machine
     model.{fp32,fp16,int8}.engine     TensorRT engines (built on the device that runs them)
@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from rise_edge.backends import Artefact, Backend
+from rise_edge.backend_table import Artefact, Backend
 from rise_edge.backends.base import Runner, cuda_backend_unavailable
+from rise_edge.backends.tensorrt.build import import_tensorrt, modelopt_unavailable
 from rise_edge.config import ExportConfig
 from rise_edge.errors import UserError
-from rise_edge.export_session import INPUT_NAME, ExportSession, stamp_metadata
+from rise_edge.export.session import INPUT_NAME, ExportSession, stamp_metadata
 from rise_edge.files import cache_key, file_sha256
-from rise_edge.tensorrt_build import import_tensorrt, modelopt_unavailable
 
 
 class TensorRTRunner(Runner):
@@ -85,7 +85,7 @@ class TensorRTRunner(Runner):
 
 
 def make_onnx_int8_tensorrt(s: ExportSession, tmp: Path) -> dict[str, Any]:
-    from rise_edge.tensorrt_build import modelopt_qdq
+    from rise_edge.backends.tensorrt.build import modelopt_qdq
 
     fp32 = s.path_of("onnx-fp32")
     info = modelopt_qdq(fp32, tmp, s.calibration_images, s.cfg.calibration_method, INPUT_NAME)
@@ -95,8 +95,9 @@ def make_onnx_int8_tensorrt(s: ExportSession, tmp: Path) -> dict[str, Any]:
 
 
 def make_engine(s: ExportSession, tmp: Path, name: str) -> dict[str, Any]:
-    from rise_edge.tensorrt_build import (autocast_fp16, build_engine, legacy_entropy_calibrator,
-                                          tensorrt_major, timing_cache_path)
+    from rise_edge.backends.tensorrt.build import (autocast_fp16, build_engine,
+                                                   legacy_entropy_calibrator, tensorrt_major,
+                                                   timing_cache_path)
 
     precision = BACKEND_ARTEFACTS[name].precision
     source, fp16_flag, strongly_typed, calibrator, how = s.path_of("onnx-fp32"), False, True, None, ""

@@ -8,7 +8,7 @@
 
 A method uses the loss weights it knows (erm: w_ce; kd: w_ce, w_kd, tau; rise: all) and ignores the
 others, so `--set loss.method=kd` turns any RISE recipe into its KD baseline. The objectives
-themselves live in rise_edge.rise; this module only names them (and imports nothing heavy, so the
+themselves live in rise_edge.train.objectives; this module only names them (and imports nothing heavy, so the
 recipe checker can list the names).
 """
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from rise_edge.config import Recipe
-    from rise_edge.teacher import ClipTeacher, TextEmbeddings
+    from rise_edge.train.teacher import ClipTeacher, TextEmbeddings
 
 # (loss config, teacher or None, text embeddings or None, student preprocessing) -> objective module
 ObjectiveBuilder = Callable[..., "nn.Module"]
@@ -68,17 +68,17 @@ def method_of(recipe: Recipe) -> Method:
 
 
 def _erm(cfg: Any, teacher: Any, text: Any, pre: Any) -> nn.Module:
-    from rise_edge.rise import ErmObjective
+    from rise_edge.train.objectives import ErmObjective
     return ErmObjective()
 
 
 def _kd(cfg: Any, teacher: Any, text: Any, pre: Any) -> nn.Module:
-    from rise_edge.rise import KdObjective
+    from rise_edge.train.objectives import KdObjective
     return KdObjective(cfg, teacher, text, pre)
 
 
 def _rise(cfg: Any, teacher: Any, text: Any, pre: Any) -> nn.Module:
-    from rise_edge.rise import RiseObjective
+    from rise_edge.train.objectives import RiseObjective
     return RiseObjective(cfg, teacher, text, pre)
 
 
@@ -87,7 +87,7 @@ def teacher_and_text(recipe: Recipe, classes: Sequence[str], anchors: Sequence[s
                      ) -> tuple[ClipTeacher, TextEmbeddings]:
     """The recipe's teacher and its embeddings of the class prompts and anchors (cached in
     `folders`, first hit wins), on `device`: what every teacher-using method needs."""
-    from rise_edge.teacher import load_teacher, text_embeddings_cached
+    from rise_edge.train.teacher import load_teacher, text_embeddings_cached
 
     teacher = load_teacher(recipe.teacher, device)
     text = text_embeddings_cached(teacher, classes, recipe.teacher.templates,

@@ -1,17 +1,35 @@
-"""Image preprocessing built from the student's `Preprocessing`, so it never drifts from the weights."""
+"""The student's preprocessing (`Preprocessing`: size, mean, std, interpolation) and the image
+transforms built from it, so they never drift from the weights it travels with."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
 import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from rise_edge.student import Preprocessing
-
 _INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC,
                   "nearest": T.InterpolationMode.NEAREST}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for the student: square resize to input_size, then normalise."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocessing:
+        return cls(int(data["input_size"]), tuple(data["mean"]), tuple(data["std"]),
+                   str(data.get("interpolation", "bilinear")))
 
 
 def _interpolation(pre: Preprocessing) -> T.InterpolationMode:

@@ -1,7 +1,7 @@
 """`rise-edge export`: turn a trained run into deployable artefacts, all recorded in export/export.json.
 
 Which artefacts exist, how each is made and what runs it is the backend registry's business
-(rise_edge.backends, one module per backend); this module plans what a config asks for, makes each
+(rise_edge.backend_table, one module per backend); this module plans what a config asks for, makes each
 artefact under a temporary name, and keeps export.json (every artefact with its status, checks and
 provenance) in RUN_DIR/export/, beside the artefacts; each backend module lists the files it writes.
 
@@ -25,19 +25,18 @@ from typing import Any
 
 import numpy as np
 
-from rise_edge.backends import artefacts, backends, plan_formats, why_unavailable
+from rise_edge.backend_table import artefacts, backends, plan_formats, why_unavailable
 from rise_edge.config import ExportConfig, parse_override, recipe_from_dict, recipe_to_dict
 from rise_edge.errors import UserError, missing_extra
-from rise_edge.export_session import ExportSession
-from rise_edge.files import atomic_path, file_sha256, write_json_atomic
-from rise_edge.resources import software_versions
+from rise_edge.export.session import ExportSession
+from rise_edge.files import atomic_path, file_sha256, run_lock, write_json_atomic
 from rise_edge.run_dir import (EXPORT_JSON, STUDENT_FILE, TrainedRun, open_run, read_export_record,
-                               run_lock)
+                               software_versions)
 
 
 def plan_artefacts(cfg: ExportConfig) -> list[str]:
     """The artefacts a config asks for, prerequisites first: the FP32 ONNX, then each requested
-    format's own plan (rise_edge.backends), in table order, each name once."""
+    format's own plan (rise_edge.backend_table), in table order, each name once."""
     formats = plan_formats(cfg.formats)
     if len(cfg.batch_profile) != 3 or not 1 <= cfg.batch_profile[0] <= cfg.batch_profile[1] <= \
             cfg.batch_profile[2]:

@@ -1,5 +1,5 @@
 """The method alone: the ERM, KD and RISE objectives and their loss terms, vectorised over the batch.
-(rise_edge.methods names them for recipes: loss.method.)
+(rise_edge.train.methods names them for recipes: loss.method.)
 
 RISE (Huang et al., ICCV 2023): L = w_kd * KD + w_ce * CE + w_dist * (AD + RD), with
   KD = tau^2 * KL(softmax(q / tau) || softmax(s / tau)), batch mean   (teacher distribution is the target)
@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rise_edge.config import LossConfig
-from rise_edge.student import Preprocessing
-from rise_edge.teacher import ClipTeacher, TextEmbeddings
+from rise_edge.data.transforms import Preprocessing
+from rise_edge.train.teacher import ClipTeacher, TextEmbeddings
 
 RD_SCALE = 10.0  # the released code's factor on the relative distance
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from rise_edge.errors import UserError
 from rise_edge.files import write_json_atomic, write_text_atomic
-from rise_edge.sweep import SWEEP_COPY, expand, load_sweep, read_run_record
+from rise_edge.sweep.launch import SWEEP_COPY, expand, load_sweep, read_run_record
 
 SELECTIONS = {"training": "training-domain validation", "oracle": "oracle (test-domain validation)",
               "int8": "training-domain validation, INT8 artefact"}
@@ -94,7 +94,7 @@ def _int8_accuracy(run_dir: Path, target: str) -> float | None:
         export = json.loads((run_dir / "export" / "export.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    from rise_edge.export import recommended_int8
+    from rise_edge.export.driver import recommended_int8
 
     chosen = recommended_int8(export.get("artefacts", {}))
     row = next((r for r in report.get("rows", []) if r["engine"] == chosen and r["status"] == "ok"), None)

@@ -136,9 +136,23 @@ def to_markdown(data: dict[str, Any], plots: Sequence[str] = ()) -> str:
     lines += [*_md_table(["engine", "precision", "domain", "images", "top-1 %", "drop (points)",
                           "agrees with PyTorch %"], table), ""]
 
-    lines += ["## Latency", "",
-              f"Pure inference of one staged batch after {data['config']['warmup']} warm-up runs; "
-              f"percentiles: {data['definitions']['percentiles']}.", ""]
+    lines += _latency_section(data)
+
+    figure = data["preprocess"]
+    lines += ["## Decode + preprocess", "",
+              f"{figure['what']}: {_num(figure['images_per_s'], 1)} images/s "
+              f"({_num(figure['ms_per_image'])} ms/image over {figure['images']} images).", ""]
+    lines += _resources_section(data)
+    if plots:
+        lines += ["", "## Plots", "", *(f"![{Path(p).stem}]({Path(p).name})" for p in plots)]
+    return "\n".join(lines) + "\n"
+
+
+def _latency_section(data: dict[str, Any]) -> list[str]:
+    """report.md's latency tables: every engine and batch, GPU extras, the MLPerf-style figures."""
+    lines = ["## Latency", "",
+             f"Pure inference of one staged batch after {data['config']['warmup']} warm-up runs; "
+             f"percentiles: {data['definitions']['percentiles']}.", ""]
     table = []
     for row in data["rows"]:
         for e in row["latency"]:
@@ -162,13 +176,12 @@ def to_markdown(data: dict[str, Any], plots: Sequence[str] = ()) -> str:
     lines += ["MLPerf-style figures (" + data["definitions"]["mlperf"] + "):", "",
               *_md_table(["engine", "precision", "SingleStream p90 ms", "Offline images/s", "at batch"],
                          table), ""]
+    return lines
 
-    figure = data["preprocess"]
-    lines += ["## Decode + preprocess", "",
-              f"{figure['what']}: {_num(figure['images_per_s'], 1)} images/s "
-              f"({_num(figure['ms_per_image'])} ms/image over {figure['images']} images).", ""]
 
-    lines += ["## Resources", ""]
+def _resources_section(data: dict[str, Any]) -> list[str]:
+    """report.md's resources table: artefact size, host and GPU memory, board power, per engine."""
+    lines = ["## Resources", ""]
     table = []
     for row in data["rows"]:
         res = row.get("resources") or {}
@@ -184,9 +197,7 @@ def to_markdown(data: dict[str, Any], plots: Sequence[str] = ()) -> str:
                  None)
     if scope:
         lines += ["", f"Peak host RSS is the process's peak {scope}, reset before each engine loads."]
-    if plots:
-        lines += ["", "## Plots", "", *(f"![{Path(p).stem}]({Path(p).name})" for p in plots)]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _gpu_tables(data: dict[str, Any]) -> list[str]:

@@ -17,7 +17,7 @@ submitit (SLURM, or its local executor); finished runs are skipped and interrupt
     output_dir: runs/sweeps/pacs  # default: runs/sweeps/<file name>
 
 Runs live in `<output_dir>/<target>/seed<seed>[/<grid point>]`; each holds `sweep.json` with the
-sweep's hash, so a collected table (rise_edge.collect) traces back to the runs that made it.
+sweep's hash, so a collected table (rise_edge.sweep.collect) traces back to the runs that made it.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def load_sweep(path: Path) -> Sweep:
     sweep = Sweep(base, base_text, targets, tuple(seeds), {k: tuple(v) for k, v in grid.items()},
                   dict(fixed), stages["export"], stages["bench"], output,
                   cache_key(**normalised)[:16])
-    from rise_edge.methods import method_of
+    from rise_edge.train.methods import method_of
 
     for spec in expand(sweep):  # every recipe of the sweep is valid before anything runs
         method_of(load_recipe(base, spec.overrides))
@@ -157,7 +157,7 @@ def _override(key: str, value: Any) -> str:
 
 
 def _targets(value: Any, recipe: Any, path: Path) -> tuple[str, ...]:
-    from rise_edge.data import dataset_dir, known_dataset
+    from rise_edge.data.domains import dataset_dir, known_dataset
 
     known = known_dataset(recipe.data.dataset)
     if known is not None and known.build is None:
@@ -229,7 +229,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     import torch
 
     from rise_edge.run_dir import open_run
-    from rise_edge.train import finished_with, train_run
+    from rise_edge.train.loop import finished_with, train_run
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -248,13 +248,13 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
                   progress=False)
     write_json_atomic(run_dir / SWEEP_RECORD, record)
     if spec.export is not None:
-        from rise_edge.export import export_run, resolve_export_config
+        from rise_edge.export.driver import export_run, resolve_export_config
 
         cfg = resolve_export_config(open_run(run_dir), [_override(f"export.{k}", v)
                                                         for k, v in spec.export.items()])
         export_run(run_dir, cfg, progress=False)
     if spec.bench is not None:
-        from rise_edge.bench import bench_run, resolve_bench_config
+        from rise_edge.bench.driver import bench_run, resolve_bench_config
 
         fields = {"domains": ("all",), **spec.bench}
         bench_run(run_dir, resolve_bench_config(open_run(run_dir), **fields), progress=False)
@@ -262,7 +262,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     return json.loads((run_dir / "results.json").read_text())
 
 
-def _worker_main(spec_file: str) -> int:
+def run_worker(spec_file: str) -> int:
     """`python -m rise_edge.sweep SPEC.json`: one run in its own process (the local pool)."""
     spec = RunSpec(**json.loads(Path(spec_file).read_text()))
     try:
@@ -426,6 +426,3 @@ def _submitit(pending: list[RunSpec], output: Path, launcher: str, workers: int,
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
                 _progress(result, log, spec.name, f"FAILED ({first}; see {where})")
 
-
-if __name__ == "__main__":
-    sys.exit(_worker_main(sys.argv[1]))

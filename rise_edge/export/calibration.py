@@ -23,10 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from rise_edge.data import DomainSplits, Sample, load_rgb
+from rise_edge.data.domains import DomainSplits, Sample, load_rgb
+from rise_edge.data.transforms import Preprocessing, eval_transform
 from rise_edge.files import file_sha256
-from rise_edge.student import Preprocessing
-from rise_edge.transforms import eval_transform
 
 
 @dataclass(frozen=True)

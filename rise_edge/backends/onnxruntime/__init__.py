@@ -19,16 +19,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from rise_edge.backends import Artefact, Backend
-from rise_edge.backends.base import META_PREFIX, Runner, have, physical_cores
+from rise_edge.backend_table import Artefact, Backend
+from rise_edge.backends.base import Runner, have, physical_cores
 from rise_edge.config import ExportConfig
 from rise_edge.errors import UserError, missing_extra
-from rise_edge.export_session import (INPUT_NAME, ExportSession, FoldedPreprocessing, export_graph,
-                                      stamp_metadata)
-from rise_edge.fidelity import sqnr_db
+from rise_edge.export.fidelity import sqnr_db
+from rise_edge.export.graph_form import module_of_onnx_node, with_static_padding
+from rise_edge.export.session import (INPUT_NAME, META_PREFIX, ExportSession, FoldedPreprocessing,
+                                      export_graph, stamp_metadata)
 from rise_edge.files import file_sha256
-from rise_edge.graph_form import module_of_onnx_node, with_static_padding
-from rise_edge.methods import method_of
+from rise_edge.train.methods import method_of
 
 
 def onnx_metadata(path: str | Path) -> dict[str, Any]:
@@ -144,7 +144,7 @@ def cpu_quantizer(s: ExportSession, fp32: Path, work_dir: Path) -> Any:
     on this export's calibration set, its ranges cached under export/cache/."""
     import onnxruntime
 
-    from rise_edge.quantize import CpuQuantizer, cpu_quant_settings, preprocess
+    from rise_edge.backends.onnxruntime.int8 import CpuQuantizer, cpu_quant_settings, preprocess
 
     pre = work_dir / f"{fp32.stem}-pre.onnx"
     preprocess(fp32, pre)
@@ -191,8 +191,8 @@ def make_onnx_fp32_uint8(s: ExportSession, tmp: Path) -> dict[str, Any]:
 
 
 def make_onnx_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
-    from rise_edge.graph_form import shape_mismatches
-    from rise_edge.quantize import latency_ms, quantize_within_budget
+    from rise_edge.backends.onnxruntime.int8 import latency_ms, quantize_within_budget
+    from rise_edge.export.graph_form import shape_mismatches
 
     with tempfile.TemporaryDirectory(dir=s.dir, prefix=".work-") as work:
         work_dir = Path(work)
@@ -235,7 +235,7 @@ QAT_PARITY_MIN_AGREEMENT = 0.9
 def _qat(s: ExportSession) -> Any:
     """Run (or resume) quantization-aware fine-tuning once per export; see rise_edge/qat.py."""
     def run() -> Any:
-        from rise_edge.qat import qat_finetune
+        from rise_edge.export.qat import qat_finetune
 
         result = qat_finetune(s.run, s.splits, s.cfg, s.calibration_images, s.dir / "qat",
                               {"student": s.student_sha256, "calibration": s.calibration.sha256},
@@ -294,8 +294,8 @@ def make_onnx_int8_qat_cpu(s: ExportSession, tmp: Path) -> dict[str, Any]:
     x86 CPU, Q/DQ around whole Conv+activation groups): the Q/DQ graph of make_onnx_int8_qat is
     symmetric INT8 for TensorRT, which ONNX Runtime's x86 kernels cannot fuse (measured slower than
     FP32), so the CPU gets its own placement of the same weights."""
-    from rise_edge.qat import without_fake_quant
-    from rise_edge.quantize import measure_fidelity
+    from rise_edge.backends.onnxruntime.int8 import measure_fidelity
+    from rise_edge.export.qat import without_fake_quant
 
     qat = _qat(s)
     size = s.pre.input_size

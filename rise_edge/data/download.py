@@ -21,18 +21,17 @@ import time
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from http.client import HTTPException
+from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.parse import parse_qs, urlparse
 from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
-from rise_edge.data import IMAGE_SUFFIXES, KNOWN_DATASETS, KnownDataset
+from rise_edge.data.domains import IMAGE_SUFFIXES, KNOWN_DATASETS, KnownDataset
 from rise_edge.errors import UserError
-from rise_edge.files import file_sha256, write_json_atomic
-from rise_edge.run_dir import run_lock
+from rise_edge.files import file_sha256, run_lock, write_json_atomic
 
 WORK_FOLDER = ".rise-edge-downloads"
 _CHUNK = 1 << 20

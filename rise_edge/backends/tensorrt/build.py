@@ -25,6 +25,7 @@ import numpy as np
 from rise_edge.backends.base import have
 from rise_edge.errors import UserError, missing_extra
 
+
 def modelopt_unavailable() -> str | None:
     if have("modelopt"):
         return None

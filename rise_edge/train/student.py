@@ -1,13 +1,14 @@
 """The student: a timm backbone, an optional projector into the teacher's embedding space, a classifier.
 
 forward(images) -> logits, so every exported artefact is image -> logits. The preprocessing the
-backbone expects (input size, mean, std, interpolation) travels with it (`Preprocessing`).
+backbone expects (input size, mean, std, interpolation) travels with it (`Preprocessing`, defined
+beside the transforms it builds, rise_edge.data.transforms).
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -15,25 +16,8 @@ import torch
 from torch import nn
 
 from rise_edge.config import StudentConfig
+from rise_edge.data.transforms import Preprocessing
 from rise_edge.errors import UserError
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images must be prepared for the student: square resize to input_size, then normalise."""
-
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Preprocessing:
-        return cls(int(data["input_size"]), tuple(data["mean"]), tuple(data["std"]),
-                   str(data.get("interpolation", "bilinear")))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rise_edge.graph_form import fold_batchnorm, with_static_padding
+from rise_edge.export.graph_form import fold_batchnorm, with_static_padding
 
 QMAX = 127  # symmetric int8: values in [-127, 127] * scale (TensorRT's narrow range)
 
