@@ -153,3 +153,21 @@ def test_the_link_check_sees_a_broken_link(tmp_path) -> None:
     page.write_text("see [the recipes](recipes.md) and [PACS](https://example.org)\n")
     assert LINK.findall(page.read_text()) == ["recipes.md", "https://example.org"]
     assert not (tmp_path / "recipes.md").exists()
+
+
+def test_the_old_plugin_paths_still_import_and_say_where_the_names_went() -> None:
+    import importlib
+    import sys
+    import warnings
+
+    from rise_edge.registry import register_teacher
+    from rise_edge.train.methods import register_method
+
+    for old, name, new in (("rise_edge.teacher", "register_teacher", register_teacher),
+                           ("rise_edge.methods", "register_method", register_method)):
+        sys.modules.pop(old, None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            module = importlib.import_module(old)
+        assert getattr(module, name) is new
+        assert any("moved to rise_edge.train." in str(w.message) for w in caught)
