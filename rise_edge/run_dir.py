@@ -17,7 +17,6 @@ from JSON.
 from __future__ import annotations
 
 import json
-import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass

@@ -153,7 +153,7 @@ def test_budget_loop_ships_the_best_model_it_tried_not_the_last(tmp_path: Path, 
         return Fidelity({"a": domain}, logit_sqnr_db=20.0 - drop if excluded not in (("L0",), ("L5",))
                         else 10.0)
 
-    monkeypatch.setattr("rise_edge.backends.onnxruntime.int8.measure_fidelity", fidelity)
+    monkeypatch.setattr("rise_edge.backends.onnxruntime.int8.onnx_fidelity", fidelity)
     data = FidelitySet({"a": (np.zeros((4, 3, 2, 2), np.float32), np.zeros(4, int))})
     out = tmp_path / "shipped.onnx"
     result = quantize_within_budget(_ScriptedQuantizer(tmp_path / "pre.onnx"), out, data,

@@ -1,4 +1,4 @@
-"""Torch-TensorRT: the student compiled by torch_tensorrt and saved as an ExportedProgram.
+"""Torch-TensorRT: the student compiled by torch_tensorrt (dynamo IR) and saved as an ExportedProgram.
 
     model.{fp32,fp16}.torch-trt.ep    Torch-TensorRT ExportedPrograms
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,33 @@ class TorchTensorRTRunner(Runner):
         torch.cuda.synchronize()
 
 
-def make_torch_tensorrt(s: ExportSession, tmp: Path, name: str) -> dict[str, Any]:
-    from rise_edge.backends.tensorrt.build import compile_torch_tensorrt
+def compile_torch_tensorrt(student: Any, out_path: Path, *, precision: str, input_size: int,
+                           batch_profile: Sequence[int]) -> dict[str, Any]:
+    """torch_tensorrt.compile (dynamo IR) with a dynamic batch, saved as an ExportedProgram."""
+    try:
+        import torch_tensorrt
+    except ImportError:
+        raise missing_extra("torch-tensorrt", "gpu", "Torch-TensorRT compilation") from None
+    import torch
 
+    low, opt, high = batch_profile
+    shape = (3, input_size, input_size)
+    model = student.eval().cuda()
+    spec = torch_tensorrt.Input(min_shape=(low, *shape), opt_shape=(opt, *shape),
+                                max_shape=(high, *shape), dtype=torch.float32)
+    dtypes = {torch.float16, torch.float32} if precision == "fp16" else {torch.float32}
+    compiled = torch_tensorrt.compile(model, ir="dynamo", inputs=[spec], enabled_precisions=dtypes)
+    example = torch.randn(opt, *shape, device="cuda")
+    try:
+        torch_tensorrt.save(compiled, str(out_path), output_format="exported_program",
+                            arg_inputs=[example])
+    except TypeError:  # releases before 2.5 name the example inputs `inputs`
+        torch_tensorrt.save(compiled, str(out_path), output_format="exported_program", inputs=[example])
+    return {"torch_tensorrt": torch_tensorrt.__version__, "ir": "dynamo",
+            "batch_profile": list(batch_profile)}
+
+
+def make_torch_tensorrt(s: ExportSession, tmp: Path, name: str) -> dict[str, Any]:
     precision = _ARTEFACTS[name].precision
     with tempfile.TemporaryDirectory(dir=s.dir, prefix=".work-") as work:
         program = Path(work) / _ARTEFACTS[name].filename  # saved under its real suffix, then moved

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -166,28 +167,42 @@ def module_of_onnx_node(model: nn.Module, node: str) -> str:
 SHAPED_OPS = ("Conv", "ConvInteger", "QLinearConv", "MaxPool", "AveragePool", "Pad")
 
 
-def node_output_shapes(path: Path, images: np.ndarray, input_name: str = "images"
-                       ) -> dict[str, tuple[int, ...]]:
-    """Run the graph on `images` with the output of every convolution, pool and pad exposed;
-    returns node name -> output shape. Names survive quantization (ONNX Runtime's quantizer keeps the
-    compute nodes' names), so two graphs of one model can be compared node by node."""
+def tensors_along_graph(path: Path, images: np.ndarray, names: Sequence[str],
+                        input_name: str = "images") -> dict[str, np.ndarray]:
+    """Values of the named intermediate tensors when the graph runs on `images` (N, 3, S, S).
+
+    Graph optimisations are off: fusions would rename or remove the watched tensors, and every
+    watched tensor must exist as it is in the file. Names that are no node's output are left out."""
     import onnx
     import onnxruntime
 
     model = onnx.load(str(path))
+    present = {o for n in model.graph.node for o in n.output}
     existing = {o.name for o in model.graph.output}
-    watched = {n.output[0]: n.name for n in model.graph.node
-               if n.op_type in SHAPED_OPS and n.output and n.output[0] not in existing}
-    for tensor in watched:
-        model.graph.output.add().name = tensor
+    for name in names:
+        if name in present and name not in existing:
+            model.graph.output.add().name = name
     options = onnxruntime.SessionOptions()
-    # Fusions would rename or remove the watched nodes; the shapes are the same either way.
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = onnxruntime.InferenceSession(model.SerializeToString(), options,
                                            providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    values = session.run(names, {input_name: images.astype(np.float32)})
-    return {watched[n]: tuple(v.shape) for n, v in zip(names, values) if n in watched}
+    outputs = [o.name for o in session.get_outputs() if o.name in set(names)]
+    return dict(zip(outputs, session.run(outputs, {input_name: images})))
+
+
+def node_output_shapes(path: Path, images: np.ndarray, input_name: str = "images"
+                       ) -> dict[str, tuple[int, ...]]:
+    """Node name -> output shape of every convolution, pool and pad when the graph runs on `images`.
+    Names survive quantization (ONNX Runtime's quantizer keeps the compute nodes' names), so two
+    graphs of one model can be compared node by node."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    existing = {o.name for o in graph.output}
+    watched = {n.output[0]: n.name for n in graph.node
+               if n.op_type in SHAPED_OPS and n.output and n.output[0] not in existing}
+    values = tensors_along_graph(path, images.astype(np.float32), list(watched), input_name)
+    return {watched[n]: tuple(v.shape) for n, v in values.items()}
 
 
 def shape_mismatches(reference: Path, candidate: Path, images: np.ndarray,

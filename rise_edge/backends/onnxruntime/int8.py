@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from rise_edge.backends.base import Runner, physical_cores
 from rise_edge.backends.latency import interleaved_ms
+from rise_edge.backends.onnxruntime.runner import OnnxRuntimeRunner
 from rise_edge.config import CALIBRATION_METHODS
 from rise_edge.errors import missing_extra
-from rise_edge.export.fidelity import Fidelity, FidelitySet, logits_in_batches
-from rise_edge.export.fidelity import measure_fidelity as fidelity_of
+from rise_edge.export.fidelity import Fidelity, FidelitySet, logits_in_batches, measure_fidelity
+from rise_edge.export.graph_form import tensors_along_graph
 from rise_edge.files import cache_key
 
 # export.calibration_method -> onnxruntime.quantization.CalibrationMethod member name
@@ -277,30 +277,9 @@ def real_layers(path: Path) -> list[str]:
     return [n.name for n in graph.node if n.op_type in REAL_LAYERS and n.name]
 
 
-class _CpuSession(Runner):
-    """An ONNX file on ONNX Runtime's CPU provider, as the quantizer's trials need it (the backend's
-    runner serves users' artefacts; this one stays here so quantization depends on no backend)."""
-
-    def __init__(self, path: Path):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = physical_cores()
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-        self.name, self.device = "onnxruntime", "cpu"
-
-    def prepare(self, images: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(images, dtype=np.float32)
-
-    def run_staged(self, staged: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: staged})[0]
-
-
-def _session(path: Path) -> _CpuSession:
-    return _CpuSession(path)
+def _session(path: Path) -> OnnxRuntimeRunner:
+    """A trial on ONNX Runtime's CPU: the backend's own runner, the session every check uses."""
+    return OnnxRuntimeRunner(path, precision="int8", device="cpu")
 
 
 def logits_of(path: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -308,36 +287,14 @@ def logits_of(path: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
     return logits_in_batches(_session(path), images, batch)
 
 
-def measure_fidelity(reference: dict[str, np.ndarray], model: Path | Callable[[np.ndarray], np.ndarray],
+def onnx_fidelity(reference: dict[str, np.ndarray], model: Path | Callable[[np.ndarray], np.ndarray],
                      fidelity: FidelitySet) -> Fidelity:
     """rise_edge.export.fidelity.measure_fidelity for an ONNX file (run on ONNX Runtime's CPU) or a runner."""
-    return fidelity_of(reference, model if callable(model) else _session(model), fidelity)
+    return measure_fidelity(reference, model if callable(model) else _session(model), fidelity)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Which layers hurt: error accumulated along the graph
-
-
-def _tensors_along_graph(path: Path, images: np.ndarray, names: Sequence[str], input_name: str
-                         ) -> dict[str, np.ndarray]:
-    """Values of the named tensors when the graph runs on `images` (graph optimisations off, so
-    every watched tensor exists as it is in the file)."""
-    import onnx
-    import onnxruntime
-
-    model = onnx.load(str(path))
-    present = {o for n in model.graph.node for o in n.output}
-    existing = {o.name for o in model.graph.output}
-    for name in names:
-        if name in present and name not in existing:
-            model.graph.output.add().name = name
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = onnxruntime.InferenceSession(model.SerializeToString(), options,
-                                           providers=["CPUExecutionProvider"])
-    outputs = [o.name for o in session.get_outputs() if o.name in set(names)]
-    values = session.run(outputs, {input_name: images})
-    return dict(zip(outputs, values))
 
 
 def rank_by_accumulated_error(fp32_path: Path, int8_path: Path, images: np.ndarray,
@@ -355,8 +312,8 @@ def rank_by_accumulated_error(fp32_path: Path, int8_path: Path, images: np.ndarr
     graph = onnx.load(str(fp32_path), load_external_data=False).graph
     layers = [n for n in graph.node if n.name in set(candidates)]
     tensors = sorted({n.input[0] for n in layers} | {n.output[0] for n in layers})
-    ref = _tensors_along_graph(fp32_path, images, tensors, input_name)
-    got = _tensors_along_graph(int8_path, images, tensors, input_name)
+    ref = tensors_along_graph(fp32_path, images, tensors, input_name)
+    got = tensors_along_graph(int8_path, images, tensors, input_name)
 
     def nsr(name: str) -> float:
         if name == input_name or name not in ref or name not in got:
@@ -439,7 +396,7 @@ def choose_edge_policy(quantizer: CpuQuantizer, reference: dict[str, np.ndarray]
             continue  # a one-layer model: already measured as the first
         trial = workdir / f"edge-{role}.onnx"
         quantizer.quantize(trial, exclude=[layer])
-        measured = measure_fidelity(reference, trial, fidelity)
+        measured = onnx_fidelity(reference, trial, fidelity)
         trial.unlink(missing_ok=True)
         nsr = 10 ** (-measured.logit_sqnr_db / 10) if math.isfinite(measured.logit_sqnr_db) else 0.0
         share = (base_nsr - nsr) / base_nsr if base_nsr > 0 else 0.0
@@ -468,14 +425,14 @@ def quantize_within_budget(quantizer: CpuQuantizer, out_path: Path, fidelity: Fi
     input_name = quantizer.input_name
     everything = workdir / "int8-all.onnx"
     quantizer.quantize(everything)
-    all_int8 = measure_fidelity(reference, everything, fidelity)
+    all_int8 = onnx_fidelity(reference, everything, fidelity)
     log(f"INT8 drop against FP32 (worst source domain, {sum(len(y) for _, y in fidelity.domains.values())}"
         f" images): {all_int8.worst_drop:.2f} points, logit SQNR {all_int8.logit_sqnr_db:.1f} dB")
     kept, edge_record = choose_edge_policy(quantizer, reference, fidelity, all_int8, workdir)
     best_path = workdir / "best.onnx"
     if kept:
         quantizer.quantize(best_path, exclude=kept)
-        first = Tried(list(kept), measure_fidelity(reference, best_path, fidelity))
+        first = Tried(list(kept), onnx_fidelity(reference, best_path, fidelity))
         log(f"first/last layer policy: {', '.join(kept)} in FP32: worst drop "
             f"{first.fidelity.worst_drop:.2f} points")
     else:
@@ -492,7 +449,7 @@ def quantize_within_budget(quantizer: CpuQuantizer, out_path: Path, fidelity: Fi
         for layer, _ in ranking[:max_fallback]:
             exclude = [*tried[-1].kept_fp32, layer]
             quantizer.quantize(trial_path, exclude=exclude)
-            trial = Tried(exclude, measure_fidelity(reference, trial_path, fidelity))
+            trial = Tried(exclude, onnx_fidelity(reference, trial_path, fidelity))
             tried.append(trial)
             log(f"kept {layer} in FP32: worst drop {trial.fidelity.worst_drop:.2f} points")
             if trial.order() < best.order():

@@ -1,4 +1,4 @@
-"""TensorRT and Torch-TensorRT: thin wrappers close to the documented APIs.
+"""Building TensorRT engines: ModelOpt's explicit INT8 Q/DQ, FP16, the engine build, close to the APIs.
 
 - INT8 is EXPLICIT: nvidia-modelopt's ONNX quantizer writes Q/DQ nodes placed by TensorRT's rules
   (calibrating on the CPU through ONNX Runtime), and the engine is built from that graph as a strongly
@@ -9,8 +9,8 @@
 - Engines are bound to the GPU and TensorRT version: they are built on the device that runs them,
   with a dynamic-batch optimisation profile and a timing cache named after GPU + TensorRT version.
 
-Nothing here runs on a machine without CUDA and TensorRT; the backends (rise_edge.backends.tensorrt)
-say why in one sentence.
+Nothing here runs on a machine without CUDA and TensorRT; the backend (rise_edge.backends.tensorrt)
+says why in one sentence. Torch-TensorRT's compile step lives with its own backend.
 """
 
 from __future__ import annotations
@@ -181,33 +181,3 @@ def legacy_entropy_calibrator(images: np.ndarray, cache_file: Path, batch: int =
                 tmp.write_bytes(bytes(cache))
 
     return EntropyCalibrator()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Torch-TensorRT
-
-
-def compile_torch_tensorrt(student: Any, out_path: Path, *, precision: str, input_size: int,
-                           batch_profile: Sequence[int]) -> dict[str, Any]:
-    """torch_tensorrt.compile (dynamo IR) with a dynamic batch, saved as an ExportedProgram."""
-    try:
-        import torch_tensorrt
-    except ImportError:
-        raise missing_extra("torch-tensorrt", "gpu", "Torch-TensorRT compilation") from None
-    import torch
-
-    low, opt, high = batch_profile
-    shape = (3, input_size, input_size)
-    model = student.eval().cuda()
-    spec = torch_tensorrt.Input(min_shape=(low, *shape), opt_shape=(opt, *shape),
-                                max_shape=(high, *shape), dtype=torch.float32)
-    dtypes = {torch.float16, torch.float32} if precision == "fp16" else {torch.float32}
-    compiled = torch_tensorrt.compile(model, ir="dynamo", inputs=[spec], enabled_precisions=dtypes)
-    example = torch.randn(opt, *shape, device="cuda")
-    try:
-        torch_tensorrt.save(compiled, str(out_path), output_format="exported_program",
-                            arg_inputs=[example])
-    except TypeError:  # releases before 2.5 name the example inputs `inputs`
-        torch_tensorrt.save(compiled, str(out_path), output_format="exported_program", inputs=[example])
-    return {"torch_tensorrt": torch_tensorrt.__version__, "ir": "dynamo",
-            "batch_profile": list(batch_profile)}
