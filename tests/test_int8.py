@@ -27,7 +27,8 @@ from rise_edge.config import ExportConfig
 from rise_edge.export.driver import export_run
 from rise_edge.export.fake_quant import calibrate, quantize_model
 from rise_edge.export.fidelity import Fidelity, FidelitySet, sqnr_db
-from rise_edge.export.graph_form import fold_batchnorm, shape_mismatches, with_static_padding
+from rise_edge.export.graph_form import fold_batchnorm, with_static_padding
+from rise_edge.export.onnx_graph import shape_mismatches
 from rise_edge.export.session import export_graph
 from rise_edge.run_dir import EXPORT_DIR
 from rise_edge.train.student import HeadSpec, Student
@@ -306,7 +307,7 @@ def test_tensorrt_builds_the_qat_qdq_graph_as_a_strongly_typed_int8_engine(tiny_
 
 @pytest.mark.parametrize("arch", ["test_resnet", "resnet10t", "test_efficientnet"])
 def test_every_onnx_layer_maps_back_to_its_module(arch: str, tmp_path: Path) -> None:
-    from rise_edge.export.graph_form import module_of_onnx_node
+    from rise_edge.export.onnx_graph import module_of_onnx_node
 
     backbone = timm.create_model(arch, num_classes=0)
     student = Student(backbone, HeadSpec(backbone.num_features, 3)).eval()

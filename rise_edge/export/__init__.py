@@ -3,7 +3,9 @@
     driver.py      `rise-edge export`: plan, make each artefact under a temporary name, record it
     session.py     what every artefact maker is handed: the run, the config, the data (loaded once),
                    the ONNX graph export, metadata and the parity check
-    graph_form.py  the forms a graph takes before quantization (static pads, folded BN, constants)
+    graph_form.py  the student's form before export: static pads, folded BatchNorm
+    onnx_graph.py  reading and folding the exported graph: node -> module, tensors along the graph,
+                   the same-shapes check, constant folding
     calibration.py the calibration set, fidelity and parity images (source domains only)
     fidelity.py    the INT8 judge: accuracy and agreement of a candidate against FP32
     fake_quant.py  fake-quantized modules for quantization-aware training

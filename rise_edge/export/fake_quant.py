@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rise_edge.export.graph_form import fold_batchnorm, with_static_padding
+from rise_edge.export.graph_form import fold_batchnorm, replace_module, with_static_padding
 
 QMAX = 127  # symmetric int8: values in [-127, 127] * scale (TensorRT's narrow range)
 
@@ -97,9 +97,8 @@ def quantize_model(model: nn.Module, input_size: int, keep_fp32: Iterable[str] =
     for name, module in list(model.named_modules()):
         if name in keep or not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
-        wrapped = QuantConv2d(module) if isinstance(module, nn.Conv2d) else QuantLinear(module)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, wrapped)
+        replace_module(model, name,
+                       QuantConv2d(module) if isinstance(module, nn.Conv2d) else QuantLinear(module))
     return model
 
 

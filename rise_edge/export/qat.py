@@ -9,6 +9,10 @@ The objective is the run's: for a RISE run the CLIP teacher keeps distilling (KD
 cached text embeddings, CE); for an ERM run, cross-entropy plus distillation from the FP32 student
 itself, which keeps the INT8 model close to what was selected. The target domain plays no part.
 
+The steps run on the training loop's machinery (rise_edge.train.fit): its lr schedule (cosine at
+QAT's lr), optimizer and optimizer step, its top-1 evaluation, its selection rule and its resumable
+state; what is QAT's own is the fake-quant model, the objective above and the source-only data.
+
 State is saved at every evaluation (weights, optimizer, RNG, position, best so far) under
 export/qat/<key>/, keyed on the student, the calibration set and the QAT settings, so a killed export
 resumes where it stopped and a changed student never resumes a stale state.
@@ -17,10 +21,9 @@ resumes where it stopped and a changed student never resumes a stale state.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +33,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from rise_edge.config import ExportConfig
+from rise_edge.config import ExportConfig, OptimConfig
 from rise_edge.data.domains import DomainImages, DomainSplits, EpochBatches
 from rise_edge.data.transforms import eval_transform, train_transform
 from rise_edge.export.fake_quant import (ActivationQuantizer, QuantConv2d, QuantLinear, calibrate,
                                          quantize_model)
+from rise_edge.export.graph_form import replace_module
 from rise_edge.files import cache_key
-from rise_edge.run_dir import (TrainedRun, load_tensors, load_training_state, save_tensors,
-                               save_training_state)
+from rise_edge.run_dir import TrainedRun, load_tensors, save_tensors
+from rise_edge.train.fit import (build_optimizer, improves, learning_rate, load_state,
+                                 optimizer_step, save_state, top1_counts)
 from rise_edge.train.objectives import kd_loss
 
 STATE_FILE, BEST_FILE = "state.safetensors", "best.safetensors"
@@ -118,19 +123,30 @@ class QatResult:
                              "(step 0 = calibrated ranges, no fine-tuning)"}
 
 
-@torch.no_grad()
-def _val_accuracy(model: nn.Module, loaders: dict[str, DataLoader], device: torch.device
-                  ) -> dict[str, float]:
-    model.eval()
+def _source_val(model: nn.Module, loaders: dict[str, DataLoader], device: torch.device
+                ) -> dict[str, float]:
+    """Top-1 (%) per source domain's validation images, through the training loop's evaluation."""
     scores = {}
     for domain, loader in loaders.items():
-        correct = total = 0
-        for images, labels in loader:
-            logits = model(images.to(device))
-            correct += int((logits.argmax(1).cpu() == labels).sum())
-            total += len(labels)
+        correct, total = top1_counts(model, loader, device)
         scores[domain] = round(100.0 * correct / max(total, 1), 3)
     return scores
+
+
+@dataclass
+class _Loop:
+    """What the fine-tuning steps run on: the fake-quant model, its objective and optimizer, the
+    source images, and where the state goes."""
+
+    model: nn.Module
+    objective: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler          # disabled: QAT runs in FP32, but steps as training does
+    optim: OptimConfig                    # the run's optimizer at QAT's lr, cosine, no warm-up
+    train_set: DomainImages
+    val_loaders: dict[str, DataLoader]
+    state_dir: Path
+    device: torch.device
 
 
 def qat_finetune(run: TrainedRun, splits: DomainSplits, cfg: ExportConfig, calibration: np.ndarray,
@@ -154,60 +170,16 @@ def qat_finetune(run: TrainedRun, splits: DomainSplits, cfg: ExportConfig, calib
         raise ValueError(f"QAT: no module named {', '.join(unknown)} to keep in FP32")
     images = torch.from_numpy(calibration)
     calibrate(model, (images[i:i + 32].to(device) for i in range(0, len(images), 32)))
-    objective = run_objective(run, splits, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-                 if run.recipe.optim.name == "adamw" else
-                 torch.optim.SGD(params, lr=settings.lr, momentum=run.recipe.optim.momentum))
-    train_set = DomainImages(splits.train_samples, train_transform(pre, run.recipe.train.augment))
-    batches = EpochBatches(len(train_set), settings.batch_size, settings.seed)
-    per_epoch = len(train_set) // settings.batch_size
-    val_loaders = {d: DataLoader(DomainImages(splits.val[d], eval_transform(pre)), batch_size=64)
-                   for d in splits.source_domains}
-
-    step, history, resumed_from = 0, [], 0
-    best: dict[str, Any] = {"step": -1, "mean": -1.0, "accuracy": {}}
-    if (state_dir / STATE_FILE).is_file():
-        step, history, best = _load_state(state_dir, model, optimizer)
-        resumed_from = step
-        log(f"QAT: resuming at step {step} of {settings.steps} ({state_dir})")
-    else:
-        scores = _val_accuracy(model, val_loaders, device)
-        best = {"step": 0, "mean": float(np.mean(list(scores.values()))), "accuracy": scores}
-        history.append({"step": 0, "source_val": scores})
-        _save_best(state_dir, model, best)
-        _save_state(state_dir, model, optimizer, step, history, best)
-        log(f"QAT step 0 (fake-quant, calibrated ranges): source val "
-            f"{best['mean']:.2f} %")
-    while step < settings.steps:
-        epoch, position = divmod(step, per_epoch)
-        batches.set_epoch(epoch, position)
-        for images, labels in DataLoader(train_set, batch_sampler=batches,
-                                         num_workers=run.recipe.data.num_workers):
-            model.train()
-            for group in optimizer.param_groups:
-                group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * step / settings.steps))
-            terms = objective(model, images.to(device), labels.to(device))
-            if not torch.isfinite(terms["loss"]):
-                raise FloatingPointError(f"QAT loss became {float(terms['loss'])} at step {step + 1}; "
-                                         "lower export.qat_lr")
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
-            step += 1
-            if step % settings.eval_every == 0 or step == settings.steps:
-                scores = _val_accuracy(model, val_loaders, device)
-                mean = float(np.mean(list(scores.values())))
-                history.append({"step": step, "loss": round(float(terms["loss"].detach()), 4),
-                                "source_val": scores})
-                if mean > best["mean"]:
-                    best = {"step": step, "mean": mean, "accuracy": scores}
-                    _save_best(state_dir, model, best)
-                _save_state(state_dir, model, optimizer, step, history, best)
-                log(f"QAT step {step}/{settings.steps}: source val {mean:.2f} %"
-                    f"{' (selected)' if best['step'] == step else ''}")
-            if step >= settings.steps:
-                break
+    optim = replace(run.recipe.optim, lr=settings.lr, weight_decay=0.0, schedule="cosine",
+                    warmup_steps=0)
+    loop = _Loop(model, run_objective(run, splits, device),
+                 build_optimizer(optim, (p for p in model.parameters() if p.requires_grad)),
+                 torch.amp.GradScaler(device.type, enabled=False), optim,
+                 DomainImages(splits.train_samples, train_transform(pre, run.recipe.train.augment)),
+                 {d: DataLoader(DomainImages(splits.val[d], eval_transform(pre)), batch_size=64)
+                  for d in splits.source_domains}, state_dir, device)
+    step, history, best, resumed_from = _start(loop, settings, log)
+    best = _fine_tune(loop, settings, run.recipe.data.num_workers, step, history, best, log)
     tensors, _ = load_tensors(state_dir / BEST_FILE)
     model.load_state_dict(tensors)
     model.eval().cpu()
@@ -215,20 +187,68 @@ def qat_finetune(run: TrainedRun, splits: DomainSplits, cfg: ExportConfig, calib
                      time.perf_counter() - started, resumed_from)
 
 
+def _start(loop: _Loop, settings: QatSettings, log: Callable[[str], None]
+           ) -> tuple[int, list[dict[str, Any]], dict[str, Any], int]:
+    """Resume from the saved state, or score step 0 (calibrated ranges, no fine-tuning) and save it."""
+    if (loop.state_dir / STATE_FILE).is_file():
+        meta = load_state(loop.state_dir / STATE_FILE, loop.model, loop.optimizer, loop.scaler)
+        step = int(meta["step"])
+        log(f"QAT: resuming at step {step} of {settings.steps} ({loop.state_dir})")
+        return step, list(meta["history"]), dict(meta["best"]), step
+    scores = _source_val(loop.model, loop.val_loaders, loop.device)
+    best = {"step": 0, "mean": float(np.mean(list(scores.values()))), "accuracy": scores}
+    history = [{"step": 0, "source_val": scores}]
+    _save_best(loop.state_dir, loop.model, best)
+    _save(loop, 0, history, best)
+    log(f"QAT step 0 (fake-quant, calibrated ranges): source val {best['mean']:.2f} %")
+    return 0, history, best, 0
+
+
+def _fine_tune(loop: _Loop, settings: QatSettings, num_workers: int, step: int,
+               history: list[dict[str, Any]], best: dict[str, Any],
+               log: Callable[[str], None]) -> dict[str, Any]:
+    """The steps: the training loop's lr schedule and optimizer step, evaluation on the source
+    domains every `eval_every` steps, selection on their mean, and the state saved each time.
+    Appends to `history`; returns the best evaluation."""
+    batches = EpochBatches(len(loop.train_set), settings.batch_size, settings.seed)
+    per_epoch = len(loop.train_set) // settings.batch_size
+    while step < settings.steps:
+        epoch, position = divmod(step, per_epoch)
+        batches.set_epoch(epoch, position)
+        for images, labels in DataLoader(loop.train_set, batch_sampler=batches,
+                                         num_workers=num_workers):
+            loop.model.train()
+            for group in loop.optimizer.param_groups:
+                group["lr"] = learning_rate(loop.optim, step, settings.steps)
+            terms = loop.objective(loop.model, images.to(loop.device), labels.to(loop.device))
+            if not torch.isfinite(terms["loss"]):
+                raise FloatingPointError(f"QAT loss became {float(terms['loss'])} at step {step + 1}; "
+                                         "lower export.qat_lr")
+            optimizer_step(terms["loss"], loop.optimizer, loop.scaler)
+            step += 1
+            if step % settings.eval_every == 0 or step == settings.steps:
+                scores = _source_val(loop.model, loop.val_loaders, loop.device)
+                mean = float(np.mean(list(scores.values())))
+                history.append({"step": step, "loss": round(float(terms["loss"].detach()), 4),
+                                "source_val": scores})
+                if improves(mean, best["mean"], loop.model):
+                    best = {"step": step, "mean": mean, "accuracy": scores}
+                    _save_best(loop.state_dir, loop.model, best)
+                _save(loop, step, history, best)
+                log(f"QAT step {step}/{settings.steps}: source val {mean:.2f} %"
+                    f"{' (selected)' if best['step'] == step else ''}")
+            if step >= settings.steps:
+                break
+    return best
+
+
 def _save_best(state_dir: Path, model: nn.Module, best: dict[str, Any]) -> None:
     save_tensors(state_dir / BEST_FILE, model.state_dict(), {"best": best})
 
 
-def _save_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                history: list[dict[str, Any]], best: dict[str, Any]) -> None:
-    save_training_state(state_dir / STATE_FILE, model, optimizer,
-                        {"step": step, "history": history, "best": best})
-
-
-def _load_state(state_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer
-                ) -> tuple[int, list[dict[str, Any]], dict[str, Any]]:
-    meta = load_training_state(state_dir / STATE_FILE, model, optimizer)
-    return int(meta["step"]), list(meta["history"]), dict(meta["best"])
+def _save(loop: _Loop, step: int, history: list[dict[str, Any]], best: dict[str, Any]) -> None:
+    save_state(loop.state_dir / STATE_FILE, loop.model, loop.optimizer, loop.scaler,
+               {"step": step, "history": history, "best": best})
 
 
 def without_fake_quant(model: nn.Module) -> nn.Module:
@@ -237,8 +257,7 @@ def without_fake_quant(model: nn.Module) -> nn.Module:
     plain = copy.deepcopy(model)
     for name, module in list(plain.named_modules()):
         if isinstance(module, (QuantConv2d, QuantLinear)):
-            inner = module.conv if isinstance(module, QuantConv2d) else module.linear
-            parent, _, child = name.rpartition(".")
-            setattr(plain.get_submodule(parent) if parent else plain, child, inner)
+            replace_module(plain, name,
+                           module.conv if isinstance(module, QuantConv2d) else module.linear)
     assert not any(isinstance(m, ActivationQuantizer) for m in plain.modules())
     return plain

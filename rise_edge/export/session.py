@@ -19,7 +19,7 @@ from rise_edge.errors import UserError
 from rise_edge.export.calibration import (CalibrationSet, balanced_val_samples, load_images,
                                           select_calibration_set, select_fidelity_samples)
 from rise_edge.export.fidelity import FidelitySet
-from rise_edge.export.graph_form import fold_constants
+from rise_edge.export.onnx_graph import fold_constants
 from rise_edge.files import file_sha256
 from rise_edge.run_dir import EXPORT_DIR, STUDENT_FILE, TrainedRun, run_splits
 
@@ -47,7 +47,7 @@ class FoldedPreprocessing(nn.Module):
 def export_graph(module: nn.Module, example: torch.Tensor, path: Path, opset: int) -> str:
     """Write `module` as ONNX with a dynamic batch axis; returns the exporter used.
 
-    Constant sub-graphs are folded afterwards (graph_form.fold_constants), so pads and quantized
+    Constant sub-graphs are folded afterwards (onnx_graph.fold_constants), so pads and quantized
     weights are initializers, not arithmetic. The legacy TorchScript exporter (dynamo=False) comes first, deliberately: for timm CNNs on CPU it
     exports in a fraction of a second where the torch.export-based one takes seconds (0.1 s vs 3.5 s
     for test_resnet, 0.5 s vs 4.3 s for ResNet-18, torch 2.14), and it emits GlobalAveragePool +

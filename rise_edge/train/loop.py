@@ -1,13 +1,14 @@
 """The training loop: source-domain batches, per-domain evaluation, model selection, checkpoints, resume.
 
-The method lives in rise.py; this loop is the same for ERM and RISE. Model selection uses the mean
-source-domain validation accuracy only; the target domain is evaluated and logged, never used.
+The method lives in methods.py and objectives.py; this loop is the same for every method, and the
+steps it shares with QAT (lr, optimizer step, evaluation, selection, resume state) are in fit.py.
+Model selection uses the mean source-domain validation accuracy only; the target domain is
+evaluated and logged, never used.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import resource
 import sys
 import time
@@ -29,9 +30,10 @@ from rise_edge.data.domains import (SPLITS_FILE, DomainImages, DomainSplits, Epo
 from rise_edge.data.transforms import Preprocessing, eval_transform, train_transform
 from rise_edge.errors import UserError
 from rise_edge.files import cache_root, run_lock, write_json_atomic, write_text_atomic
-from rise_edge.run_dir import (RESUME_FILE, STUDENT_FILE, MetricsLog, StudentMeta,
-                               load_training_state, save_student, save_training_state)
+from rise_edge.run_dir import RESUME_FILE, STUDENT_FILE, MetricsLog, StudentMeta, save_student
 from rise_edge.train.distributed import Distributed
+from rise_edge.train.fit import (build_optimizer, evaluate, improves, learning_rate, load_state,
+                                 optimizer_step, save_state)
 from rise_edge.train.methods import method_of, teacher_and_text
 from rise_edge.train.student import Student, build_student
 
@@ -161,25 +163,6 @@ def _objective(recipe: Recipe, splits: DomainSplits, device: torch.device, run_d
     return method.objective(recipe.loss, teacher, text, pre), student, pre
 
 
-def _optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
-    o = recipe.optim
-    params = [p for p in model.parameters() if p.requires_grad]
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-
-
-def learning_rate(recipe: Recipe, step: int, total: int) -> float:
-    """The lr at `step` (0-based) of `total`: warm-up, then step, cosine or constant."""
-    o = recipe.optim
-    warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
-    if o.schedule == "step":
-        return o.lr * warm * (o.gamma if step >= round(o.step_at * total) else 1.0)
-    if o.schedule == "cosine":
-        return o.lr * warm * 0.5 * (1.0 + math.cos(math.pi * step / total))
-    return o.lr * warm
-
-
 def _loader(dataset: DomainImages, recipe: Recipe, device: torch.device, *, persistent: bool = True,
             **kwargs: Any) -> DataLoader:
     workers = recipe.data.num_workers
@@ -198,22 +181,6 @@ class _Shard(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.indices)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dist: Distributed,
-             autocast: contextlib.AbstractContextManager | None = None) -> float:
-    """Top-1 accuracy over the loader's images, summed over all ranks."""
-    model.eval()
-    correct, total = 0, 0
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast or contextlib.nullcontext():
-            logits = model(images)
-        correct += int((logits.argmax(dim=1) == labels).sum())
-        total += int(labels.numel())
-    correct, total = dist.sum([correct, total])
-    return correct / max(total, 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,10 +211,8 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
     started = time.perf_counter()
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
-    recipe, path, splits, cache_dir = _prepare_run(recipe, recipe_name, run_dir, resume, progress,
-                                                   dist, cache_dir)
-    batches = EpochBatches(len(splits.train_samples), recipe.train.batch_size, recipe.train.seed,
-                           rank=dist.rank, world_size=dist.world_size)
+    recipe, path, splits, batches, cache_dir = _prepare_run(recipe, recipe_name, run_dir, resume,
+                                                            progress, dist, cache_dir)
 
     objective, student, pre = _objective(recipe, splits, device, path, cache_dir)
     student.to(device)
@@ -257,7 +222,7 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
     if dist.enabled:
         model = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = _optimizer(recipe, student)
+    optimizer = build_optimizer(recipe.optim, (p for p in student.parameters() if p.requires_grad))
     scaler, autocast = _mixed_precision(recipe, device)
 
     train_set = DomainImages(splits.train_samples, train_transform(pre, recipe.train.augment))
@@ -286,13 +251,13 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
             model.train()
             images, labels = _to_device(images, labels, device, recipe.train.channels_last)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(recipe, step, total)
+                group["lr"] = learning_rate(recipe.optim, step, total)
             with autocast():
                 terms = objective(model, images, labels)
             if not torch.isfinite(terms["loss"].detach()):
                 bar.close()
                 _diverged(float(terms["loss"].detach()), step, total, path, recipe, best)
-            _optimizer_step(terms["loss"], optimizer, scaler)
+            optimizer_step(terms["loss"], optimizer, scaler)
             step += 1
             seen += images.shape[0] * dist.world_size
             for name, value in terms.items():
@@ -330,19 +295,11 @@ def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
     return images, labels
 
 
-def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler) -> None:
-    """Backward through the (scaled) loss and one optimizer step."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-
-
 def _prepare_run(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
                  progress: bool, dist: Distributed, cache_dir: Path | None
-                 ) -> tuple[Recipe, Path, DomainSplits, Path | None]:
-    """The run directory with its recipe and splits written (main process), and the splits shared."""
+                 ) -> tuple[Recipe, Path, DomainSplits, EpochBatches, Path | None]:
+    """The run directory with its recipe and splits written (main process), the splits shared, and
+    the batches they make. Everything that can refuse the recipe runs before the folder is made."""
     recipe = _absolute_paths(recipe)
     path = _run_dir(recipe, recipe_name, run_dir)
     if dist.is_main:
@@ -351,6 +308,8 @@ def _prepare_run(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume:
     if splits.skipped_images and dist.is_main:
         print(f"skipped {len(splits.skipped_images)} unreadable image(s) (data.skip_bad_images)",
               file=sys.stderr)
+    batches = EpochBatches(len(splits.train_samples), recipe.train.batch_size, recipe.train.seed,
+                           rank=dist.rank, world_size=dist.world_size)
     if dist.is_main and not resume:
         path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path / "recipe.yaml", dump_recipe(recipe))
@@ -360,7 +319,7 @@ def _prepare_run(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume:
     dist.barrier()
     if cache_dir is None and method_of(recipe).uses_teacher:
         cache_dir = cache_root() / "text_embeddings"
-    return recipe, path, splits, cache_dir
+    return recipe, path, splits, batches, cache_dir
 
 
 def _mixed_precision(recipe: Recipe, device: torch.device
@@ -444,9 +403,7 @@ def _evaluate_and_select(c: _Checkpoint, model: nn.Module, student: Student,
     sources = c.splits.source_domains
     scores = {name: evaluate(model, dl, device, c.dist, autocast()) for name, dl in loaders.items()}
     scores["val_mean"] = sum(scores[f"val/{d}"] for d in sources) / len(sources)
-    # A student with a non-finite weight is never selected, whatever it scored.
-    selected = scores["val_mean"] > best["val_mean"] and all(
-        bool(torch.isfinite(t).all()) for t in student.state_dict().values() if t.is_floating_point())
+    selected = improves(scores["val_mean"], best["val_mean"], student)
     if selected:
         best = {**scores, "step": step}
     if c.dist.is_main:
@@ -466,15 +423,12 @@ def _evaluate_and_select(c: _Checkpoint, model: nn.Module, student: Student,
 
 def _save_resume(path: Path, student: Student, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, step: int, best: dict[str, Any]) -> None:
-    save_training_state(path / RESUME_FILE, student, optimizer, {
-        "step": step, "best": best, "scaler": scaler.state_dict() if scaler.is_enabled() else {}})
+    save_state(path / RESUME_FILE, student, optimizer, scaler, {"step": step, "best": best})
 
 
 def _load_resume(path: Path, student: Student, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, device: torch.device) -> tuple[int, dict[str, Any]]:
-    metadata = load_training_state(path / RESUME_FILE, student, optimizer, device)
-    if metadata["scaler"]:
-        scaler.load_state_dict(metadata["scaler"])
+    metadata = load_state(path / RESUME_FILE, student, optimizer, scaler, device)
     if not (path / STUDENT_FILE).is_file():
         raise UserError(f"{path}: resume state exists but {STUDENT_FILE} is missing; start again")
     return int(metadata["step"]), metadata["best"]

@@ -24,7 +24,8 @@ from rise_edge.backends.onnxruntime.runner import OnnxRuntimeRunner, onnx_metada
 from rise_edge.config import ExportConfig
 from rise_edge.errors import UserError
 from rise_edge.export.fidelity import sqnr_db
-from rise_edge.export.graph_form import module_of_onnx_node, with_static_padding
+from rise_edge.export.graph_form import with_static_padding
+from rise_edge.export.onnx_graph import module_of_onnx_node
 from rise_edge.export.session import (INPUT_NAME, ExportSession, FoldedPreprocessing, export_graph,
                                       stamp_metadata)
 from rise_edge.files import file_sha256
@@ -94,7 +95,7 @@ def make_onnx_fp32_uint8(s: ExportSession, tmp: Path) -> dict[str, Any]:
 
 def make_onnx_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
     from rise_edge.backends.onnxruntime.int8 import latency_ms, quantize_within_budget
-    from rise_edge.export.graph_form import shape_mismatches
+    from rise_edge.export.onnx_graph import shape_mismatches
 
     with tempfile.TemporaryDirectory(dir=s.dir, prefix=".work-") as work:
         work_dir = Path(work)
@@ -135,7 +136,7 @@ QAT_PARITY_MIN_AGREEMENT = 0.9
 
 
 def _qat(s: ExportSession) -> Any:
-    """Run (or resume) quantization-aware fine-tuning once per export; see rise_edge/qat.py."""
+    """Run (or resume) quantization-aware fine-tuning once per export; see rise_edge/export/qat.py."""
     def run() -> Any:
         from rise_edge.export.qat import qat_finetune
 

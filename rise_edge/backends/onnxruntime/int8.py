@@ -31,7 +31,7 @@ from rise_edge.backends.onnxruntime.runner import OnnxRuntimeRunner
 from rise_edge.config import CALIBRATION_METHODS
 from rise_edge.errors import missing_extra
 from rise_edge.export.fidelity import Fidelity, FidelitySet, logits_in_batches, measure_fidelity
-from rise_edge.export.graph_form import tensors_along_graph
+from rise_edge.export.onnx_graph import tensors_along_graph
 from rise_edge.files import cache_key
 
 # export.calibration_method -> onnxruntime.quantization.CalibrationMethod member name
