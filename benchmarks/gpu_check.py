@@ -89,7 +89,9 @@ def training_throughput(device: torch.device, batch: int, size: int, steps: int,
     for model in STUDENTS:
         for method in ("erm", "rise"):
             cfg = StudentConfig(model=model, pretrained="none", image_size=size)
-            student, pre = build_student(cfg, 7, None if method == "erm" else text.prototypes.shape[1])
+            # RISE on its default head (split); ERM on the linear one
+            student, pre = build_student(cfg, "linear" if method == "erm" else "split", 7,
+                                         None if method == "erm" else text.prototypes.shape[1])
             student = student.to(device).to(memory_format=torch.channels_last)
             objective = ErmObjective() if method == "erm" else RiseObjective(
                 LossConfig(w_ce=0.2, w_kd=0.8, w_dist=1.0), teacher, text, pre)
@@ -126,8 +128,8 @@ def qat_throughput(device: torch.device, batch: int, size: int, steps: int) -> l
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, 7, (batch,), device=device)
     for model in STUDENTS:
-        student, _ = build_student(StudentConfig(model=model, pretrained="none", image_size=size), 7,
-                                   None)
+        student, _ = build_student(StudentConfig(model=model, pretrained="none", image_size=size),
+                                   "linear", 7, None)
         qat = quantize_model(student.to(device), size).to(device)
         calibrate(qat, [images])
         optimizer = torch.optim.SGD(qat.parameters(), lr=1e-4, momentum=0.9)
@@ -155,8 +157,8 @@ def inference_latency(device: torch.device, size: int, iterations: int) -> list[
     plan = TimingPlan(warmup=10, iterations=iterations)
     precisions = ("fp32", "fp16") if device.type == "cuda" else ("fp32",)
     for model in STUDENTS:
-        student, _ = build_student(StudentConfig(model=model, pretrained="none", image_size=size), 7,
-                                   None)
+        student, _ = build_student(StudentConfig(model=model, pretrained="none", image_size=size),
+                                   "linear", 7, None)
         for precision in precisions:
             runner = TorchRunner(module=student, precision=precision, device=device.type)
             for batch in (1, 32):

@@ -1,6 +1,8 @@
 """Run a sweep and commit its tables with the command, machine, versions and wall time.
 
     OMP_NUM_THREADS=1 python benchmarks/sweep_record.py benchmarks/sweeps/demo.yaml --name sweep_demo --workers 2
+    OMP_NUM_THREADS=1 python benchmarks/sweep_record.py benchmarks/sweeps/rise_ablation.yaml \\
+        --name rise_ablation --workers 2 --choose student.head
     RISE_EDGE_DATA=<data root> OMP_NUM_THREADS=1 python benchmarks/sweep_record.py \\
         benchmarks/sweeps/pacs_erm_lite0.yaml --name sweep_pacs_erm_lite0 --workers 2 --published domainbed-erm
 
@@ -8,6 +10,10 @@ The same as `rise-edge sweep FILE --workers N` then `rise-edge sweep collect DIR
 --published, DomainBed's ERM figures for PACS (ResNet-50, training-domain validation, Gulrajani and
 Lopez-Paz 2021, the results table in their repository) are printed beside, labelled as such: another student, schedule and
 machine, a reference point, not a like-for-like comparison.
+With --choose FIELD (a grid field, e.g. student.head), the record also chooses FIELD's value for each
+method and each setting of the other grid fields: the value whose runs have the best mean
+source-validation accuracy (the selected students', over every target and seed). The unseen
+accuracies are printed beside it, and take no part in the choice.
 Writes benchmarks/results/<name>.{md,json}.
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +48,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--published", choices=sorted(PUBLISHED), default=None)
+    parser.add_argument("--choose", default=None, metavar="FIELD",
+                        help="choose this grid field's value per method on source validation only")
     args = parser.parse_args()
 
     sweep = load_sweep(args.sweep)
@@ -60,10 +69,51 @@ def main() -> None:
               "run_train_wall_s": {"sum": round(sum(train_s), 1), "max": round(max(train_s), 1)},
               "workers": args.workers, "threads_per_run": args.threads,
               "published": PUBLISHED.get(args.published), "collected": data,
+              "choice": choose(data["runs"], args.choose) if args.choose else None,
               "machine": machine_info(), "versions": software_versions()}
     (RESULTS / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
     (RESULTS / f"{args.name}.md").write_text(to_record_markdown(record))
     print(to_record_markdown(record))
+
+
+def choose(runs: list[dict], field: str) -> dict:
+    """For each (data set, method, other grid fields): FIELD's value with the best mean source
+    validation over every target and seed; the unseen means ride along, reported only."""
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for run in runs:
+        if field not in run["point"]:
+            continue
+        rest = tuple(sorted((k, v) for k, v in run["point"].items() if k != field))
+        key = (run["dataset"], run["method"], rest)
+        groups.setdefault(key, {}).setdefault(str(run["point"][field]), []).append(run)
+    rows = []
+    for (dataset, method, rest), by_value in groups.items():
+        scores = {value: {"source_val": 100 * statistics.fmean(r["val_mean"] for r in group),
+                          "unseen": 100 * statistics.fmean(r["target_acc"] for r in group),
+                          "runs": len(group)} for value, group in by_value.items()}
+        best = max(scores, key=lambda v: (scores[v]["source_val"], -list(by_value).index(v)))
+        rows.append({"dataset": dataset, "method": method,
+                     "setting": ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in rest),
+                     "scores": scores, "chosen": best})
+    return {"field": field, "rule": "best mean source-validation accuracy of the selected "
+            "students over every target and seed; ties: the first value in the sweep file",
+            "rows": rows}
+
+
+def _choice_markdown(choice: dict) -> list[str]:
+    field = choice["field"]
+    values = sorted({v for row in choice["rows"] for v in row["scores"]})
+    lines = [f"## {field}, chosen on source validation", "",
+             f"Rule: {choice['rule']}. The unseen columns are reported, never used to choose.", "",
+             "| method | setting | " + " | ".join(f"source val, {v}" for v in values) + " | chosen | "
+             + " | ".join(f"unseen, {v}" for v in values) + " |",
+             "|---|---|" + "---|" * (2 * len(values) + 1)]
+    for row in choice["rows"]:
+        cell = lambda v, k: f"{row['scores'][v][k]:.1f}" if v in row["scores"] else "-"
+        lines.append(f"| {row['method'].upper()} | {row['setting'] or '-'} | "
+                     + " | ".join(cell(v, "source_val") for v in values) + f" | {row['chosen']} | "
+                     + " | ".join(cell(v, "unseen") for v in values) + " |")
+    return lines + [""]
 
 
 def to_record_markdown(record: dict) -> str:
@@ -83,6 +133,8 @@ def to_record_markdown(record: dict) -> str:
              f"{record['run_train_wall_s']['max'] / 60:.1f} min.", "", "Sweep file:", "", "```yaml",
              record["sweep_file"].rstrip(), "```", "",
              to_markdown(collected).replace("# Sweep ", "## Sweep ").replace("\n## ", "\n### ")]
+    if record.get("choice"):
+        lines += _choice_markdown(record["choice"])
     published = record.get("published")
     if published:
         for dataset, table in record["collected"]["tables"].items():
@@ -99,7 +151,16 @@ def to_record_markdown(record: dict) -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--render"]:  # rewrite a record's Markdown from its JSON
-        for path in map(Path, sys.argv[2:]):
-            path.with_suffix(".md").write_text(to_record_markdown(json.loads(path.read_text())))
+        # --render RECORD.json [...] [--choose FIELD]: (re)computes the choice from the record's runs
+        paths, field = sys.argv[2:], None
+        if "--choose" in paths:
+            at = paths.index("--choose")
+            field, paths = paths[at + 1], paths[:at] + paths[at + 2:]
+        for path in map(Path, paths):
+            record = json.loads(path.read_text())
+            if field:
+                record["choice"] = choose(record["collected"]["runs"], field)
+                path.write_text(json.dumps(record, indent=2) + "\n")
+            path.with_suffix(".md").write_text(to_record_markdown(record))
     else:
         main()

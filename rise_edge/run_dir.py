@@ -133,7 +133,7 @@ class StudentMeta:
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model,
                 "head": {"feature_dim": self.head.feature_dim, "num_classes": self.head.num_classes,
-                         "embed_dim": self.head.embed_dim},
+                         "embed_dim": self.head.embed_dim, "kind": self.head.kind},
                 "preprocessing": self.preprocessing.to_dict(), "classes": list(self.classes),
                 "source_domains": list(self.source_domains), "target_domain": self.target_domain,
                 "step": self.step, "selection": self.selection}
@@ -175,7 +175,12 @@ def open_run(run_dir: str | Path) -> TrainedRun:
             path / RESUME_FILE).is_file() else "it holds no trained student"
         raise UserError(f"{path} has no {STUDENT_FILE}: {state}")
     tensors, metadata = load_tensors(weights)
-    meta = StudentMeta.from_dict(metadata)
+    try:
+        meta = StudentMeta.from_dict(metadata)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{weights}: its header does not describe a student ({type(exc).__name__}: "
+                        f"{exc}); the file was changed after training, so train the run again"
+                        ) from None
     recipe = recipe_from_dict(metadata["recipe"], f"{weights} (recipe)")
     student = rebuild_student(meta, recipe)
     missing, unexpected = student.load_state_dict(tensors, strict=False)

@@ -130,7 +130,7 @@ def build_tiny_run(run_dir: Path, data_root: Path, extra_overrides: list[str] = 
     recipe = load_recipe(None, [*tiny_recipe_overrides(data_root), *extra_overrides])
     splits = build_splits(recipe.data, progress=False)
     torch.manual_seed(recipe.train.seed)
-    student, preprocessing = build_student(recipe.student, len(splits.classes), None)
+    student, preprocessing = build_student(recipe.student, "linear", len(splits.classes), None)
     _train_tiny_student(student, splits.train_samples, eval_transform(preprocessing),
                         recipe.train.steps, recipe.train.seed)
     meta = StudentMeta(recipe.student.model, student.head_spec, preprocessing, splits.classes,

@@ -90,10 +90,20 @@ def test_user_error_is_exit_2() -> None:
 
 def test_loss_method_is_named_inferred_for_older_recipes_and_checked(tmp_path: Path) -> None:
     from rise_edge.config import recipe_from_dict
+    from rise_edge.train.methods import method_of, resolved
 
-    assert recipe_from_dict({}).loss.method == "erm"
-    assert recipe_from_dict({"loss": {"w_kd": 0.5}}).loss.method == "rise"  # written before method
-    from rise_edge.train.methods import method_of
+    assert recipe_from_dict({}).method == "erm"
+    assert recipe_from_dict({"loss": {"w_kd": 0.5}}).method == "rise"  # written before method
+    # Resolution names the method and the head, and says when it inferred the method.
+    named, notes = resolved(recipe_from_dict({"loss": {"w_kd": 0.5}}))
+    assert (named.loss.method, named.student.head) == ("rise", "split")
+    assert len(notes) == 1 and "loss.method is not set: training 'rise'" in notes[0]
+    assert resolved(recipe_from_dict({"loss": {"method": "kd"}}))[1] == []
+    # A run saved before head kinds trained RISE on the released head.
+    assert resolved(recipe_from_dict({"loss": {"method": "rise"}}),
+                    written_before_heads=True)[0].student.head == "rise"
+    with pytest.raises(UserError, match="'linear' head has none"):
+        resolved(recipe_from_dict({"loss": {"method": "rise"}, "student": {"head": "linear"}}))
 
     assert method_of(recipe_from_dict({"loss": {"method": "kd", "w_kd": 0.5}})).uses_teacher
     assert not method_of(recipe_from_dict({"loss": {"method": "erm", "w_kd": 0.5}})).uses_teacher

@@ -96,11 +96,11 @@ def test_terms_are_zero_when_the_student_equals_its_target(batch) -> None:
         batch["z"], u, e, y) > 0
 
 
-def _tiny_student(embed_dim: int | None, classes: int = 3) -> Student:
+def _tiny_student(embed_dim: int | None, classes: int = 3, kind: str = "") -> Student:
     torch.manual_seed(0)
     backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4), torch.nn.ReLU(),
                                    torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    return Student(backbone, HeadSpec(8, classes, embed_dim))
+    return Student(backbone, HeadSpec(8, classes, embed_dim, kind))
 
 
 PRE = Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -159,9 +159,9 @@ def test_methods_registry_names_each_method_once() -> None:
 
     assert list(METHODS) == ["erm", "kd", "rise"]
     assert [m.uses_teacher for m in METHODS.values()] == [False, True, True]
-    assert [m.text_head for m in METHODS.values()] == [False, False, True]
+    assert [m.default_head for m in METHODS.values()] == ["linear", "linear", "split"]
     with pytest.raises(ValueError, match="already registered"):
-        register_method(Method("kd", "again", True, False, METHODS["kd"].objective))
+        register_method(Method("kd", "again", True, "linear", METHODS["kd"].objective))
 
 
 def test_classifier_starts_as_the_text_classifier(tiny_teacher) -> None:
@@ -195,6 +195,28 @@ def test_text_embeddings_prototypes_and_anchors(tiny_teacher) -> None:
     anchor = tiny_teacher.encode_texts(["a photo of a dog"])[0]
     torch.testing.assert_close(text.anchors[1, 1], anchor)
     assert class_prompt_name("Alarm_Clock") == "Alarm Clock"
+    # The released code's behaviour, one option away: names and anchors verbatim.
+    verbatim = tiny_teacher.text_embeddings(["Alarm_Clock"], templates, ["art_painting"], verbatim=True)
+    raw = tiny_teacher.encode_texts(["itap of a Alarm_Clock.", "art of the Alarm_Clock."]).mean(0)
+    torch.testing.assert_close(verbatim.raw_prototypes[0], raw)
+    torch.testing.assert_close(verbatim.anchors[0, 0],
+                               tiny_teacher.encode_texts(["a art_painting of a Alarm_Clock"])[0])
+    words = tiny_teacher.text_embeddings(["Alarm_Clock"], templates, ["art_painting"])
+    torch.testing.assert_close(words.anchors[0, 0],
+                               tiny_teacher.encode_texts(["a art painting of a Alarm Clock"])[0])
+
+
+def test_teacher_fed_the_student_statistics_on_request(tiny_teacher) -> None:
+    """teacher.input_statistics: student feeds the student-normalised tensor as it is (released code)."""
+    student_pre = Preprocessing(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    student_input = torch.randn(2, 3, 32, 32)
+    tiny_teacher.own_statistics = False
+    try:
+        fed = tiny_teacher.encode_images(student_input, student_pre)
+    finally:
+        tiny_teacher.own_statistics = True
+    expected = F.normalize(tiny_teacher.model.encode_image(student_input), dim=-1)
+    torch.testing.assert_close(fed, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_text_embeddings_are_cached_by_key(tiny_teacher, tmp_path: Path,
@@ -245,3 +267,20 @@ def test_teacher_from_a_local_file(tiny_teacher, tmp_path: Path) -> None:
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded.encode_images(images, PRE), tiny_teacher.encode_images(images, PRE))
     assert isinstance(loaded.text_embeddings(["a"], ["{}"], ["b"]), TextEmbeddings)
+
+
+def test_teacher_runs_outside_the_students_autocast(tiny_teacher) -> None:
+    """The released code runs its teacher apart from the student's mixed precision: under the
+    student's bf16 autocast, the teacher's logits are still its own-precision (here fp32) ones."""
+    from rise_edge.train.objectives import KdObjective
+
+    text = tiny_teacher.text_embeddings(["a", "b", "c"], ["a photo of a {}."], ["sketch"])
+    objective = KdObjective(LossConfig(w_kd=1.0), tiny_teacher, text, PRE)
+    images = torch.randn(4, 3, 32, 32)
+    plain = tiny_teacher.zero_shot_logits(images, PRE, text.prototypes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = objective.teacher_logits(images)
+        # ...where the teacher called directly would run in the student's bf16
+        assert tiny_teacher.zero_shot_logits(images, PRE, text.prototypes).dtype == torch.bfloat16
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, plain)

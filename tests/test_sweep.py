@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import TINY_DATASET
+
 from rise_edge.cli import main
+
+REPO = Path(__file__).parents[1]
 
 RUNS = 8
 
@@ -124,6 +126,10 @@ def test_a_finished_sweep_skips_everything_and_another_sweep_is_not_mixed_in(
     ("base: BASE\ngrid: {loss.method: [erm, risee]}\n", "not a training method"),
     ("base: BASE\nbench: {iterationz: 3}\n", "bench.iterationz"),
     ("base: BASE\nexport: {int9: true}\n", "export.int9"),
+    ("base: BASE\ngrid: {weights: [0.1, 0.2]}\n", "holds tied fields"),
+    ("base: BASE\ngrid: {weights: [{loss.w_kd: 0.1}], loss.w_kd: [0.2]}\n", "in two places"),
+    ("base: BASE\ngrid: {loss.w_kd: [0.1, 0.2]}\ncompare: [optim.lr]\n", "'compare' lists grid fields"),
+    ("base: BASE\ngrid: {student.head: [linear]}\n", "'linear' head has none"),
 ])
 def test_bad_sweep_files_are_one_line(text: str, needle: str, tiny_data_root: Path, tiny_clip_dir: Path,
                                       tmp_path: Path) -> None:
@@ -158,3 +164,82 @@ def test_a_finished_run_of_another_recipe_in_the_sweeps_place_is_not_adopted(
     log = next((out / "logs").glob("sketch__seed0__method=erm.log")).read_text()
     assert "holds a finished run that this sweep's recipe would not make" in log
     assert (run / "results.json").read_bytes() == before
+
+
+def _run_result(name: str, order: int, val_mean: float, target_acc: float, last: dict[str, float],
+                **kwargs):
+    from rise_edge.sweep.collect import RunResult
+
+    return RunResult(name, "shapes", "rise", kwargs.get("variant", ""), "sketch", 0, order, {},
+                     val_mean, target_acc, last.get("target_out/sketch"),
+                     last.get("target_in/sketch"), None)
+
+
+def test_oracle_is_domainbeds_test_domain_validation_not_the_best_step(tmp_path: Path) -> None:
+    """A constructed sweep where the best target accuracy over steps (what the oracle row used to
+    report) and DomainBed's oracle (last step, selected on the target's out part, scored on its
+    in part) disagree: collect reports the latter."""
+    from rise_edge.sweep.collect import _last_evaluation, tables
+
+    logs = {"a": [{"target_out/sketch": 0.90, "target_in/sketch": 0.95},   # a peaks early...
+                  {"target_out/sketch": 0.50, "target_in/sketch": 0.55}],  # ...and ends low
+            "b": [{"target_out/sketch": 0.60, "target_in/sketch": 0.60},
+                  {"target_out/sketch": 0.70, "target_in/sketch": 0.65}]}
+    runs = []
+    for order, (name, evals) in enumerate(logs.items()):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": i + 1, "loss": 1.0}) + "\n" + json.dumps({"step": i + 1, "eval": e})
+            + "\n" for i, e in enumerate(evals)))
+        runs.append(_run_result(name, order, 0.8 - 0.1 * order, 0.5, _last_evaluation(folder)))
+    best_over_steps = max(v for evals in logs.values() for e in evals for v in e.values())
+    row = tables(runs)["shapes"]["methods"]["RISE"]
+    assert row["oracle"]["sketch"][0] == pytest.approx(65.0)  # b's last step, in part
+    assert row["oracle"]["sketch"][0] != pytest.approx(100 * best_over_steps)
+    assert row["training"]["sketch"][0] == pytest.approx(50.0)  # a: best source validation
+
+
+def test_selection_ties_go_to_the_first_grid_point_and_compared_fields_are_rows() -> None:
+    from rise_edge.sweep.collect import tables
+
+    last = {"target_out/sketch": 0.5, "target_in/sketch": 0.5}
+    runs = [_run_result("second", 1, 0.8, 0.30, last), _run_result("first", 0, 0.8, 0.40, last),
+            _run_result("other", 2, 0.9, 0.90, last, variant="head=rise")]
+    methods = tables(runs)["shapes"]["methods"]
+    assert methods["RISE"]["training"]["sketch"][0] == pytest.approx(40.0)  # tie: grid order
+    assert methods["RISE"]["oracle"]["sketch"][0] == pytest.approx(50.0)
+    assert methods["RISE (head=rise)"]["training"]["sketch"][0] == pytest.approx(90.0)  # own row
+
+
+def test_tied_grid_fields_expand_as_one_choice_each(tmp_path: Path, tiny_data_root: Path) -> None:
+    from rise_edge.sweep.launch import expand, load_sweep
+
+    base = tmp_path / "base.yaml"
+    base.write_text(f"data: {{root: '{tiny_data_root}', dataset: {TINY_DATASET}}}\nloss: {{method: kd}}\n")
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text("base: base.yaml\ntargets: [sketch]\nseeds: [0]\ngrid:\n  weights:\n"
+                          "    - {loss.w_kd: 0.9, loss.w_ce: 0.1}\n    - {loss.w_kd: 0.8, loss.w_ce: 0.2}\n"
+                          "  optim.lr: [0.1, 0.2]\ncompare: [optim.lr]\n")
+    runs = expand(load_sweep(sweep_file))
+    assert [r.point for r in runs] == [
+        {"loss.w_kd": 0.9, "loss.w_ce": 0.1, "optim.lr": 0.1},
+        {"loss.w_kd": 0.9, "loss.w_ce": 0.1, "optim.lr": 0.2},
+        {"loss.w_kd": 0.8, "loss.w_ce": 0.2, "optim.lr": 0.1},
+        {"loss.w_kd": 0.8, "loss.w_ce": 0.2, "optim.lr": 0.2}]
+    assert runs[0].name == "sketch/seed0/w_kd=0.9_w_ce=0.1_lr=0.1"
+
+
+@pytest.mark.parametrize("data_set", ["pacs", "vlcs", "officehome", "terra"])
+def test_the_official_rise_grids_are_six_configurations_per_target(data_set: str) -> None:
+    """RISE's released per-data-set grid: two (w_kd, w_ce) pairs x three w_dist, every target."""
+    from rise_edge.sweep.launch import expand, load_sweep
+
+    sweep = load_sweep(REPO / "benchmarks" / "sweeps" / f"rise_grid_{data_set}.yaml")
+    runs = expand(sweep)
+    assert len(sweep.targets) == 4 and sweep.seeds == (0, 1, 2)
+    for target in sweep.targets:
+        points = [r.point for r in runs if r.target == target and r.seed == 0]
+        assert len(points) == 6 and len({json.dumps(p, sort_keys=True) for p in points}) == 6
+        assert {p["loss.w_dist"] for p in points} == {0.5, 1.0, 2.0}
+        assert all(p["loss.w_kd"] + p["loss.w_ce"] == pytest.approx(1.0) for p in points)

@@ -32,6 +32,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".
 
 
 Sample = tuple[str, int]  # (image path, class index)
+ORACLE_FRACTION = 0.2     # DomainBed's holdout_fraction for the test-domain validation split
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,18 @@ class DomainSplits:
     def train_samples(self) -> list[Sample]:
         return [s for d in self.source_domains for s in self.train[d]]
 
+    def oracle_split(self) -> tuple[list[Sample], list[Sample]]:
+        """The target domain as DomainBed's test-domain validation ("oracle") splits it: (in, out),
+        out a seeded ORACLE_FRACTION of it. Only `rise-edge sweep collect`'s oracle row selects
+        on out (and reports in); training never chooses anything on either."""
+        return _holdout(self.test, ORACLE_FRACTION, 0, f"oracle:{self.target_domain}")
+
     def anchors(self) -> tuple[str, ...]:
         """Default RD anchors: the registry's, else the source domain names (never the target)."""
         known = known_dataset(self.dataset_dir.name)
         if known is not None and known.anchors:
             return known.anchors
-        return tuple(d.replace("_", " ") for d in self.source_domains)
+        return self.source_domains  # as words in prompts unless teacher.prompt_names: verbatim
 
 
 SPLITS_FILE = "splits.json"  # in the run directory: the exact lists training used

@@ -41,8 +41,8 @@ from rise_edge.export.fake_quant import (ActivationQuantizer, QuantConv2d, Quant
 from rise_edge.export.graph_form import replace_module
 from rise_edge.files import cache_key
 from rise_edge.run_dir import TrainedRun, load_tensors, save_tensors
-from rise_edge.train.fit import (build_optimizer, improves, learning_rate, load_state,
-                                 optimizer_step, save_state, top1_counts)
+from rise_edge.train.fit import (build_optimizer, count_correct, improves, learning_rate,
+                                 load_state, optimizer_step, save_state)
 from rise_edge.train.objectives import kd_loss
 
 STATE_FILE, BEST_FILE = "state.safetensors", "best.safetensors"
@@ -128,7 +128,7 @@ def _source_val(model: nn.Module, loaders: dict[str, DataLoader], device: torch.
     """Top-1 (%) per source domain's validation images, through the training loop's evaluation."""
     scores = {}
     for domain, loader in loaders.items():
-        correct, total = top1_counts(model, loader, device)
+        correct, total = count_correct(model, loader, device)
         scores[domain] = round(100.0 * correct / max(total, 1), 3)
     return scores
 

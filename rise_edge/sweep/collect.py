@@ -1,17 +1,24 @@
 """`rise-edge sweep collect DIR`: DomainBed-style tables from a sweep's runs.
 
-For every data set and method in the sweep, one row per model-selection rule and one column per
-target domain plus their average, each cell the mean ± standard error over seeds:
+For every data set and compared variant (the method, plus the sweep file's `compare` fields), one
+row per model-selection rule and one column per target domain plus their average, each cell the
+mean ± standard error over seeds:
 
   training-domain validation   for each (target, seed), the grid point whose selected student has
                                the best mean source-validation accuracy; its target accuracy
-                               (the run's own results.json: checkpoints were chosen the same way)
-  oracle (test-domain val.)    the best target accuracy over grid points and evaluated steps: an upper
-                               bound that peeks at the target, reported beside, never used to choose
+                               (the run's own results.json: checkpoints were chosen the same way);
+                               the row below it gives that source-validation accuracy, the only
+                               score fit to choose between the rows (heads, variants) themselves
+  oracle (test-domain val.)    DomainBed's: the target is split once, seeded (rise_edge.data.domains,
+                               ORACLE_FRACTION out); for each (target, seed), the grid point whose
+                               last step scores best on the out part; its last step's accuracy on
+                               the in part (no early stopping). It peeks at the target: reported
+                               beside, never used to choose anything
 
-INT8 columns come from bench reports where the sweep ran export and bench (the recommended INT8
-artefact of the run that training-domain validation selected). Only runs whose sweep.json carries
-the sweep's hash count. Writes results.{md,csv,json,png} into DIR.
+Ties go to the grid point that comes first in the sweep file's order. INT8 columns come from bench
+reports where the sweep ran export and bench (the recommended INT8 artefact of the run that
+training-domain validation selected). Only runs whose sweep.json carries the sweep's hash count.
+Writes results.{md,csv,json,png} into DIR.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ from rise_edge.errors import UserError
 from rise_edge.files import write_json_atomic, write_text_atomic
 from rise_edge.sweep.launch import SWEEP_COPY, expand, load_sweep, read_run_record
 
-SELECTIONS = {"training": "training-domain validation", "oracle": "oracle (test-domain validation)",
+SELECTIONS = {"training": "training-domain validation",
+              "source_val": "source validation of that choice (what chose it)",
+              "oracle": "test-domain validation (oracle, DomainBed's)",
               "int8": "training-domain validation, INT8 artefact"}
 
 
@@ -40,13 +49,20 @@ class RunResult:
     name: str
     dataset: str
     method: str
+    variant: str                   # the compared fields' values ('' when the sweep compares none)
     target: str
     seed: int
+    order: int                     # the grid point's place in the sweep file's order (ties)
     point: dict[str, Any]          # the grid point, method left out
     val_mean: float                # selected checkpoint: mean source validation (0-1)
     target_acc: float              # selected checkpoint: target accuracy (0-1)
-    oracle_acc: float              # best target accuracy over evaluated steps (0-1)
+    oracle_out: float | None       # last step: target accuracy on the oracle's out part (0-1)
+    oracle_in: float | None        # last step: on its in part (0-1); None: a run from before
     int8_acc: float | None         # bench's INT8 row on the target, when it ran (0-1)
+
+    @property
+    def label(self) -> str:
+        return self.method.upper() + (f" ({self.variant})" if self.variant else "")
 
 
 def _mean_se(values: list[float]) -> tuple[float, float, int]:
@@ -64,6 +80,7 @@ def read_runs(folder: Path) -> tuple[Any, list[RunResult], list[str]]:
     sweep = load_sweep(folder / SWEEP_COPY)
     sweep = dataclasses.replace(sweep, output_dir=folder)  # wherever the folder moved
     runs, missing = [], []
+    points = [spec.point for spec in expand(sweep)]
     for spec in expand(sweep):
         run_dir = Path(spec.run_dir)
         try:
@@ -75,17 +92,28 @@ def read_runs(folder: Path) -> tuple[Any, list[RunResult], list[str]]:
             continue
         from rise_edge.config import load_recipe
         recipe = load_recipe(spec.recipe, spec.overrides)
-        target_key = f"target/{spec.target}"
-        oracle = results["accuracy"][target_key]
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            entry = json.loads(line)
-            if "eval" in entry:
-                oracle = max(oracle, entry["eval"][target_key])
-        runs.append(RunResult(spec.name, recipe.data.dataset, recipe.method, spec.target, spec.seed,
+        last = _last_evaluation(run_dir)
+        variant = ", ".join(f"{k.rsplit('.', 1)[-1]}={spec.point[k]}" for k in sweep.compare
+                            if k in spec.point)
+        runs.append(RunResult(spec.name, recipe.data.dataset, recipe.method, variant, spec.target,
+                              spec.seed, points.index(spec.point),
                               {k: v for k, v in spec.point.items() if k != "loss.method"},
-                              results["accuracy"]["val_mean"], results["accuracy"][target_key], oracle,
+                              results["accuracy"]["val_mean"],
+                              results["accuracy"][f"target/{spec.target}"],
+                              last.get(f"target_out/{spec.target}"),
+                              last.get(f"target_in/{spec.target}"),
                               _int8_accuracy(run_dir, spec.target)))
     return sweep, runs, missing
+
+
+def _last_evaluation(run_dir: Path) -> dict[str, float]:
+    """The scores of the run's last evaluation in metrics.jsonl ({} when there is none)."""
+    last: dict[str, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if "eval" in entry:
+            last = entry["eval"]
+    return last
 
 
 def _int8_accuracy(run_dir: Path, target: str) -> float | None:
@@ -111,17 +139,23 @@ def tables(runs: list[RunResult]) -> dict[str, Any]:
     for dataset, group in by_dataset.items():
         targets = sorted({r.target for r in group})
         methods: dict[str, Any] = {}
-        for method in sorted({r.method for r in group}):
+        labels = sorted({r.label for r in group}, key=lambda lab: min(
+            (r.method, r.order) for r in group if r.label == lab))
+        for label in labels:
             cells: dict[str, dict[str, list[float]]] = {s: defaultdict(list) for s in SELECTIONS}
             for target in targets:
                 for seed in sorted({r.seed for r in group}):
-                    trial = [r for r in group if r.method == method and r.target == target
+                    trial = [r for r in group if r.label == label and r.target == target
                              and r.seed == seed]
                     if not trial:
                         continue
-                    chosen = max(trial, key=lambda r: (r.val_mean, r.name))  # ties: a stable choice
+                    # Ties go to the grid point first in the sweep file's order.
+                    chosen = max(trial, key=lambda r: (r.val_mean, -r.order))
                     cells["training"][target].append(chosen.target_acc)
-                    cells["oracle"][target].append(max(r.oracle_acc for r in trial))
+                    cells["source_val"][target].append(chosen.val_mean)
+                    if all(r.oracle_out is not None for r in trial):
+                        oracle = max(trial, key=lambda r: (r.oracle_out, -r.order))
+                        cells["oracle"][target].append(oracle.oracle_in)
                     if chosen.int8_acc is not None:
                         cells["int8"][target].append(chosen.int8_acc)
             table: dict[str, Any] = {}
@@ -133,7 +167,7 @@ def tables(runs: list[RunResult]) -> dict[str, Any]:
                     # DomainBed's Avg: the mean over targets of the per-target means
                     row["avg"] = [statistics.fmean(row[t][0] for t in targets), None, None]
                 table[selection] = row
-            methods[method] = table
+            methods[label] = table
         out[dataset] = {"targets": targets, "methods": methods}
     return out
 
@@ -173,7 +207,7 @@ def to_markdown(data: dict[str, Any]) -> str:
                   + " | Avg |", "|---|---|" + "---|" * (len(targets) + 1)]
         for method, rows in table["methods"].items():
             for selection, row in rows.items():
-                lines.append(f"| {method.upper()} | {SELECTIONS[selection]} | "
+                lines.append(f"| {method} | {SELECTIONS[selection]} | "
                              + " | ".join(_cell(row.get(t)) for t in targets)
                              + f" | {_cell(row.get('avg'))} |")
         lines.append("")
@@ -211,7 +245,7 @@ def _plot(data: dict[str, Any], path: Path) -> None:
             means = [row.get(t, [math.nan])[0] for t in targets]
             errors = [(row.get(t, [0, 0])[1] or 0) for t in targets]
             ax.bar([x + i * width for x in range(len(targets))], means, width, yerr=errors,
-                   label=method.upper(), capsize=3)
+                   label=method, capsize=3)
         ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(targets))], targets)
         ax.set_ylabel("top-1 % on the held-out domain")
         ax.set_title(f"{dataset}: training-domain validation")

@@ -10,8 +10,13 @@ submitit (SLURM, or its local executor); finished runs are skipped and interrupt
     grid:                         # any recipe fields; every combination is a grid point
       loss.method: [erm, rise]
       optim.lr: [0.001, 0.005]
+      weights:                    # a name (no dot) holds tied fields: each entry is one choice
+        - {loss.w_kd: 0.9, loss.w_ce: 0.1}
+        - {loss.w_kd: 0.8, loss.w_ce: 0.2}
     set:                          # fixed overrides for every run
       train.steps: 300
+    compare: [optim.lr]           # grid fields collect reports side by side (rows) instead of
+                                  # selecting over them; the method always is one
     export: {int8: true}          # optional stages per finished run: true or export fields
     bench: {max_images: 500}      # true or bench fields
     output_dir: runs/sweeps/pacs  # default: runs/sweeps/<file name>
@@ -42,7 +47,7 @@ from rise_edge.files import cache_key, write_json_atomic, write_text_atomic
 SWEEP_RECORD = "sweep.json"          # in every run directory
 SWEEP_COPY = "sweep.yaml"            # the sweep as it ran, in the output folder
 BASE_COPY = "base-recipe.yaml"       # its base recipe, beside it
-_KEYS = {"base", "targets", "seeds", "grid", "set", "export", "bench", "output_dir"}
+_KEYS = {"base", "targets", "seeds", "grid", "set", "compare", "export", "bench", "output_dir"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class Sweep:
     bench: dict[str, Any] | None
     output_dir: Path
     hash: str
+    compare: tuple[str, ...] = ()       # grid fields that name table rows instead of being selected over
 
 
 @dataclass(frozen=True)
@@ -104,17 +110,13 @@ def load_sweep(path: Path) -> Sweep:
         raise UserError(f"{path}: 'seeds' must be a list of integers, e.g. [0, 1, 2]; got {seeds!r}")
     grid = raw.get("grid") or {}
     fixed = raw.get("set") or {}
-    for name, value in (("grid", grid), ("set", fixed)):
-        if not isinstance(value, dict) or not all(isinstance(k, str) and "." in k for k in value):
-            raise UserError(f"{path}: '{name}' maps recipe fields (section.key) to "
-                            f"{'lists of values' if name == 'grid' else 'values'}; got {value!r}")
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise UserError(f"{path}: grid '{key}' must be a non-empty list of values; got {values!r}")
-    overlap = sorted(set(grid) & set(fixed))
+    if not isinstance(fixed, dict) or not all(isinstance(k, str) and "." in k for k in fixed):
+        raise UserError(f"{path}: 'set' maps recipe fields (section.key) to values; got {fixed!r}")
+    grid_fields = _grid_fields(grid, path)
+    overlap = sorted(set(grid_fields) & set(fixed))
     if overlap:
         raise UserError(f"{path}: '{overlap[0]}' is both in grid and set; keep it in one")
-    if any(k.startswith("data.target_domain") or k == "train.seed" for k in (*grid, *fixed)):
+    if any(k.startswith("data.target_domain") or k == "train.seed" for k in (*grid_fields, *fixed)):
         raise UserError(f"{path}: targets and seeds are the sweep's own keys ('targets', 'seeds'), "
                         "not grid or set fields")
     stages = {}
@@ -131,6 +133,12 @@ def load_sweep(path: Path) -> Sweep:
     if stages["bench"]:
         from rise_edge.config import recipe_from_dict
         recipe_from_dict({"bench": stages["bench"]}, f"{path}: bench")
+    compare = raw.get("compare") or []
+    if not isinstance(compare, list) or not all(isinstance(k, str) and k in grid_fields
+                                                for k in compare):
+        raise UserError(f"{path}: 'compare' lists grid fields whose values collect reports as "
+                        f"separate rows ({', '.join(grid_fields) or 'the grid has none'}); got "
+                        f"{compare!r}")
     if not isinstance(raw.get("output_dir", ""), str):
         raise UserError(f"{path}: 'output_dir' is a folder path; got {raw['output_dir']!r}")
     recipe = load_recipe(base, [_override(k, v) for k, v in fixed.items()])
@@ -142,14 +150,49 @@ def load_sweep(path: Path) -> Sweep:
                   "grid": grid, "set": fixed, "export": stages["export"], "bench": stages["bench"]}
     sweep = Sweep(base, base_text, targets, tuple(seeds), {k: tuple(v) for k, v in grid.items()},
                   dict(fixed), stages["export"], stages["bench"], output,
-                  cache_key(**normalised)[:16])
-    from rise_edge.train.methods import method_of
+                  cache_key(**normalised)[:16], tuple(compare))
+    from rise_edge.train.methods import resolved
 
     for spec in expand(sweep):  # every recipe of the sweep is valid before anything runs
-        method_of(load_recipe(base, spec.overrides))
+        resolved(load_recipe(base, spec.overrides))
         if spec.export is not None:
             load_recipe(base, [*spec.overrides, *(_override(f"export.{k}", v) for k, v in spec.export.items())])
     return sweep
+
+
+def _grid_fields(grid: Any, path: Path) -> list[str]:
+    """Check a sweep's grid and return the recipe fields it varies. A key with a dot is a field
+    with a list of values; a key without one names tied fields: a list of mappings of fields, each
+    mapping one choice (RISE's (w_kd, w_ce) pairs, or methods with their own weights)."""
+    if not isinstance(grid, dict) or not all(isinstance(k, str) for k in grid):
+        raise UserError(f"{path}: 'grid' maps recipe fields (section.key) to lists of values, or a "
+                        f"name to a list of tied fields; got {grid!r}")
+    fields: list[str] = []
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{path}: grid '{key}' must be a non-empty list of values; got {values!r}")
+        if "." in key:
+            fields.append(key)
+            continue
+        for choice in values:
+            if not isinstance(choice, dict) or not choice or not all(
+                    isinstance(k, str) and "." in k for k in choice):
+                raise UserError(f"{path}: grid '{key}' (a name without a dot) holds tied fields: "
+                                "each entry is a mapping of recipe fields, e.g. "
+                                f"{{loss.w_kd: 0.9, loss.w_ce: 0.1}}; got {choice!r}")
+        tied = sorted({k for choice in values for k in choice})
+        fields.extend(tied)
+    repeated = sorted({k for k in fields if fields.count(k) > 1})
+    if repeated:
+        raise UserError(f"{path}: grid sets '{repeated[0]}' in two places; keep it in one")
+    return fields
+
+
+def grid_points(grid: dict[str, tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """Every combination of a checked grid, as {recipe field: value}, in a stable order."""
+    axes = [[{key: v} for v in values] if "." in key else [dict(choice) for choice in values]
+            for key, values in grid.items()]
+    return [{k: v for part in parts for k, v in part.items()} for parts in itertools.product(*axes)]
 
 
 def _override(key: str, value: Any) -> str:
@@ -185,8 +228,7 @@ def _slug(point: dict[str, Any]) -> str:
 
 def expand(sweep: Sweep, threads: int = 0) -> list[RunSpec]:
     """Every run of the sweep, in a stable order (target, seed, grid point)."""
-    keys = list(sweep.grid)
-    points = [dict(zip(keys, values)) for values in itertools.product(*sweep.grid.values())] or [{}]
+    points = grid_points(sweep.grid) or [{}]
     runs = []
     for target, seed, point in itertools.product(sweep.targets, sweep.seeds, points):
         name = f"{target}/seed{seed}" + (f"/{_slug(point)}" if point else "")

@@ -48,9 +48,11 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
 
 
 @torch.no_grad()
-def top1_counts(model: nn.Module, loader: DataLoader, device: torch.device,
-                autocast: contextlib.AbstractContextManager | None = None) -> tuple[int, int]:
-    """(correct, images) of the model's top-1 over the loader's (images (B, 3, S, S), labels (B,))."""
+def count_correct(model: nn.Module, loader: DataLoader, device: torch.device,
+                  dist: Distributed = Distributed(),
+                  autocast: contextlib.AbstractContextManager | None = None) -> tuple[int, int]:
+    """(correct, images) of the model's top-1 over the loader's (images (B, 3, S, S), labels (B,)),
+    summed over all ranks."""
     model.eval()
     correct, total = 0, 0
     for images, labels in loader:
@@ -59,15 +61,8 @@ def top1_counts(model: nn.Module, loader: DataLoader, device: torch.device,
             logits = model(images)
         correct += int((logits.argmax(dim=1) == labels).sum())
         total += int(labels.numel())
-    return correct, total
-
-
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
-             dist: Distributed = Distributed(),
-             autocast: contextlib.AbstractContextManager | None = None) -> float:
-    """Top-1 accuracy (a fraction) over the loader's images, summed over all ranks."""
-    correct, total = dist.sum(list(top1_counts(model, loader, device, autocast)))
-    return correct / max(total, 1)
+    correct, total = dist.sum([correct, total])
+    return int(correct), int(total)
 
 
 def improves(score: float, best: float, model: nn.Module) -> bool:

@@ -32,9 +32,9 @@ from rise_edge.errors import UserError
 from rise_edge.files import cache_root, run_lock, write_json_atomic, write_text_atomic
 from rise_edge.run_dir import RESUME_FILE, STUDENT_FILE, MetricsLog, StudentMeta, save_student
 from rise_edge.train.distributed import Distributed
-from rise_edge.train.fit import (build_optimizer, evaluate, improves, learning_rate, load_state,
-                                 optimizer_step, save_state)
-from rise_edge.train.methods import method_of, teacher_and_text
+from rise_edge.train.fit import (build_optimizer, count_correct, improves, learning_rate,
+                                 load_state, optimizer_step, save_state)
+from rise_edge.train.methods import method_of, resolved, teacher_and_text
 from rise_edge.train.student import Student, build_student
 
 TRAINING_SECTIONS = ("data", "student", "teacher", "loss", "optim", "train")  # what makes the student
@@ -99,11 +99,17 @@ def finished_with(run_dir: Path, recipe: Recipe) -> bool:
         saved = recipe_from_dict(yaml.safe_load((run_dir / "recipe.yaml").read_text()), str(run_dir))
     except (OSError, UnicodeDecodeError, UserError, yaml.YAMLError, AttributeError, TypeError):
         return False
-    return (run_dir / "results.json").is_file() and not _training_changes(saved, _absolute_paths(recipe))
+    try:
+        return (run_dir / "results.json").is_file() and not _training_changes(
+            saved, _absolute_paths(resolved(recipe)[0]))
+    except UserError:  # a method that is not registered (now) cannot be what the run trained
+        return False
 
 
 def _training_changes(saved: Recipe, recipe: Recipe) -> list[str]:
-    """The fields that make the student (TRAINING_SECTIONS) on which two recipes differ."""
+    """The fields that make the student (TRAINING_SECTIONS) on which two recipes differ; `recipe`
+    is resolved (rise_edge.train.methods.resolved), `saved` as a run directory holds it."""
+    saved = resolved(saved, written_before_heads=saved.student.head == "auto")[0]
     old, new = recipe_to_dict(saved), recipe_to_dict(recipe)
     return [f"{s}.{k}" for s in TRAINING_SECTIONS for k in new[s] if old[s][k] != new[s][k]]
 
@@ -146,20 +152,22 @@ def _check_run_dir(path: Path, recipe: Recipe, resume: bool) -> None:
 
 def _objective(recipe: Recipe, splits: DomainSplits, device: torch.device, run_dir: Path,
                cache_dir: Path | None) -> tuple[nn.Module, Student, Preprocessing]:
-    """The recipe's method (rise_edge.train.methods): ERM loads no teacher at all; KD and RISE load it and
-    embed the prompts; RISE also sizes the student's head to CLIP's space and initialises it."""
+    """The recipe's method (rise_edge.train.methods) and the student with its head (student.head, resolved):
+    the teacher is loaded when the method distils from it or the head needs its space (the projector
+    is sized to the teacher's embedding; the 'rise' head's classifier starts from the class text)."""
     torch.manual_seed(recipe.train.seed)
     method = method_of(recipe)
-    if not method.uses_teacher:
-        student, pre = build_student(recipe.student, len(splits.classes), None)
+    head = recipe.student.head
+    if not method.uses_teacher and head == "linear":
+        student, pre = build_student(recipe.student, head, len(splits.classes), None)
         return method.objective(recipe.loss, None, None, pre), student, pre
     folders = [run_dir / "text_embeddings"] + ([cache_dir] if cache_dir else [])
     teacher, text = teacher_and_text(recipe, splits.classes, splits.anchors(), folders, device)
-    if not method.text_head:
-        student, pre = build_student(recipe.student, len(splits.classes), None)
-        return method.objective(recipe.loss, teacher, text, pre), student, pre
-    student, pre = build_student(recipe.student, len(splits.classes), text.prototypes.shape[1])
-    student.init_classifier_from_text(text.prototypes.cpu())
+    student, pre = build_student(recipe.student, head, len(splits.classes), text.prototypes.shape[1])
+    if head == "rise":
+        student.init_classifier_from_text(text.prototypes.cpu())
+    if not method.uses_teacher:
+        teacher, text = None, None  # the head needed the teacher's space; the objective does not
     return method.objective(recipe.loss, teacher, text, pre), student, pre
 
 
@@ -191,7 +199,11 @@ def train_run(recipe: Recipe, *, recipe_name: str = "recipe", run_dir: Path | No
               resume: bool = False, progress: bool = True, cache_dir: Path | None = None,
               ) -> TrainResult:
     """Train per the recipe into a run directory; resume continues an interrupted run exactly."""
-    method_of(recipe)  # an unknown loss.method stops here, before anything is written
+    # An unknown loss.method, or a head the method cannot train, stops here, before anything is
+    # written; the run's recipe.yaml names the method and head it trained with.
+    recipe, notes = resolved(recipe)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     device = _device(recipe.train.device)
     dist = Distributed.from_env(device.type)
     if dist.enabled and device.type == "cuda":
@@ -220,8 +232,11 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
         student.to(memory_format=torch.channels_last)
     model: nn.Module = student
     if dist.enabled:
+        # The split head's projector gets no gradient where no language term uses it (ERM, KD,
+        # RISE with w_dist = 0): DDP must be told, or it waits for that gradient forever.
         model = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None)
+            student, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=recipe.student.head == "split")
     optimizer = build_optimizer(recipe.optim, (p for p in student.parameters() if p.requires_grad))
     scaler, autocast = _mixed_precision(recipe, device)
 
@@ -317,7 +332,7 @@ def _prepare_run(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume:
         # export and bench read these lists instead of rebuilding them: one truth about the data
         write_json_atomic(path / SPLITS_FILE, splits_to_record(splits))
     dist.barrier()
-    if cache_dir is None and method_of(recipe).uses_teacher:
+    if cache_dir is None and (method_of(recipe).uses_teacher or recipe.student.head != "linear"):
         cache_dir = cache_root() / "text_embeddings"
     return recipe, path, splits, batches, cache_dir
 
@@ -336,9 +351,12 @@ def _mixed_precision(recipe: Recipe, device: torch.device
 
 def _eval_loaders(recipe: Recipe, splits: DomainSplits, pre: Preprocessing, device: torch.device,
                   dist: Distributed) -> tuple[dict[str, list], dict[str, DataLoader]]:
-    """Each source domain's validation images and the target domain's test images, with a loader each."""
+    """Each source domain's validation images and the target domain's test images, with a loader each.
+    The target is scored in DomainBed's two oracle parts (in, out) and as a whole from their counts."""
+    target_in, target_out = splits.oracle_split()
     eval_sets = {**{f"val/{d}": splits.val[d] for d in splits.source_domains},
-                 f"target/{splits.target_domain}": splits.test}
+                 f"target_in/{splits.target_domain}": target_in,
+                 f"target_out/{splits.target_domain}": target_out}
     eval_batch = max(1, min(256, 2 * recipe.train.batch_size // dist.world_size))
     # Evaluation workers live for one evaluation only: kept alive, every domain's workers (forks of a
     # process holding the model) stayed for the whole run, and two PACS runs ran out of 24 GiB.
@@ -375,7 +393,8 @@ def _finish(path: Path, splits: DomainSplits, eval_sets: dict[str, list], best: 
             "classes": list(splits.classes), "source_domains": list(splits.source_domains),
             "target_domain": splits.target_domain,
             "images": {**{f"train/{d}": len(splits.train[d]) for d in splits.source_domains},
-                       **{k: len(v) for k, v in eval_sets.items()}}})
+                       **{k: len(v) for k, v in eval_sets.items()},
+                       f"target/{splits.target_domain}": len(splits.test)}})
         (path / RESUME_FILE).unlink(missing_ok=True)  # finished: nothing left to resume
     return result
 
@@ -400,9 +419,12 @@ def _evaluate_and_select(c: _Checkpoint, model: nn.Module, student: Student,
                          epoch: int, best: dict[str, Any]) -> dict[str, Any]:
     """Score every domain, select on the mean source validation accuracy (never the target), save
     the selected student and the resume state; returns the best so far."""
-    sources = c.splits.source_domains
-    scores = {name: evaluate(model, dl, device, c.dist, autocast()) for name, dl in loaders.items()}
+    sources, target = c.splits.source_domains, c.splits.target_domain
+    counts = {name: count_correct(model, dl, device, c.dist, autocast()) for name, dl in loaders.items()}
+    scores = {name: correct / max(n, 1) for name, (correct, n) in counts.items()}
     scores["val_mean"] = sum(scores[f"val/{d}"] for d in sources) / len(sources)
+    parts = [counts[f"target_in/{target}"], counts[f"target_out/{target}"]]
+    scores[f"target/{target}"] = sum(c for c, _ in parts) / max(sum(n for _, n in parts), 1)
     selected = improves(scores["val_mean"], best["val_mean"], student)
     if selected:
         best = {**scores, "step": step}

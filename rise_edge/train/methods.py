@@ -2,9 +2,13 @@
 
     erm   cross-entropy on the labels; no teacher (w_ce only scales the lr)  (the DG baseline)
     kd    Hinton's distillation from the teacher's zero-shot logits + CE;   (RISE's main comparison)
-          plain linear head, no language terms
-    rise  KD + the language-guided distances (AD + RD) + CE, with the      (Huang et al., ICCV 2023)
-          head projecting into CLIP's space and initialised from the class text
+          no language terms
+    rise  KD + the language-guided distances (AD + RD) + CE               (Huang et al., ICCV 2023)
+
+The head is the student's (`student.head`, rise_edge.train.student), not the method's: any method trains
+with any head (RISE needs one with a projector), so "RISE vs KD" compares objectives on one head.
+`student.head: auto` takes the method's default head: linear for erm and kd, split for rise (the
+released RISE head, `rise`, underfits compact students: benchmarks/results/rise_ablation.md).
 
 A method uses the loss weights it knows (erm: w_ce; kd: w_ce, w_kd, tau; rise: all) and ignores the
 others, so `--set loss.method=kd` turns any RISE recipe into its KD baseline. The objectives
@@ -35,8 +39,9 @@ class Method:
     name: str
     summary: str
     uses_teacher: bool   # loads the CLIP teacher and embeds the class prompts
-    text_head: bool      # student head projects into CLIP's space, classifier initialised from text
+    default_head: str    # what student.head: auto means for this method (rise_edge.train.student.HEAD_KINDS)
     objective: ObjectiveBuilder
+    needs_embedding: bool = False  # trains on the projected embedding z: the head needs a projector
 
 
 METHODS: dict[str, Method] = {}
@@ -67,6 +72,35 @@ def method_of(recipe: Recipe) -> Method:
     return METHODS[name]
 
 
+def resolved(recipe: Recipe, *, written_before_heads: bool = False) -> tuple[Recipe, list[str]]:
+    """The recipe with loss.method and student.head named, and a line for each that was inferred.
+
+    `written_before_heads`: a run's saved recipe from before student.head existed, when each method
+    had one head (rise: the released RISE head; the others: linear).
+    """
+    import dataclasses
+
+    from rise_edge.errors import UserError
+
+    notes = []
+    if not recipe.loss.method:
+        reason = ("loss.w_kd or loss.w_dist is above 0" if recipe.method == "rise"
+                  else "no teacher weight is set")
+        notes.append(f"loss.method is not set: training '{recipe.method}' because {reason}; name "
+                     "loss.method in the recipe (erm, kd, rise) to choose it")
+    recipe = dataclasses.replace(recipe, loss=dataclasses.replace(recipe.loss, method=recipe.method))
+    method = method_of(recipe)
+    head = recipe.student.head
+    if head == "auto":
+        head = ("rise" if method.name == "rise" else "linear") if written_before_heads \
+            else method.default_head
+    if method.needs_embedding and head == "linear":
+        raise UserError(f"loss.method={method.name} trains the projected embedding, which a "
+                        "'linear' head has none of; set student.head to split (or rise, the released "
+                        "RISE head)")
+    return dataclasses.replace(recipe, student=dataclasses.replace(recipe.student, head=head)), notes
+
+
 def _erm(cfg: Any, teacher: Any, text: Any, pre: Any) -> nn.Module:
     from rise_edge.train.objectives import ErmObjective
     return ErmObjective()
@@ -90,13 +124,17 @@ def teacher_and_text(recipe: Recipe, classes: Sequence[str], anchors: Sequence[s
     from rise_edge.train.teacher import load_teacher, text_embeddings_cached
 
     teacher = load_teacher(recipe.teacher, device)
+    teacher.own_statistics = recipe.teacher.input_statistics == "teacher"
+    if recipe.teacher.logit_scale > 0:
+        teacher.logit_scale = recipe.teacher.logit_scale
     text = text_embeddings_cached(teacher, classes, recipe.teacher.templates,
-                                  recipe.teacher.anchors or anchors, list(folders)).to(device)
+                                  recipe.teacher.anchors or anchors, list(folders),
+                                  verbatim=recipe.teacher.prompt_names == "verbatim").to(device)
     return teacher, text
 
 
-register_method(Method("erm", "cross-entropy on the source labels", False, False, _erm))
+register_method(Method("erm", "cross-entropy on the source labels", False, "linear", _erm))
 register_method(Method("kd", "cross-entropy + distillation from the teacher's zero-shot logits",
-                       True, False, _kd))
+                       True, "linear", _kd))
 register_method(Method("rise", "cross-entropy + distillation + language-guided distances (RISE)",
-                       True, True, _rise))
+                       True, "split", _rise, needs_embedding=True))

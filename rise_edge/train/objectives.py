@@ -73,8 +73,14 @@ class _TeacherObjective(nn.Module):
         self.student_preprocessing = student_preprocessing
 
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) student-normalised images -> (B, C) zero-shot logits."""
-        return self.teacher.zero_shot_logits(images, self.student_preprocessing, self.text.prototypes)
+        """(B, 3, H, W) student-normalised images -> (B, C) zero-shot logits (fp32).
+
+        Outside the student's autocast, as the released code runs its teacher: the teacher keeps
+        its own precision (teacher.precision: fp16 on CUDA by default), not the student's bf16.
+        """
+        with torch.autocast(images.device.type, enabled=False):
+            return self.teacher.zero_shot_logits(images, self.student_preprocessing,
+                                                 self.text.prototypes)
 
 
 class KdObjective(_TeacherObjective):

@@ -1,4 +1,4 @@
-"""The student: a timm backbone, an optional projector into the teacher's embedding space, a classifier.
+"""The student: a timm backbone and a head (a classifier, with or without a projector into the teacher's space).
 
 forward(images) -> logits, so every exported artefact is image -> logits. The preprocessing the
 backbone expects (input size, mean, std, interpolation) travels with it (`Preprocessing`, defined
@@ -19,6 +19,18 @@ from rise_edge.config import StudentConfig
 from rise_edge.data.transforms import Preprocessing
 from rise_edge.errors import UserError
 
+# The student's head kinds (student.head). Every kind maps the pooled backbone feature h (B, F) to
+# logits (B, C); the two with a projector also give the embedding z (B, D) in the teacher's space that
+# RISE's language terms (AD, RD) pull toward the class text.
+#   linear  classifier on h; no projector                                  (ERM's and KD's head)
+#   split   classifier on h; a projector beside it, h -> z, feeds only the   (the default for RISE)
+#           language terms, so the classifier is not starved and the
+#           deployed graph (image -> logits) never computes z
+#   rise    the released RISE head: projector h -> z from N(0, 0.01), the   (exact reproduction)
+#           classifier on z, initialised from the class text embeddings
+HEAD_KINDS: tuple[str, ...] = ("linear", "split", "rise")
+PROJECTED_HEADS = frozenset({"split", "rise"})
+
 
 @dataclass(frozen=True)
 class HeadSpec:
@@ -27,21 +39,36 @@ class HeadSpec:
     feature_dim: int
     num_classes: int
     embed_dim: int | None = None  # projector output (the teacher's embedding dim); None: no projector
+    kind: str = ""                # one of HEAD_KINDS; '' (records before head kinds): from embed_dim
+
+    def __post_init__(self) -> None:
+        if not self.kind:  # records written before head kinds existed had exactly these two heads
+            object.__setattr__(self, "kind", "linear" if self.embed_dim is None else "rise")
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"head kind '{self.kind}' is not one of {', '.join(HEAD_KINDS)}")
+        if (self.kind in PROJECTED_HEADS) != (self.embed_dim is not None):
+            raise ValueError(f"a '{self.kind}' head {'needs' if self.kind in PROJECTED_HEADS else 'has no'}"
+                             " embed_dim")
 
 
 class Student(nn.Module):
-    """backbone -> pooled feature h (B, F) -> projector z (B, D) -> classifier logits (B, C).
+    """backbone -> pooled feature h (B, F) -> head -> logits (B, C) (and z (B, D) with a projector).
 
-    Without a teacher (ERM) the projector is the identity and the classifier sits on h.
+    linear: logits = W h.  split: logits = W h, z = P h.  rise: z = P h, logits = W z.
     """
 
     def __init__(self, backbone: nn.Module, head: HeadSpec):
         super().__init__()
         self.backbone = backbone
         self.head_spec = head
-        if head.embed_dim is None:
+        if head.kind == "linear":
             self.projector: nn.Module = nn.Identity()
             self.classifier = nn.Linear(head.feature_dim, head.num_classes)
+        elif head.kind == "split":
+            # The classifier is made first so that it starts exactly as the linear head's does (same
+            # random stream): KD on either head, or RISE with w_dist = 0 here, trains identical weights.
+            self.classifier = nn.Linear(head.feature_dim, head.num_classes)
+            self.projector = nn.Linear(head.feature_dim, head.embed_dim)
         else:
             self.projector = nn.Linear(head.feature_dim, head.embed_dim)
             self.classifier = nn.Linear(head.embed_dim, head.num_classes)
@@ -51,13 +78,11 @@ class Student(nn.Module):
 
     def init_classifier_from_text(self, class_text_embeddings: torch.Tensor) -> None:
         """Start as a CLIP text classifier on z: weight = normalised class embeddings (C, D)."""
+        if self.head_spec.kind != "rise":
+            raise ValueError("only the 'rise' head's classifier lives in the teacher's space")
         with torch.no_grad():
             self.classifier.weight.copy_(class_text_embeddings)
             self.classifier.bias.zero_()
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised images -> z (B, D)."""
-        return self.projector(self.backbone(images))
 
     def forward(self, images: torch.Tensor, with_embedding: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -65,8 +90,15 @@ class Student(nn.Module):
 
         One entry point (not a second method) so DistributedDataParallel sees every forward.
         """
-        z = self.embed(images)
-        logits = self.classifier(z)
+        h = self.backbone(images)
+        if self.head_spec.kind == "rise":
+            z = self.projector(h)
+            logits = self.classifier(z)
+        else:
+            logits = self.classifier(h)
+            if not with_embedding:
+                return logits
+            z = self.projector(h)
         return (z, logits) if with_embedding else logits
 
 
@@ -101,10 +133,13 @@ def create_backbone(cfg: StudentConfig) -> tuple[nn.Module, Preprocessing]:
     return backbone, preprocessing
 
 
-def build_student(cfg: StudentConfig, num_classes: int, embed_dim: int | None
+def build_student(cfg: StudentConfig, head: str, num_classes: int, embed_dim: int | None
                   ) -> tuple[Student, Preprocessing]:
+    """The backbone with a `head` (one of HEAD_KINDS); embed_dim: the teacher's, for projected heads."""
     backbone, preprocessing = create_backbone(cfg)
-    return Student(backbone, HeadSpec(backbone.num_features, num_classes, embed_dim)), preprocessing
+    spec = HeadSpec(backbone.num_features, num_classes,
+                    embed_dim if head in PROJECTED_HEADS else None, head)
+    return Student(backbone, spec), preprocessing
 
 
 def _load_lite0_offline(backbone: nn.Module, model_name: str) -> None:

@@ -41,19 +41,20 @@ class TextEmbeddings:
                               self.anchors.to(device))
 
 
-def class_prompt_name(class_name: str) -> str:
-    """Folder names use underscores; prompts want words ("Alarm_Clock" -> "Alarm Clock")."""
-    return class_name.replace("_", " ")
+def class_prompt_name(class_name: str, verbatim: bool = False) -> str:
+    """Folder names use underscores; prompts want words ("Alarm_Clock" -> "Alarm Clock"). verbatim:
+    the name as it is (teacher.prompt_names: verbatim, the released code's behaviour)."""
+    return class_name if verbatim else class_name.replace("_", " ")
 
 
 def template_mean_embeddings(encode_texts: Callable[[list[str]], torch.Tensor], classes: Sequence[str],
-                             templates: Sequence[str]) -> torch.Tensor:
+                             templates: Sequence[str], verbatim: bool = False) -> torch.Tensor:
     """(C, D) raw text embeddings of "template.format(class)" averaged over the templates, per class.
 
     `encode_texts` maps N prompts to (N, D) raw embeddings. L2-normalised, these are the zero-shot
     classifier RISE's teacher logits use.
     """
-    prompts = [t.format(class_prompt_name(c)) for c in classes for t in templates]
+    prompts = [t.format(class_prompt_name(c, verbatim)) for c in classes for t in templates]
     return encode_texts(prompts).view(len(classes), len(templates), -1).mean(dim=1)
 
 
@@ -70,6 +71,9 @@ class ClipTeacher(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.logit_scale = float(model.logit_scale.exp().item())
+        # teacher.input_statistics: False feeds the student-normalised tensor as it is (the released
+        # code's behaviour); True re-normalises it into the teacher's own statistics.
+        self.own_statistics = True
 
     @property
     def dtype(self) -> torch.dtype:
@@ -84,7 +88,8 @@ class ClipTeacher(nn.Module):
         if pixels.shape[-1] != self.image_size or pixels.shape[-2] != self.image_size:
             pixels = F.interpolate(pixels, size=(self.image_size, self.image_size), mode="bicubic",
                                    align_corners=False, antialias=True)
-        teacher_input = ((pixels - self.mean) / self.std).to(self.dtype)
+        normalised = (pixels - self.mean) / self.std if self.own_statistics else (pixels - s_mean) / s_std
+        teacher_input = normalised.to(self.dtype)
         return F.normalize(self.model.encode_image(teacher_input).float(), dim=-1)
 
     @torch.no_grad()
@@ -103,16 +108,19 @@ class ClipTeacher(nn.Module):
         return torch.cat(out)
 
     def text_embeddings(self, classes: Sequence[str], templates: Sequence[str],
-                        anchors: Sequence[str]) -> TextEmbeddings:
-        raw = template_mean_embeddings(self.encode_texts, classes, templates)
-        names = [class_prompt_name(c) for c in classes]
-        anchor_texts = [f"a {a} of a {n}" for n in names for a in anchors]
+                        anchors: Sequence[str], verbatim: bool = False) -> TextEmbeddings:
+        """Class prototypes from the templates and the anchors' embeddings; verbatim: class names
+        and anchors as written (underscores kept), else as words."""
+        raw = template_mean_embeddings(self.encode_texts, classes, templates, verbatim)
+        names = [class_prompt_name(c, verbatim) for c in classes]
+        anchor_texts = [f"a {class_prompt_name(a, verbatim)} of a {n}" for n in names for a in anchors]
         anchor_emb = self.encode_texts(anchor_texts).view(len(names), len(anchors), -1)
         return TextEmbeddings(raw, F.normalize(raw, dim=-1), anchor_emb)
 
 
 def text_embeddings_cached(teacher: ClipTeacher, classes: Sequence[str], templates: Sequence[str],
-                           anchors: Sequence[str], folders: Sequence[Path]) -> TextEmbeddings:
+                           anchors: Sequence[str], folders: Sequence[Path],
+                           verbatim: bool = False) -> TextEmbeddings:
     """Text embeddings from the first folder holding them under their key, else computed and stored in all.
 
     The key covers teacher identity, templates, class names and anchors, so a resumed run (run dir)
@@ -124,13 +132,15 @@ def text_embeddings_cached(teacher: ClipTeacher, classes: Sequence[str], templat
 
     key_data = {"teacher": teacher.identity, "templates": list(templates), "classes": list(classes),
                 "anchors": list(anchors)}
+    if verbatim:  # only then, so the keys of embeddings cached before the option stay valid
+        key_data["prompt_names"] = "verbatim"
     key = cache_key(**key_data)[:16]
     for folder in folders:
         path = folder / f"text-{key}.safetensors"
         if path.is_file():
             t = load_file(str(path))
             return TextEmbeddings(t["raw_prototypes"], t["prototypes"], t["anchors"])
-    emb = teacher.text_embeddings(classes, templates, anchors)
+    emb = teacher.text_embeddings(classes, templates, anchors, verbatim)
     for folder in folders:
         save_tensors(folder / f"text-{key}.safetensors",
                      {"raw_prototypes": emb.raw_prototypes, "prototypes": emb.prototypes,
