@@ -235,8 +235,6 @@ def train_run(recipe: Recipe, *, recipe_name: str = "recipe", run_dir: Path | No
     # An unknown loss.method, or a head the method cannot train, stops here, before anything is
     # written; the run's recipe.yaml names the method and head it trained with.
     recipe, notes = resolved(recipe)
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
     device = _device(recipe.train.device)
     dist = Distributed.from_env(device.type)
     if dist.enabled and device.type == "cuda":
@@ -246,13 +244,14 @@ def train_run(recipe: Recipe, *, recipe_name: str = "recipe", run_dir: Path | No
     try:
         with run_lock(path, "train") if dist.is_main else contextlib.nullcontext():
             return _train(recipe, recipe_name, run_dir, resume, progress and dist.is_main, device,
-                          dist, cache_dir)
+                          dist, cache_dir, notes)
     finally:
         dist.close()
 
 
 def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool, progress: bool,
-           device: torch.device, dist: Distributed, cache_dir: Path | None) -> TrainResult:
+           device: torch.device, dist: Distributed, cache_dir: Path | None,
+           notes: list[str]) -> TrainResult:
     started = time.perf_counter()
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -277,6 +276,9 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
         cache_dir = cache_root() / "text_embeddings"
 
     objective, student, pre = _objective(recipe, splits, device, path, cache_dir)
+    if dist.is_main:  # once everything is checked and training is about to start
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
     student.to(device)
     if device.type == "cuda" and recipe.train.channels_last:
         student.to(memory_format=torch.channels_last)
