@@ -86,7 +86,7 @@ def train_cli_args(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
 def recipe_file(tmp_path: Path) -> Path:
     """A minimal ERM recipe file (cross-entropy only); the rest comes from train_cli_args."""
     path = tmp_path / "erm.yaml"
-    path.write_text("loss:\n  w_ce: 1.0\n")
+    path.write_text("loss:\n  method: erm\n  w_ce: 1.0\n")
     return path
 
 

@@ -62,7 +62,14 @@ class RunResult:
 
     @property
     def label(self) -> str:
-        return self.method.upper() + (f" ({self.variant})" if self.variant else "")
+        """The row's key in the tables: the method's name, with the compared fields' values."""
+        return self.method + (f" ({self.variant})" if self.variant else "")
+
+
+def display(label: str) -> str:
+    """A row's key as the tables print it: 'rise (head=split)' -> 'RISE (head=split)'."""
+    method, _, rest = label.partition(" ")
+    return method.upper() + (f" {rest}" if rest else "")
 
 
 def _mean_se(values: list[float]) -> tuple[float, float, int]:
@@ -207,7 +214,7 @@ def to_markdown(data: dict[str, Any]) -> str:
                   + " | Avg |", "|---|---|" + "---|" * (len(targets) + 1)]
         for method, rows in table["methods"].items():
             for selection, row in rows.items():
-                lines.append(f"| {method} | {SELECTIONS[selection]} | "
+                lines.append(f"| {display(method)} | {SELECTIONS[selection]} | "
                              + " | ".join(_cell(row.get(t)) for t in targets)
                              + f" | {_cell(row.get('avg'))} |")
         lines.append("")
@@ -245,7 +252,7 @@ def _plot(data: dict[str, Any], path: Path) -> None:
             means = [row.get(t, [math.nan])[0] for t in targets]
             errors = [(row.get(t, [0, 0])[1] or 0) for t in targets]
             ax.bar([x + i * width for x in range(len(targets))], means, width, yerr=errors,
-                   label=method, capsize=3)
+                   label=display(method), capsize=3)
         ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(targets))], targets)
         ax.set_ylabel("top-1 % on the held-out domain")
         ax.set_title(f"{dataset}: training-domain validation")

@@ -202,8 +202,6 @@ def train_run(recipe: Recipe, *, recipe_name: str = "recipe", run_dir: Path | No
     # An unknown loss.method, or a head the method cannot train, stops here, before anything is
     # written; the run's recipe.yaml names the method and head it trained with.
     recipe, notes = resolved(recipe)
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
     device = _device(recipe.train.device)
     dist = Distributed.from_env(device.type)
     if dist.enabled and device.type == "cuda":
@@ -213,13 +211,14 @@ def train_run(recipe: Recipe, *, recipe_name: str = "recipe", run_dir: Path | No
     try:
         with run_lock(path, "train") if dist.is_main else contextlib.nullcontext():
             return _train(recipe, recipe_name, run_dir, resume, progress and dist.is_main, device,
-                          dist, cache_dir)
+                          dist, cache_dir, notes)
     finally:
         dist.close()
 
 
 def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool, progress: bool,
-           device: torch.device, dist: Distributed, cache_dir: Path | None) -> TrainResult:
+           device: torch.device, dist: Distributed, cache_dir: Path | None,
+           notes: list[str]) -> TrainResult:
     started = time.perf_counter()
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -227,16 +226,10 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
                                                             progress, dist, cache_dir)
 
     objective, student, pre = _objective(recipe, splits, device, path, cache_dir)
-    student.to(device)
-    if device.type == "cuda" and recipe.train.channels_last:
-        student.to(memory_format=torch.channels_last)
-    model: nn.Module = student
-    if dist.enabled:
-        # The split head's projector gets no gradient where no language term uses it (ERM, KD,
-        # RISE with w_dist = 0): DDP must be told, or it waits for that gradient forever.
-        model = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=recipe.student.head == "split")
+    if dist.is_main:  # once everything is checked and training is about to start
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    model = _placed(student, recipe, device, dist)
     optimizer = build_optimizer(recipe.optim, (p for p in student.parameters() if p.requires_grad))
     scaler, autocast = _mixed_precision(recipe, device)
 
@@ -308,6 +301,21 @@ def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
     if device.type == "cuda" and channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels
+
+
+def _placed(student: Student, recipe: Recipe, device: torch.device, dist: Distributed) -> nn.Module:
+    """The student on its device (channels-last on CUDA when asked), wrapped in DDP under torchrun;
+    the student itself stays the module that is saved and selected."""
+    student.to(device)
+    if device.type == "cuda" and recipe.train.channels_last:
+        student.to(memory_format=torch.channels_last)
+    if not dist.enabled:
+        return student
+    # The split head's projector gets no gradient where no language term uses it (ERM, KD,
+    # RISE with w_dist = 0): DDP must be told, or it waits for that gradient forever.
+    return nn.parallel.DistributedDataParallel(
+        student, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=recipe.student.head == "split")
 
 
 def _prepare_run(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
