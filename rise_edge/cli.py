@@ -424,4 +424,8 @@ def list_data(root: Path | None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as `python -m rise_edge.cli`, this file is `__main__`, a second copy of the module: plugins
+    # register their commands on rise_edge.cli's group (the demo's included), so run that one.
+    from rise_edge.cli import main as installed_main
+
+    installed_main()

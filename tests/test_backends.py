@@ -150,3 +150,15 @@ def test_a_broken_plugin_is_one_line(monkeypatch) -> None:
     result = CliRunner().invoke(main, ["recipes"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "plugin 'broken'" in result.output and "fix or uninstall it" in result.output
+
+
+def test_python_m_rise_edge_cli_has_the_plugins_commands() -> None:
+    """`python -m rise_edge.cli demo` once said 'No such command': the plugin registered on the
+    imported module while the run used the __main__ copy."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "rise_edge.cli", "demo", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "demo world" in result.stdout
