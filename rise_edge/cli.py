@@ -272,6 +272,8 @@ def list_backends() -> None:
             why = why_unavailable(artefact.name)
             click.echo(f"  {artefact.name:<22} {artefact.precision:<5} {artefact.filename:<32} "
                        f"{'ok' if why is None else 'unavailable'}")
+    click.echo("triton, deepstream: serving bundles of what export made (rise-edge export RUN "
+               "--format triton; docs/serving.md)")
 
 
 # -- bench command --
