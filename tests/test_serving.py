@@ -231,21 +231,26 @@ for arg in "$@"; do
 done
 """
 FAKE_AUTOCAST = r"""#!/usr/bin/env bash
-# python -m modelopt.onnx.autocast --onnx_path IN --output_path OUT, as the script calls it.
+# python -m modelopt.onnx.autocast --onnx_path IN --output_path OUT ..., as the script calls it.
+printf '%s\n' "$@" '----' >>"$FAKE_TRTEXEC_LOG.autocast"
 [ "$2" = modelopt.onnx.autocast ] && cp "$4" "$6"
 """
 
 
-def _build(bundle: Path, tmp_path: Path, code: str, *args: str, fallback: int = 0
-           ) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
-    """Run a fresh copy of the bundle's build_engine.sh with a fake trtexec of version `code`."""
-    work = Path(shutil.copytree(bundle, tmp_path / f"bundle-{code}-{len(args)}"))
+def _build(bundle: Path, tmp_path: Path, code: str, *args: str, fallback: int = 0,
+           damage: str | None = None) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """Run a fresh copy of the bundle's build_engine.sh with a fake trtexec of version `code`
+    (`damage`: a bundle file cut in half first)."""
+    work = Path(shutil.copytree(bundle, tmp_path / f"bundle-{code}-{len(args)}-{damage is None}"))
+    if damage is not None:
+        data = (work / damage).read_bytes()
+        (work / damage).write_bytes(data[:len(data) // 2])
     fake = tmp_path / "bin"
     fake.mkdir(exist_ok=True)
     for name, text in (("trtexec", FAKE_TRTEXEC), ("fake-python", FAKE_AUTOCAST)):
         (fake / name).write_text(text)
         (fake / name).chmod(0o755)
-    log = tmp_path / f"trtexec-{code}-{len(args)}.log"
+    log = tmp_path / f"trtexec-{code}-{len(args)}-{damage is None}.log"
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "FAKE_TRTEXEC_LOG": str(log),
            "FAKE_TRT_CODE": code, "FAKE_FALLBACK": str(fallback), "PYTHON": str(fake / "fake-python")}
     env.pop("TRT_VERSION", None)
@@ -300,6 +305,15 @@ def test_build_engine_uses_tensorrt_11s_strongly_typed_path(bundle: Path, tmp_pa
     fp16 = _call_for(calls, "run_trt_fp16/1/.model.plan")
     assert "--onnx=cache/model.fp32.fp16-autocast.onnx" in fp16  # an FP16 graph from AutoCast
     assert "--onnx=engines/model.int8-qdq.onnx" in _call_for(calls, "run_trt_int8/1/.model.plan")
+    autocast = (tmp_path / "trtexec-110000-0-True.log.autocast").read_text().split("----")
+    assert all({"--low_precision_type", "fp16", "--keep_io_types"} <= set(c.split()) for c in
+               autocast if c.strip())  # FP32 I/O, as config.pbtxt declares
+
+
+def test_build_engine_refuses_graphs_that_differ_from_the_manifest(bundle: Path, tmp_path: Path
+                                                                   ) -> None:
+    done, calls = _build(bundle, tmp_path, "100300", damage="engines/model.fp32.onnx")
+    assert done.returncode == 2 and "graphs differ from SHA256SUMS" in done.stderr and not calls
 
 
 def test_build_engine_reports_dla_gpu_fallback_and_refuses_dla_where_tensorrt_has_none(

@@ -22,7 +22,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -38,6 +38,7 @@ BUNDLE_DIR = "bundle"  # default place: <run>/bundle/
 ENGINES_TSV = "engines.tsv"
 BUILD_SCRIPT = "build_engine.sh"
 INPUT_NAME, LOGITS_NAME = "images", "logits"  # what export names the graph's I/O
+Log = Callable[[str], None]
 RECORD_ON_DEVICE = [
     "the power mode: sudo nvpmodel -q (latency and power change with it)",
     "whether clocks are locked: sudo jetson_clocks --show (run sudo jetson_clocks before timing)",
@@ -191,7 +192,7 @@ def _copy_graph(src: Path, dst: Path, embedding: bool) -> None:
         shutil.copyfile(src, dst)
 
 
-def _engine_sources(root: Path, served: list[selection.Served], embedding: bool, log
+def _engine_sources(root: Path, served: list[selection.Served], embedding: bool, log: Log
                     ) -> dict[str, Path]:
     """engines/<graph>.onnx for each export artefact an engine is built from (bundle-relative)."""
     out: dict[str, Path] = {}
@@ -211,7 +212,7 @@ def _chw(spec: graphs.TensorSpec) -> str:
 
 def _triton_model(root: Path, s: selection.Served, base: str, classes: list[str],
                   profile: tuple[int, ...], embedding: bool, sources: dict[str, Path],
-                  engines: list[list[str]], log) -> dict[str, Any]:
+                  engines: list[list[str]], log: Log) -> dict[str, Any]:
     kind = {"onnx-fp32": "fp32", "onnx-int8": "int8", "onnx-int8-qat-cpu": "int8_qat"}
     name = (f"{base}_onnx_{kind[s.name]}" if s.runtime == "onnx" else f"{base}_trt_{s.precision}")
     folder = root / "triton" / name
@@ -241,7 +242,7 @@ def _triton_model(root: Path, s: selection.Served, base: str, classes: list[str]
 
 def _deepstream(root: Path, served: list[selection.Served], pre: dict[str, Any],
                 classes: list[str], profile: tuple[int, ...], base: str,
-                engines: list[list[str]], log) -> dict[str, Any]:
+                engines: list[list[str]], log: Log) -> dict[str, Any]:
     """The nvinfer classifier on the fastest engine served (INT8, else FP16, else FP32)."""
     by_precision = {s.precision: s for s in served if s.runtime == "tensorrt"}
     s = next(by_precision[p] for p in selection.ENGINE_PRECISION_ORDER if p in by_precision)
