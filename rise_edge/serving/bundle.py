@@ -28,9 +28,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import rise_edge.serving.deepstream as deepstream
+import rise_edge.serving.graphs as graphs
+import rise_edge.serving.selection as selection
+import rise_edge.serving.triton as triton
 from rise_edge.errors import UserError
 from rise_edge.files import file_sha256, write_text_atomic
-from rise_edge.serving import deepstream, graphs, selection, triton
 from rise_edge.serving.manifest import check_replaceable, replace_whole, write_manifest
 
 SERVING_FORMATS = ("triton", "deepstream")
