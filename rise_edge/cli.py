@@ -195,6 +195,9 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
     from rise_edge.serving import split_formats
 
     artefact_formats, bundle_formats = split_formats(formats, export_formats())
+    if not bundle_formats and (serve or bundle_dir or model_name or embedding):
+        raise UserError("--serve, --bundle-dir, --model-name and --embedding go with --format "
+                        "triton or --format deepstream")
     unavailable: list[str] = []
     if artefact_formats or not bundle_formats:
         unavailable = _export_artefacts(
@@ -218,12 +221,10 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
             click.echo(f"note: {note}", err=True)
         click.echo(f"bundle: {bundle.path} (manifest.json; on the device: ./build_engine.sh)")
         missing = bundle.missing
-    elif serve or bundle_dir or model_name or embedding:
-        raise UserError("--serve, --bundle-dir, --model-name and --embedding go with --format "
-                        "triton or --format deepstream")
+    if unavailable:
+        click.echo(f"note: {', '.join(unavailable)} cannot be made on this machine (reasons "
+                   "above); the other artefacts are done", err=True)
     if unavailable or missing:  # scripts must notice that what they asked for was not made
-        click.echo(f"note: {', '.join([*unavailable, *missing])} cannot be made on this machine "
-                   "(reasons above); the other artefacts are done", err=True)
         sys.exit(EXIT_UNAVAILABLE)
 
 

@@ -384,6 +384,11 @@ def test_bad_requests_get_one_line_and_the_readme_exit_codes(run_copy: Path, tmp
     assert len(result.output.strip().splitlines()) == 1
     result = _cli(run, "--format", "deepstream", "--serve", "onnx-fp32")
     assert result.exit_code == 2 and "TensorRT" in result.output
+    result = _cli(run, "--format", "triton", "--int8")  # packaging makes no artefact
+    assert result.exit_code == 2 and "only packages what export made" in result.output
+    result = _cli(run, "--serve", "onnx-fp32")  # checked before anything is exported
+    assert result.exit_code == 2 and "go with --format triton" in result.output
+    assert "artefact" not in result.output
 
     export_json = run_copy / EXPORT_DIR / EXPORT_JSON
     document = json.loads(export_json.read_text())
