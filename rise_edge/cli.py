@@ -181,7 +181,8 @@ def recipes() -> None:
               help="With --format triton/deepstream: stem of the served models' names (default: the "
                    "run directory's name).")
 @click.option("--embedding", is_flag=True, default=False,
-              help="With --format triton: serve the student's embedding beside the logits.")
+              help="With --format triton: serve the classifier's input (the student's embedding) "
+                   "beside the logits.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @_user_errors
 def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: bool | None,

@@ -362,9 +362,11 @@ def test_embedding_is_served_beside_the_logits(run_copy: Path, tiny_data_root: P
                                    providers=["CPUExecutionProvider"])
     images = _images(tiny_data_root, run_copy)
     logits, embedding = session.run(["logits", "embedding"], {"images": images})
-    run = open_run(run_copy)
-    with torch.no_grad():
-        z, expected = run.student(torch.from_numpy(images), with_embedding=True)
+    student = open_run(run_copy).student
+    with torch.no_grad():  # the classifier's input: z on a rise head, the backbone feature h else
+        h = student.backbone(torch.from_numpy(images))
+        z = student.projector(h) if student.head_spec.kind == "rise" else h
+        expected = student(torch.from_numpy(images))
     assert list(config.output[1].dims) == [z.shape[1]]
     assert np.abs(embedding - z.numpy()).max() < 1e-4
     assert np.abs(logits - expected.numpy()).max() < 1e-3

@@ -87,7 +87,8 @@ def package_run(run_dir: str | Path, formats: Sequence[str], *, serve: Sequence[
     """Lay out a serving bundle for `formats` (SERVING_FORMATS) from RUN_DIR's export.
 
     serve: export artefacts to serve (selection.SERVABLE); default: selection.default_names.
-    embedding: also serve the student's embedding z beside the logits (Triton models only: nvinfer's
+    embedding: also serve the classifier's input beside the logits (z for the rise head, the
+    backbone feature h for linear and split heads; Triton models only: nvinfer's
     classifier parser would read a second output as a second classifier).
     """
     from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, read_export_record,

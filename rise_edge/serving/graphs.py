@@ -64,7 +64,8 @@ def _producers(graph) -> dict[str, object]:
 
 def add_embedding_output(src: Path, dst: Path, logits_name: str = "logits") -> int:
     """Copy `src` to `dst` with a second output `embedding` (N, D): the input of the classifier layer
-    that makes the logits (the student's z), traced back through Q/DQ pairs so an INT8 graph serves
+    that makes the logits (z for the rise head, the pooled backbone feature h for linear and split
+    heads, whose projection the exported graph never computes), traced back through Q/DQ pairs so an INT8 graph serves
     its float embedding. Returns D. A graph whose logits do not come from a Gemm or MatMul raises."""
     import onnx
     from onnx import helper, shape_inference
