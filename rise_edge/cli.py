@@ -148,7 +148,8 @@ def recipes() -> None:
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--format", "formats", multiple=True, metavar="FORMAT",
               help="Artefacts to make: a backend's format (onnx, tensorrt, ...: see `rise-edge "
-                   "backends`) or all (repeatable; default: the recipe's export.formats).")
+                   "backends`) or all; or a serving bundle of what export made: triton, deepstream "
+                   "(repeatable; default: the recipe's export.formats).")
 @click.option("--fp16/--no-fp16", default=None, help="Also make FP16 artefacts (GPU formats).")
 @click.option("--int8/--no-int8", default=None,
               help="Also make INT8 artefacts (ONNX Runtime CPU; TensorRT Q/DQ and engine).")
@@ -168,22 +169,74 @@ def recipes() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="export.KEY=VALUE",
               help="Override an export field, e.g. --set export.opset=17, or give the data's new "
                    "root after it moved: --set data.root=PATH (repeatable).")
+@click.option("--serve", "serve", multiple=True, metavar="ARTEFACT",
+              help="With --format triton/deepstream: an artefact to serve (onnx-fp32, onnx-int8, "
+                   "onnx-int8-qat-cpu, tensorrt-fp32, tensorrt-fp16, tensorrt-int8; repeatable; "
+                   "default: FP32, the recommended CPU INT8 and the TensorRT engines export can "
+                   "build).")
+@click.option("--bundle-dir", type=click.Path(path_type=Path), default=None,
+              help="With --format triton/deepstream: where the bundle goes (default: RUN_DIR/bundle; "
+                   "an earlier bundle there is replaced whole).")
+@click.option("--model-name", default=None,
+              help="With --format triton/deepstream: stem of the served models' names (default: the "
+                   "run directory's name).")
+@click.option("--embedding", is_flag=True, default=False,
+              help="With --format triton: serve the classifier's input (the student's embedding) "
+                   "beside the logits.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @_user_errors
 def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: bool | None,
            calibration_method: str | None, calibration_size: int | None, budget: float | None,
            fold_preprocessing: bool | None, qat: bool | None, qat_steps: int | None,
-           overrides: tuple[str, ...], quiet: bool) -> None:
-    """Export the trained student of RUN_DIR (ONNX, INT8, TensorRT) into RUN_DIR/export/."""
+           overrides: tuple[str, ...], serve: tuple[str, ...], bundle_dir: Path | None,
+           model_name: str | None, embedding: bool, quiet: bool) -> None:
+    """Export the trained student of RUN_DIR (ONNX, INT8, TensorRT) into RUN_DIR/export/; with
+    --format triton or deepstream, also lay out a serving bundle from what export made."""
+    from rise_edge.backends import export_formats
+    from rise_edge.serving import split_formats
+
+    artefact_formats, bundle_formats = split_formats(formats, export_formats())
+    if not bundle_formats and (serve or bundle_dir or model_name or embedding):
+        raise UserError("--serve, --bundle-dir, --model-name and --embedding go with --format "
+                        "triton or --format deepstream")
+    unavailable: list[str] = []
+    if artefact_formats or not bundle_formats:
+        unavailable = _export_artefacts(
+            run_dir, artefact_formats, quiet, overrides, fp16=fp16, int8=int8,
+            calibration_method=calibration_method, calibration_size=calibration_size,
+            accuracy_budget=budget, fold_preprocessing=fold_preprocessing,
+            qat=None if qat is None else ("on" if qat else "off"), qat_steps=qat_steps)
+    elif overrides or any(v is not None for v in (fp16, int8, calibration_method, calibration_size,
+                                                  budget, fold_preprocessing, qat, qat_steps)):
+        raise UserError("export options make artefacts, and --format triton/deepstream only "
+                        "packages what export made: add the artefact's format too (e.g. --format "
+                        "onnx --format triton) or export first")
+    missing: dict[str, str] = {}
+    if bundle_formats:
+        from rise_edge.serving import package_run
+
+        bundle = package_run(run_dir, bundle_formats, serve=serve, bundle_dir=bundle_dir,
+                             model_name=model_name, embedding=embedding, progress=not quiet)
+        click.echo(bundle.table())
+        for note in bundle.notes:
+            click.echo(f"note: {note}", err=True)
+        click.echo(f"bundle: {bundle.path} (manifest.json; on the device: ./build_engine.sh)")
+        missing = bundle.missing
+    if unavailable:
+        click.echo(f"note: {', '.join(unavailable)} cannot be made on this machine (reasons "
+                   "above); the other artefacts are done", err=True)
+    if unavailable or missing:  # scripts must notice that what they asked for was not made
+        sys.exit(EXIT_UNAVAILABLE)
+
+
+def _export_artefacts(run_dir: Path, formats: list[str], quiet: bool, overrides: tuple[str, ...],
+                      **flags: Any) -> list[str]:
+    """Run export as asked; exit 1 when an artefact failed; returns the unavailable ones."""
     from rise_edge.export.driver import export_run, recommended_int8, resolve_export_config
     from rise_edge.run_dir import open_run
 
     data_root, overrides = _data_root(overrides)
-    cfg = resolve_export_config(
-        open_run(run_dir), overrides, formats=list(formats) or None, fp16=fp16, int8=int8,
-        calibration_method=calibration_method, calibration_size=calibration_size,
-        accuracy_budget=budget, fold_preprocessing=fold_preprocessing,
-        qat=None if qat is None else ("on" if qat else "off"), qat_steps=qat_steps)
+    cfg = resolve_export_config(open_run(run_dir), overrides, formats=formats or None, **flags)
     result = export_run(run_dir, cfg, progress=not quiet, data_root=data_root)
     click.echo(result.table())
     click.echo(f"artefacts and metadata: {result.path}")
@@ -202,11 +255,7 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
         click.echo(f"error: {len(result.failed)} artefact(s) failed: {', '.join(result.failed)}",
                    err=True)
         sys.exit(1)
-    unavailable = [n for n in result.attempted if result.artefacts[n]["status"] == "unavailable"]
-    if unavailable:  # scripts must notice that what they asked for was not made
-        click.echo(f"note: {', '.join(unavailable)} cannot be made on this machine (reasons above); "
-                   "the other artefacts are done", err=True)
-        sys.exit(EXIT_UNAVAILABLE)
+    return [n for n in result.attempted if result.artefacts[n]["status"] == "unavailable"]
 
 
 @main.command("backends")
@@ -225,6 +274,8 @@ def list_backends() -> None:
             why = why_unavailable(artefact.name)
             click.echo(f"  {artefact.name:<22} {artefact.precision:<5} {artefact.filename:<32} "
                        f"{'ok' if why is None else 'unavailable'}")
+    click.echo("triton, deepstream: serving bundles of what export made (rise-edge export RUN "
+               "--format triton; docs/serving.md)")
 
 
 # -- bench command --

@@ -14,8 +14,9 @@ PACKAGE = REPO / "rise_edge"
 # The order data flows in (style.md): a module imports only from its own stage or a lower one.
 # The core's table-like modules sit at the bottom. The run directory (rise_edge.run_dir) is the
 # hand-off from train to export and bench: training writes it and it rebuilds the student, so it
-# ranks with train. The command line is the top, and the demo a plugin above everything.
-STAGES = ("core", "data", "train", "export", "backends", "bench", "sweep", "cli", "demo")
+# ranks with train. Serving packages what export made and judged into bundles for the device. The
+# command line is the top, and the demo a plugin above everything.
+STAGES = ("core", "data", "train", "export", "backends", "bench", "serving", "sweep", "cli", "demo")
 CORE = {"rise_edge", "rise_edge.errors", "rise_edge.files", "rise_edge.config", "rise_edge.plugins",
         "rise_edge.registry", "rise_edge.backend_table"}
 # Old flat paths kept so plugins written before the layout still import; they belong to train.
