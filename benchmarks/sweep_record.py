@@ -123,6 +123,8 @@ def to_record_markdown(record: dict) -> str:
     lines = [f"# {record['name']}: {datasets}, every domain held out in turn "
              f"({len(collected['runs'])} runs)", "",
              f"Command: `{record['command']}`  ",
+             *([f"Tables collected again with `{record['recollected_with']}` (how the runs are read "
+                "changed, not the runs).  "] if record.get("recollected_with") else []),
              f"Machine: {machine['cpu']}, {machine['logical_cores']} logical cores, no GPU; "
              f"{record['workers']} runs at once, {record['threads_per_run']} thread each.  ",
              "Versions: " + ", ".join(f"{k} {versions[k]}" for k in (
@@ -151,13 +153,31 @@ def to_record_markdown(record: dict) -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--render"]:  # rewrite a record's Markdown from its JSON
-        # --render RECORD.json [...] [--choose FIELD]: (re)computes the choice from the record's runs
-        paths, field = sys.argv[2:], None
-        if "--choose" in paths:
-            at = paths.index("--choose")
-            field, paths = paths[at + 1], paths[:at] + paths[at + 2:]
-        for path in map(Path, paths):
+        # --render RECORD.json [...] [--choose FIELD] [--recollect SWEEP_FILE]: --choose (re)computes
+        # the choice from the record's runs; --recollect writes the sweep's copy beside its runs again
+        # and collects them again (the runs as they are; the record's timings are kept), after a
+        # change to how the copy or collect is written.
+        args = sys.argv[2:]
+        options = {}
+        for flag in ("--choose", "--recollect"):
+            if flag in args:
+                at = args.index(flag)
+                options[flag], args = args[at + 1], args[:at] + args[at + 2:]
+        field = options.get("--choose")
+        for path in map(Path, args):
             record = json.loads(path.read_text())
+            if "--recollect" in options:
+                import dataclasses
+
+                from rise_edge.sweep.launch import _write_copy
+
+                folder = Path(record["collected"]["folder"])
+                sweep = dataclasses.replace(load_sweep(Path(options["--recollect"])), output_dir=folder)
+                _write_copy(sweep)
+                record["collected"] = collect(folder)
+                record["sweep_file"] = Path(options["--recollect"]).read_text()
+                record["recollected_with"] = shlex.join(["python", "benchmarks/sweep_record.py",
+                                                         *sys.argv[1:]])
             if field:
                 record["choice"] = choose(record["collected"]["runs"], field)
                 path.write_text(json.dumps(record, indent=2) + "\n")

@@ -4,6 +4,7 @@ retrained), then collected into tables whose numbers are the runs' own."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -229,7 +230,15 @@ def test_tied_grid_fields_expand_as_one_choice_each(tmp_path: Path, tiny_data_ro
     sweep_file.write_text("base: base.yaml\ntargets: [sketch]\nseeds: [0]\ngrid:\n  weights:\n"
                           "    - {loss.w_kd: 0.9, loss.w_ce: 0.1}\n    - {loss.w_kd: 0.8, loss.w_ce: 0.2}\n"
                           "  optim.lr: [0.1, 0.2]\ncompare: [optim.lr]\n")
-    runs = expand(load_sweep(sweep_file))
+    sweep = load_sweep(sweep_file)
+    assert sweep.compare == ("optim.lr",)
+    runs = expand(sweep)
+    # The copy beside the runs (what collect reads) keeps the compared fields.
+    from rise_edge.sweep.launch import SWEEP_COPY, _write_copy
+
+    _write_copy(dataclasses.replace(sweep, output_dir=tmp_path / "out"))
+    copy = load_sweep(tmp_path / "out" / SWEEP_COPY)
+    assert copy.compare == ("optim.lr",) and copy.hash == sweep.hash
     assert [r.point for r in runs] == [
         {"loss.w_kd": 0.9, "loss.w_ce": 0.1, "optim.lr": 0.1},
         {"loss.w_kd": 0.9, "loss.w_ce": 0.1, "optim.lr": 0.2},

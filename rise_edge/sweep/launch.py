@@ -376,6 +376,7 @@ def _write_copy(sweep: Sweep) -> None:
     write_text_atomic(sweep.output_dir / SWEEP_COPY, yaml.safe_dump({
         "base": BASE_COPY, "targets": list(sweep.targets), "seeds": list(sweep.seeds),
         "grid": {k: list(v) for k, v in sweep.grid.items()}, "set": sweep.fixed,
+        "compare": list(sweep.compare),
         "export": sweep.export if sweep.export is not None else False,
         "bench": sweep.bench if sweep.bench is not None else False,
         "output_dir": str(sweep.output_dir)}, sort_keys=False))
