@@ -318,3 +318,37 @@ def test_every_onnx_layer_maps_back_to_its_module(arch: str, tmp_path: Path) -> 
     for layer in layers:
         module = modules[module_of_onnx_node(student, layer)]
         assert isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)), layer
+
+
+def test_onnxruntime_without_a_calibration_cache_still_quantizes(tmp_path: Path, monkeypatch) -> None:
+    """quantize_static's calibration_cache_path came with onnxruntime 1.28; with an older one (its
+    signature lacks it) INT8 export calibrates every time instead of failing with a TypeError."""
+    import types
+
+    import rise_edge.backends.onnxruntime.int8 as int8
+
+    real = int8._ort_quantization()
+
+    def quantize_static(model_input, model_output, calibration_data_reader=None, quant_format=None,
+                        per_channel=False, reduce_range=False, activation_type=None,
+                        weight_type=None, nodes_to_exclude=None, calibrate_method=None,
+                        extra_options=None):  # onnxruntime 1.22's parameters (no cache)
+        assert calibration_data_reader is not None  # nothing cached to stand in for calibration
+        return real.quantize_static(model_input, model_output, calibration_data_reader,
+                                    quant_format=quant_format, per_channel=per_channel,
+                                    reduce_range=reduce_range, activation_type=activation_type,
+                                    weight_type=weight_type, nodes_to_exclude=nodes_to_exclude,
+                                    calibrate_method=calibrate_method, extra_options=extra_options)
+
+    old = types.SimpleNamespace(**{n: getattr(real, n) for n in dir(real) if not n.startswith("_")})
+    old.quantize_static = quantize_static
+    monkeypatch.setattr(int8, "_ort_quantization", lambda: old)
+    student = _tf_padding_student()
+    images = np.random.default_rng(0).standard_normal((8, 3, SIZE, SIZE)).astype(np.float32)
+    static, _ = with_static_padding(student, SIZE)
+    fp32 = tmp_path / "static.onnx"
+    export_graph(static, torch.randn(2, 3, SIZE, SIZE), fp32, 18)
+    for _ in range(2):  # twice: the second must calibrate again, not look for a cache
+        _quantize(fp32, tmp_path / "int8.onnx", images, tmp_path)
+    assert onnx.load(str(tmp_path / "int8.onnx")).graph.node
+    assert not list(tmp_path.glob("ort-ranges-*.json"))

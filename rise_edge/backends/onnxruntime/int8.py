@@ -14,6 +14,7 @@ without re-running calibration, and a changed model, image or method never reuse
 
 from __future__ import annotations
 
+import inspect
 import math
 import platform
 import shutil
@@ -161,7 +162,10 @@ class CpuQuantizer:
     def quantize(self, out_path: Path, *, exclude: Sequence[str] = ()) -> None:
         """Write a QDQ model to out_path; the real layers in `exclude` stay FP32, inputs included."""
         q = _ort_quantization()
-        cached = self.cache_path.is_file()
+        # ONNX Runtime's calibration cache (quantize_static's calibration_cache_path) exists from
+        # 1.28 on; before it every quantization calibrates again: slower, the same model.
+        can_cache = "calibration_cache_path" in inspect.signature(q.quantize_static).parameters
+        cached = can_cache and self.cache_path.is_file()
         # The histogram calibrators (entropy, percentile) stack every batch's activations into one
         # array, so their batches must be equal: one image each. Calibrating in strides bounds the
         # activations held at once (ResNet-18 at 224 px: ~20 MB per image).
@@ -189,7 +193,8 @@ class CpuQuantizer:
                                "ActivationSymmetric": self.settings.symmetric_activations,
                                "WeightSymmetric": True,
                                "CalibTensorRangeSymmetric": self.settings.symmetric_activations},
-                calibration_cache_path=str(self.cache_path if cached else new_cache),
+                **({"calibration_cache_path": str(self.cache_path if cached else new_cache)}
+                   if can_cache else {}),
             )
             if not cached and new_cache.is_file():
                 new_cache.replace(self.cache_path)
