@@ -421,7 +421,12 @@ def _resolve_root(root: Path | None) -> Path:
     if not text:
         raise UserError(f"no data root: give --root DIR or set {DATA_ENV} (recipes read data sets "
                         "from the same place)")
-    return Path(text).expanduser()
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        given = "--root" if root is not None else DATA_ENV
+        raise UserError(f"data root {path} ({given}) is a file, not a folder; point it at the folder "
+                        "that holds (or will hold) the data sets")
+    return path
 
 
 @data.command("download")

@@ -33,6 +33,10 @@ CLIP_TEMPLATES: tuple[str, ...] = (
 )
 
 
+# Seeds reach torch, numpy and random: 2**32 - 1 is the largest every one of them takes.
+SEED_MAX = 2**32 - 1
+
+
 def _f(default: Any, help: str, **bounds: float) -> Any:
     """A dataclass field with a help text and optional numeric bounds (min, max, gt)."""
     return field(default=default, metadata={"help": help, **bounds})
@@ -51,7 +55,7 @@ class DataConfig:
                           "a relative path is taken from the data root")
     val_fraction: float = _f(0.1, "seeded holdout of each source domain when no split lists are given",
                              gt=0.0, max=0.9)
-    split_seed: int = _f(0, "seed of the validation holdout", min=0)
+    split_seed: int = _f(0, "seed of the validation holdout", min=0, max=SEED_MAX)
     skip_bad_images: bool = _f(False, "skip unreadable images (counted in the log) instead of stopping")
     num_workers: int = _f(2, "DataLoader worker processes that decode images", min=0)
 
@@ -124,7 +128,7 @@ class TrainConfig:
     batch_size: int = _f(128, "global batch size (split across processes); last partial batch dropped",
                          min=1)
     eval_every: int = _f(0, "evaluate every N steps (0: once per epoch)", min=0)
-    seed: int = _f(0, "seed of initialisation, data order and augmentation", min=0)
+    seed: int = _f(0, "seed of initialisation, data order and augmentation", min=0, max=SEED_MAX)
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train (auto: CUDA when present)")
     precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "autocast precision on CUDA")
     channels_last: bool = _f(True, "channels_last memory format on CUDA")
@@ -160,7 +164,7 @@ class ExportConfig:
                                   "(input: uint8 NHWC)")
     parity_tolerance: float = _f(1e-3, "largest max-abs logit difference ONNX vs PyTorch", gt=0.0)
     calibration_seed: int = _f(0, "seed of the calibration images' shuffle within each "
-                               "(domain, class) cell", min=0)
+                               "(domain, class) cell", min=0, max=SEED_MAX)
     batch_profile: tuple[int, ...] = _f((1, 8, 32), "TensorRT dynamic-batch optimisation profile: "
                                         "min, opt, max batch")
     qat: Literal["off", "on", "auto"] = _f(
@@ -375,7 +379,15 @@ def _coerce(value: Any, hint: Any) -> Any:
                 return result
         return _INVALID
     if origin is Literal:
-        return value if value in typing.get_args(hint) else _INVALID
+        choices = typing.get_args(hint)
+        if isinstance(value, bool):
+            # YAML 1.1 reads a bare on/off, yes/no or true/false as a boolean: for a field whose
+            # choices are words of such a pair, the boolean means the word (export.qat: off).
+            for yes, no in (("on", "off"), ("yes", "no"), ("true", "false")):
+                if yes in choices and no in choices:
+                    return yes if value else no
+            return _INVALID
+        return value if value in choices else _INVALID
     if origin is tuple:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # a single item where a list is expected

@@ -110,3 +110,30 @@ def test_loss_method_is_named_inferred_for_older_recipes_and_checked(tmp_path: P
     with pytest.raises(UserError, match="loss.method 'risee' is not a training method; did you mean "
                                         "'rise'"):
         method_of(recipe_from_dict({"loss": {"method": "risee"}}))
+
+
+def test_documented_on_off_values_survive_yaml_booleans(tmp_path: Path) -> None:
+    """YAML 1.1 reads a bare off/on/yes/no as a boolean; a field whose choices are such words reads
+    the boolean as the word, in a recipe file and in --set alike."""
+    from rise_edge.config import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    for text, expected in (("off", "off"), ("on", "on"), ("no", "off"), ("yes", "on"),
+                           ("auto", "auto")):
+        recipe.write_text(f"export:\n  qat: {text}\n")
+        assert load_recipe(recipe).export.qat == expected
+        assert load_recipe(None, [f"export.qat={text}"]).export.qat == expected
+    recipe.write_text("train:\n  device: off\n")  # no on/off among its choices: still refused
+    with pytest.raises(UserError, match="'train.device' must be one of"):
+        load_recipe(recipe)
+
+
+@pytest.mark.parametrize("override", ["train.seed=18446744073709551616", "train.seed=4294967296",
+                                      "data.split_seed=99999999999999999999",
+                                      "export.calibration_seed=4294967296"])
+def test_seeds_too_large_for_torch_and_numpy_are_refused_where_they_enter(override: str) -> None:
+    from rise_edge.config import load_recipe
+
+    with pytest.raises(UserError, match="<= 4294967295"):
+        load_recipe(None, [override])
+    assert load_recipe(None, ["train.seed=4294967295"]).train.seed == 4294967295

@@ -256,3 +256,18 @@ def test_a_downloaded_pacs_trains(server: _Server, tmp_path: Path, recipe_file: 
                                        "data.target_domain=sketch", 'data.split_lists=""'])
     splits = build_splits(recipe.data, progress=False)
     assert len(splits.classes) == 7 and splits.target_domain == "sketch" and len(splits.test) == 7
+
+
+@pytest.mark.parametrize("mirror", ["ftp://example.org/pacs", "file:///tmp", "not a url"])
+def test_a_mirror_that_is_not_http_is_one_line(tmp_path: Path, mirror: str) -> None:
+    _one_line_error(_download(tmp_path / "data", "--mirror", mirror), "http:// or https://")
+    assert not (tmp_path / "data").exists()  # refused before anything was made
+
+
+def test_a_data_root_that_is_a_file_is_said_so(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "root.txt"
+    root.write_text("not a folder")
+    monkeypatch.setenv("RISE_EDGE_DATA", str(root))
+    result = CliRunner().invoke(main, ["data", "list"])
+    _one_line_error(result, "is a file, not a folder", "RISE_EDGE_DATA")
+    _one_line_error(CliRunner().invoke(main, ["data", "list", "--root", str(root)]), "(--root)")

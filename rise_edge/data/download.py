@@ -185,6 +185,9 @@ def download_dataset(name: str, root: Path, *, mirror: str | None = None,
     set `name` into `root`/<its folder>. Never touches an existing folder of that name."""
     name = source_name(name)
     source, known = SOURCES[name], KNOWN_DATASETS[name]
+    if mirror is not None and not mirror.lower().startswith(("http://", "https://")):
+        raise UserError(f"--mirror {mirror}: a mirror is an http:// or https:// address of a folder "
+                        "holding the archives (for files you have, use --archive PATH)")
     root = Path(root).expanduser()
     if root.exists() and not root.is_dir():
         raise UserError(f"data root {root} is a file; give a folder (--root or RISE_EDGE_DATA)")
