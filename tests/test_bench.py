@@ -281,6 +281,25 @@ def test_an_artefact_swapped_for_another_model_is_not_benchmarked(exported: Path
     assert rows["onnx-fp32"]["status"] == "ok" and report.failed == ["onnx-int8"]
 
 
+def test_an_artefact_whose_hash_was_removed_from_the_record_is_not_trusted(exported: Path,
+                                                                          tmp_path: Path) -> None:
+    """A swapped file with its sha256 taken out of export.json: unverifiable, so not run."""
+    run = Path(shutil.copytree(exported, tmp_path / "run"))
+    folder = run / "export"
+    (folder / "model.int8-cpu.onnx").write_bytes((folder / "model.onnx").read_bytes())
+    record = json.loads((folder / "export.json").read_text())
+    record["artefacts"]["onnx-int8"].pop("sha256")
+    (folder / "export.json").write_text(json.dumps(record))
+    result = CliRunner().invoke(main, ["bench", str(run), "--batch", "1", "--iterations", "2",
+                                       "--warmup", "0", "--quiet"])
+    assert result.exit_code == 1 and "1 engine(s) failed: onnx-int8" in result.output, result.output
+    rows = _rows(_report(run))
+    assert rows["onnx-int8"]["status"] == "unverified" and rows["onnx-int8"]["accuracy"] == {}
+    assert "records no sha256" in rows["onnx-int8"]["reason"] and "rise-edge export" in \
+        rows["onnx-int8"]["reason"]
+    assert rows["onnx-fp32"]["status"] == "ok"
+
+
 def test_missing_export_or_file_gives_rows_for_what_exists(tiny_run: Path, exported: Path) -> None:
     report = bench_run(tiny_run, QUICK, progress=False)  # never exported
     assert [(r["engine"], r["status"]) for r in report.rows] == [("pytorch", "ok")]

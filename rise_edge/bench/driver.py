@@ -62,7 +62,7 @@ REFERENCE = "pytorch"
 ACCURACY_BATCH = 32
 SCHEMA = 1
 
-FAILED = frozenset({"missing", "load-failed", "run-failed", "tampered"})
+FAILED = frozenset({"missing", "load-failed", "run-failed", "tampered", "unverified"})
 
 
 def _log(progress: bool) -> Callable[[str], None]:
@@ -173,7 +173,13 @@ def _check_record(spec: EngineSpec, explicit: bool, student_sha: str | None) -> 
             f"{EXPORT_JSON} names {record.get('path')!r} for it, which is not a file in {EXPORT_DIR}/; "
             "re-export it with `rise-edge export`")
         return
-    if spec.path is not None and record.get("sha256"):
+    if spec.path is not None and not record.get("sha256"):
+        # Without its recorded hash a file cannot be told from any other model of that shape.
+        spec.status, spec.reason = "unverified", (
+            f"{EXPORT_JSON} records no sha256 for {spec.path.name}, so it cannot be verified as this "
+            "run's export; re-export it with `rise-edge export` (which records one)")
+        return
+    if spec.path is not None:
         # Verified before it runs: a file swapped for another model of the same shape would
         # otherwise be benchmarked and reported as this run's.
         from rise_edge.files import file_sha256
