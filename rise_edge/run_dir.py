@@ -82,7 +82,15 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise UserError(f"{path} is not a readable safetensors file ({exc})") from None
     if _META_KEY not in header:
         raise UserError(f"{path} was not written by rise-edge (no '{_META_KEY}' metadata)")
-    return tensors, json.loads(header[_META_KEY])
+    try:
+        metadata = json.loads(header[_META_KEY])
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: its '{_META_KEY}' header is not valid JSON ({exc.msg} at character "
+                        f"{exc.pos}); the file was changed after it was written") from None
+    if not isinstance(metadata, dict):
+        raise UserError(f"{path}: its '{_META_KEY}' header is not a mapping; the file was changed "
+                        "after it was written")
+    return tensors, metadata
 
 
 def versions() -> dict[str, str]:
@@ -181,9 +189,18 @@ def open_run(run_dir: str | Path) -> TrainedRun:
         raise UserError(f"{weights}: its header does not describe a student ({type(exc).__name__}: "
                         f"{exc}); the file was changed after training, so train the run again"
                         ) from None
+    if not isinstance(metadata.get("recipe"), dict):
+        raise UserError(f"{weights}: its header holds no recipe; the file was changed after training, "
+                        "so train the run again")
     recipe = recipe_from_dict(metadata["recipe"], f"{weights} (recipe)")
     student = rebuild_student(meta, recipe)
-    missing, unexpected = student.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = student.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape than the header's student has
+        first = " ".join(str(exc).split())[:300]
+        raise UserError(f"{weights}: its tensors do not fit the student its header describes "
+                        f"({first}); the file was changed after training, so train the run again"
+                        ) from None
     if missing or unexpected:
         raise UserError(f"{weights} does not match student '{meta.model}': missing "
                         f"{missing[:3]}, unexpected {unexpected[:3]}")

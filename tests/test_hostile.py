@@ -4,6 +4,7 @@ time (and freed by a kill -9), folders the demo did not make, a run directory th
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -642,3 +643,32 @@ def test_kill_9_during_bench_keeps_the_last_report_whole_and_bench_runs_again(ti
     again = CliRunner().invoke(main, ["bench", str(tiny_run), "--quiet", "--iterations", "2"])
     assert again.exit_code == 0, again.output
     assert json.loads(report.read_text())["rows"] and _leftovers(tiny_run) == []
+
+
+@pytest.mark.parametrize("tamper", ["class count", "not json", "no recipe"])
+def test_a_student_file_with_a_tampered_header_is_one_line(tiny_run: Path, tamper: str) -> None:
+    """The header's class count changed (tensors of another shape), its JSON broken, or its recipe
+    gone: export and bench say which file and what, in one line, and change nothing."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from rise_edge.run_dir import _META_KEY
+
+    weights = tiny_run / "student.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        header = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(header[_META_KEY])
+    if tamper == "class count":
+        meta["head"]["num_classes"] = 5
+        header[_META_KEY] = json.dumps(meta)
+    elif tamper == "not json":
+        header[_META_KEY] = header[_META_KEY][:-10]
+    else:
+        meta.pop("recipe")
+        header[_META_KEY] = json.dumps(meta)
+    save_file(tensors, str(weights), metadata=header)
+    before = {p.name: p.stat().st_mtime_ns for p in tiny_run.iterdir()}
+    for command in (["export", str(tiny_run), "--quiet"], ["bench", str(tiny_run), "--quiet"]):
+        _one_clean_line(CliRunner().invoke(main, command), "student.safetensors")
+    assert {p.name: p.stat().st_mtime_ns for p in tiny_run.iterdir()} == before
