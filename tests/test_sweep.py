@@ -260,3 +260,18 @@ def test_the_official_rise_grids_are_six_configurations_per_target(data_set: str
         assert len(points) == 6 and len({json.dumps(p, sort_keys=True) for p in points}) == 6
         assert {p["loss.w_dist"] for p in points} == {0.5, 1.0, 2.0}
         assert all(p["loss.w_kd"] + p["loss.w_ce"] == pytest.approx(1.0) for p in points)
+
+
+def test_collect_names_a_damaged_run_record_in_one_line(tmp_path: Path) -> None:
+    """A damaged metrics.jsonl or results.json of a finished run stops collect with one line naming
+    the file, never a JSONDecodeError or KeyError."""
+    from rise_edge.errors import UserError
+    from rise_edge.sweep.collect import _last_evaluation, _score
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "ev')
+    with pytest.raises(UserError, match=r"metrics.jsonl: line 2 is not JSON"):
+        _last_evaluation(tmp_path)
+    for results in ({}, {"accuracy": {"val_mean": "0.9"}}, {"accuracy": {"val_mean": 7}}, []):
+        with pytest.raises(UserError, match=r"results.json: accuracy.val_mean must be a number"):
+            _score(results, "val_mean", tmp_path / "results.json")
+    assert _score({"accuracy": {"val_mean": 0.5}}, "val_mean", tmp_path / "results.json") == 0.5

@@ -100,25 +100,46 @@ def read_runs(folder: Path) -> tuple[Any, list[RunResult], list[str]]:
         from rise_edge.config import load_recipe
         recipe = load_recipe(spec.recipe, spec.overrides)
         last = _last_evaluation(run_dir)
+        val_mean = _score(results, "val_mean", run_dir / "results.json")
+        target_acc = _score(results, f"target/{spec.target}", run_dir / "results.json")
         variant = ", ".join(f"{k.rsplit('.', 1)[-1]}={spec.point[k]}" for k in sweep.compare
                             if k in spec.point)
         runs.append(RunResult(spec.name, recipe.data.dataset, recipe.method, variant, spec.target,
                               spec.seed, points.index(spec.point),
                               {k: v for k, v in spec.point.items() if k != "loss.method"},
-                              results["accuracy"]["val_mean"],
-                              results["accuracy"][f"target/{spec.target}"],
+                              val_mean, target_acc,
                               last.get(f"target_out/{spec.target}"),
                               last.get(f"target_in/{spec.target}"),
                               _int8_accuracy(run_dir, spec.target)))
     return sweep, runs, missing
 
 
+def _score(results: Any, key: str, path: Path) -> float:
+    """results.json's accuracy[key] (0-1), or one line naming the file and the field."""
+    value = results.get("accuracy", {}).get(key) if isinstance(results, dict) and isinstance(
+        results.get("accuracy"), dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise UserError(f"{path}: accuracy.{key} must be a number from 0 to 1, got {value!r}; the "
+                        "file was damaged: move that run aside and run the sweep again to retrain it")
+    return float(value)
+
+
 def _last_evaluation(run_dir: Path) -> dict[str, float]:
     """The scores of the run's last evaluation in metrics.jsonl ({} when there is none)."""
     last: dict[str, float] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        if "eval" in entry:
+    path = run_dir / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read the run's metrics ({exc}); move that run aside and run "
+                        "the sweep again to retrain it") from None
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}: line {number} is not JSON; the file was damaged: move that run "
+                            "aside and run the sweep again to retrain it") from None
+        if isinstance(entry, dict) and isinstance(entry.get("eval"), dict):
             last = entry["eval"]
     return last
 
