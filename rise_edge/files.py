@@ -61,6 +61,19 @@ def cache_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+# Written first into every run directory train makes: a folder without it (and without a trained
+# student from before the marker existed) is not rise-edge's to write into or clean.
+RUN_MARKER = ".rise-edge-run"
+
+
+def is_run_directory(folder: Path) -> bool:
+    """True for a run directory rise-edge made: its marker, or (runs from before the marker) a
+    student or resume state file."""
+    folder = Path(folder)
+    return any((folder / name).is_file()
+               for name in (RUN_MARKER, "student.safetensors", "resume.safetensors"))
+
+
 @contextmanager
 def run_lock(run_dir: Path, command: str, *, noun: str = "run directory", clean: bool = True
              ) -> Iterator[None]:
@@ -75,7 +88,8 @@ def run_lock(run_dir: Path, command: str, *, noun: str = "run directory", clean:
     """
     import fcntl
 
-    run_dir = Path(run_dir)
+    # Absolute, so that the lock of '.' (or of 'runs/..') lies beside the folder, never inside it.
+    run_dir = Path(os.path.abspath(run_dir))
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a {noun}; choose another path")
     parent = run_dir.parent
@@ -94,7 +108,7 @@ def run_lock(run_dir: Path, command: str, *, noun: str = "run directory", clean:
                             f"{noun}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"rise-edge {command} (pid {os.getpid()})".encode(), 0)
-        if clean:
+        if clean and is_run_directory(run_dir):  # never in a folder of the user's own
             remove_leftovers(run_dir)
         yield
     finally:

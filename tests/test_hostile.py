@@ -196,15 +196,16 @@ def test_a_full_disk_is_one_line_not_a_traceback(tiny_data_root: Path, recipe_fi
     monkeypatch.setattr(rise_edge.train.loop, "write_text_atomic", full)
     result = CliRunner().invoke(main, ["train", str(recipe_file),
                                        *_args(tiny_data_root, tmp_path / "r")])
-    _one_clean_line(result, "No space left on device", "recipe.yaml")
+    _one_clean_line(result, "No space left on device", ".rise-edge-run")  # the first file train writes
 
 
 def test_a_run_killed_before_its_first_checkpoint_can_be_started_again(
         tiny_data_root: Path, recipe_file: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    (run_dir / ".rise-edge-run").write_text("")  # all a kill left: the marker, recipe and log
     (run_dir / "recipe.yaml").write_text("loss:\n  w_ce: 1.0\n")
-    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # all a kill left
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     resumed = CliRunner().invoke(main, ["train", str(recipe_file),
                                         *_args(tiny_data_root, run_dir), "--resume"])
     _one_clean_line(resumed, "interrupted before its first checkpoint", "without --resume")
@@ -672,3 +673,25 @@ def test_a_student_file_with_a_tampered_header_is_one_line(tiny_run: Path, tampe
     for command in (["export", str(tiny_run), "--quiet"], ["bench", str(tiny_run), "--quiet"]):
         _one_clean_line(CliRunner().invoke(main, command), "student.safetensors")
     assert {p.name: p.stat().st_mtime_ns for p in tiny_run.iterdir()} == before
+
+
+@pytest.mark.parametrize("given", [".", "project"])
+def test_train_never_writes_into_a_folder_that_is_not_a_run_directory(
+        tiny_data_root: Path, recipe_file: Path, tmp_path: Path, monkeypatch, given: str) -> None:
+    """A user's own folder holding files of the names a run writes (recipe.yaml, metrics.jsonl,
+    splits.json) and a temporary-looking file of theirs: train refuses it, and touches nothing."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("recipe.yaml", "metrics.jsonl", "splits.json", ".notes.tmp"):
+        (project / name).write_text(f"the user's own {name}\n")
+    monkeypatch.chdir(project if given == "." else tmp_path)
+    before = {p.name: (p.read_text(), p.stat().st_mtime_ns) for p in project.iterdir()}
+    result = CliRunner().invoke(main, ["train", str(recipe_file), *_args(tiny_data_root, Path(given))])
+    _one_clean_line(result, "holds files rise-edge did not write", "choose another --run-dir")
+    assert {p.name: (p.read_text(), p.stat().st_mtime_ns) for p in project.iterdir()} == before
+    # An empty folder is fine, and becomes a run directory of ours.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert CliRunner().invoke(main, ["train", str(recipe_file),
+                                     *_args(tiny_data_root, empty)]).exit_code == 0
+    assert (empty / ".rise-edge-run").is_file()

@@ -22,6 +22,7 @@ from typing import Any
 
 from rise_edge.config import Recipe, load_recipe, recipe_to_dict, shipped_recipes
 from rise_edge.errors import UserError
+from rise_edge.files import RUN_MARKER
 
 STEPS = 5
 
@@ -72,6 +73,7 @@ def train_or_reuse(recipe: Recipe, run_dir: Path, progress: bool) -> dict[str, A
         _clear_own_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / DEMO_MARK).write_text("made by rise-edge demo; it may delete and retrain this folder\n")
+        (run_dir / RUN_MARKER).write_text("a rise-edge run directory (the demo's)\n")  # train's to fill
         train_run(recipe, recipe_name=run_dir.name, run_dir=run_dir, progress=progress)
     return json.loads((run_dir / "results.json").read_text())
 

@@ -29,7 +29,8 @@ from rise_edge.data.domains import (SPLITS_FILE, DomainImages, DomainSplits, Epo
                                     build_splits, data_root, split_lists_dir, splits_to_record)
 from rise_edge.data.transforms import Preprocessing, eval_transform, train_transform
 from rise_edge.errors import UserError
-from rise_edge.files import cache_root, run_lock, write_json_atomic, write_text_atomic
+from rise_edge.files import (RUN_MARKER, cache_root, is_run_directory, run_lock,
+                             write_json_atomic, write_text_atomic)
 from rise_edge.run_dir import RESUME_FILE, STUDENT_FILE, MetricsLog, StudentMeta, save_student
 from rise_edge.train.distributed import Distributed
 from rise_edge.train.fit import (build_optimizer, count_correct, improves, learning_rate,
@@ -121,6 +122,13 @@ def _check_run_dir(path: Path, recipe: Recipe, resume: bool) -> None:
     so is one whose run was interrupted before its first checkpoint (only its log is left: it is
     started again, as nothing could be resumed).
     """
+    if path.is_dir() and not is_run_directory(path):
+        theirs = sorted(p.name for p in path.iterdir())
+        if theirs:
+            shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+            raise UserError(f"{path} holds files rise-edge did not write ({shown}); train writes only "
+                            "into a new or empty folder or a run directory of its own, so nothing of "
+                            "yours is overwritten: choose another --run-dir")
     checkpointed = any((path / name).exists() for name in (STUDENT_FILE, RESUME_FILE, "results.json"))
     if not resume:
         if checkpointed:
@@ -335,6 +343,8 @@ def _prepare_run(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume:
                            rank=dist.rank, world_size=dist.world_size)
     if dist.is_main and not resume:
         path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path / RUN_MARKER, "a rise-edge run directory: train, export and bench "
+                          "write here\n")  # first, so the folder is ours before anything else
         write_text_atomic(path / "recipe.yaml", dump_recipe(recipe))
     if dist.is_main and not (resume and (path / SPLITS_FILE).is_file()):
         # export and bench read these lists instead of rebuilding them: one truth about the data
