@@ -279,9 +279,9 @@ def test_data_that_moved_is_found_again_with_data_root(tiny_data_root: Path, rec
     data.rename(moved)
     _one_clean_line(CliRunner().invoke(main, ["bench", str(run_dir), "--quiet"]), "--set data.root=")
     assert not (run_dir / "bench").exists()
-    export = CliRunner().invoke(main, ["export", str(run_dir), "--quiet"])  # a failed artefact row
-    assert export.exit_code == 1 and "--set data.root=" in export.output
-    assert "Traceback" not in export.output
+    # Not a failed artefact (exit 1): the data is the user's to point at (one line, exit 2).
+    _one_clean_line(CliRunner().invoke(main, ["export", str(run_dir), "--quiet"]), "--set data.root=")
+    assert not (run_dir / "export").exists()
     for command in (["export", str(run_dir), "--quiet"], ["bench", str(run_dir), "--quiet"]):
         result = CliRunner().invoke(main, [*command, "--set", f"data.root={moved}"])
         assert result.exit_code == 0, result.output
@@ -695,3 +695,26 @@ def test_train_never_writes_into_a_folder_that_is_not_a_run_directory(
     assert CliRunner().invoke(main, ["train", str(recipe_file),
                                      *_args(tiny_data_root, empty)]).exit_code == 0
     assert (empty / ".rise-edge-run").is_file()
+
+
+@pytest.mark.parametrize("damage", ["moved", "label out of range", "label not an integer"])
+def test_export_of_a_run_whose_data_moved_or_whose_splits_are_damaged_is_one_line(
+        tiny_run: Path, tmp_path: Path, damage: str) -> None:
+    """Not '1 artefact(s) failed' with exit 1: the data is the user's to fix, so one line and exit 2,
+    before anything is written."""
+    from rise_edge.data.domains import build_splits, splits_to_record
+    from rise_edge.run_dir import open_run
+
+    splits = tiny_run / "splits.json"  # as train writes it (the fixture's run predates the record)
+    record = splits_to_record(build_splits(open_run(tiny_run).recipe.data, progress=False))
+    if damage == "moved":
+        record["dataset_dir"] = str(tmp_path / "gone" / Path(record["dataset_dir"]).name)
+        needles = ("not at", "--set data.root=")
+    else:
+        domain = next(iter(record["train"]))
+        record["train"][domain][0][1] = 7 if damage == "label out of range" else "dog"
+        needles = ("splits.json is damaged", "not a class index")
+    splits.write_text(json.dumps(record))
+    before = sorted(p.name for p in tiny_run.iterdir())
+    _one_clean_line(CliRunner().invoke(main, ["export", str(tiny_run), "--quiet"]), *needles)
+    assert sorted(p.name for p in tiny_run.iterdir()) == before  # no export/ folder made

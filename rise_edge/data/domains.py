@@ -91,9 +91,16 @@ def splits_from_record(record: dict[str, Any], data_root: str | None = None) -> 
                         f"moved, give its new root with --set data.root=PATH (the folder holding "
                         f"{recorded.name}/)")
 
+    classes = tuple(record["classes"])
+
     def absolute(samples: list[list[Any]]) -> list[Sample]:
-        return [(str(folder / p), int(y)) for p, y in samples]
-    return DomainSplits(folder, tuple(record["classes"]), tuple(record["source_domains"]),
+        out = []
+        for p, y in samples:
+            if isinstance(y, bool) or not isinstance(y, int) or not 0 <= y < len(classes):
+                raise ValueError(f"label {y!r} of {p!r} is not a class index 0..{len(classes) - 1}")
+            out.append((str(folder / p), y))
+        return out
+    return DomainSplits(folder, classes, tuple(record["source_domains"]),
                         record["target_domain"], {d: absolute(v) for d, v in record["train"].items()},
                         {d: absolute(v) for d, v in record["val"].items()}, absolute(record["test"]),
                         tuple(str(folder / p) for p in record.get("skipped_images", [])))

@@ -169,6 +169,9 @@ def _export(run: TrainedRun, cfg: ExportConfig, progress: bool, data_root: str |
     names = plan_artefacts(cfg)
     table = artefacts()
     session = ExportSession(run, cfg, log, data_root)
+    # Every artefact is checked on the run's images: a data set that moved or a damaged splits.json
+    # is the user's to fix (one line, exit 2) before anything is written, not a failed artefact.
+    session.splits  # noqa: B018 (loads and checks them once, for every maker)
     session.dir.mkdir(parents=True, exist_ok=True)
     json_path = session.dir / EXPORT_JSON
     document = read_export_record(run.path, advice="move it aside to start a fresh export")
