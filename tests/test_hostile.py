@@ -718,3 +718,18 @@ def test_export_of_a_run_whose_data_moved_or_whose_splits_are_damaged_is_one_lin
     before = sorted(p.name for p in tiny_run.iterdir())
     _one_clean_line(CliRunner().invoke(main, ["export", str(tiny_run), "--quiet"]), *needles)
     assert sorted(p.name for p in tiny_run.iterdir()) == before  # no export/ folder made
+
+
+def test_bench_whose_report_path_is_a_folder_changes_nothing(tiny_run: Path) -> None:
+    """report.json is a folder: one line, exit 2, and the plots and report.md beside it are as they
+    were (before, bench replaced the plots and then failed)."""
+    assert CliRunner().invoke(main, ["bench", str(tiny_run), "--quiet", "--iterations", "2",
+                                     "--warmup", "0"]).exit_code == 0
+    folder = tiny_run / "bench"
+    (folder / "report.json").unlink()
+    (folder / "report.json").mkdir()
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    result = CliRunner().invoke(main, ["bench", str(tiny_run), "--quiet", "--iterations", "2",
+                                       "--warmup", "0"])
+    _one_clean_line(result, "report.json is a folder", "nothing was changed")
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before

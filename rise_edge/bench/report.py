@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rise_edge.errors import UserError
 from rise_edge.files import atomic_path, write_json_atomic, write_text_atomic
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
@@ -320,6 +321,12 @@ def plot_accuracy_per_domain(data: dict[str, Any], path: Path) -> bool:
 def write_report(data: dict[str, Any], folder: Path) -> dict[str, str]:
     """report.json, report.md and the plots into `folder`; returns {kind: file name} (also in the JSON)."""
     folder.mkdir(parents=True, exist_ok=True)
+    # Checked before anything is written: a report that fails halfway must not have replaced some
+    # of its files already (each file is itself written under a temporary name, then renamed).
+    for name in (REPORT_JSON, REPORT_MD, PLOT_ACCURACY_LATENCY, PLOT_ACCURACY_DOMAINS):
+        if (folder / name).is_dir():
+            raise UserError(f"{folder / name} is a folder, where bench writes its {name}; move it "
+                            "aside and run bench again (nothing was changed)")
     files = {"json": REPORT_JSON, "markdown": REPORT_MD}
     try:
         import matplotlib  # noqa: F401  (in the cpu/gpu extras, not the core install)
