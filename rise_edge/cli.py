@@ -47,6 +47,10 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+# click 8.2 and later raise this for a group called with no command (it prints the help).
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class _PluginGroup(click.Group):
     """The command group, with the commands plugins register (the demo's among them) loaded the
     first time a command is looked up or listed."""
@@ -63,6 +67,27 @@ class _PluginGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         self._plugins()
         return super().get_command(ctx, cmd_name)
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """click's own usage errors (an unknown command or option, a missing argument, a value out
+        of range) as one line, like every other bad input: 'error: ...' and exit status 2."""
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except _NO_ARGS_IS_HELP as exc:  # a group given no command: its help, as click prints it
+            click.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message(), err=True)
+            sys.exit(2)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "rise-edge"
+            message = " ".join(exc.format_message().split())
+            click.echo(f"error: {message} (`{where} --help` says what it takes)", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:  # Ctrl-C at a prompt, or end of input
+            click.echo("interrupted", err=True)
+            sys.exit(130)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._plugins()

@@ -267,7 +267,8 @@ def read_yaml_file(path: Path, kind: str) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         pos = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{path}: not valid YAML{pos}: {getattr(exc, 'problem', exc)}") from None
+        problem = getattr(exc, "problem", None) or exc  # one line whatever the error's own text
+        raise UserError(f"{path}: not valid YAML{pos}: {' '.join(str(problem).split())}") from None
 
 
 def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Recipe:

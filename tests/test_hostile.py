@@ -733,3 +733,24 @@ def test_bench_whose_report_path_is_a_folder_changes_nothing(tiny_run: Path) -> 
                                        "--warmup", "0"])
     _one_clean_line(result, "report.json is a folder", "nothing was changed")
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["trian"], "No such command 'trian'. Did you mean 'train'?"),
+    (["train"], "Missing argument 'RECIPE'"),
+    (["bench", ".", "--batch", "abc"], "Invalid value for '--batch'"),
+    (["export", ".", "--no-such-flag"], "No such option"),
+    (["data", "lst"], "No such command 'lst'"),
+])
+def test_usage_errors_are_one_line_like_every_other_bad_input(args: list[str], needle: str) -> None:
+    """click's own usage errors (three lines: Usage, Try, Error) come out as README promises:
+    one 'error:' line naming the command's --help, exit status 2."""
+    result = CliRunner().invoke(main, args)
+    _one_clean_line(result, needle, "--help` says what it takes")
+
+
+def test_a_yaml_error_of_any_kind_is_one_line(tmp_path: Path) -> None:
+    for text in ("data:\n  root: [unclosed\n", "a:\n\tb: 1\n", "x: &a 1\ny: *b\n", "- [a, b\n- c\n"):
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(text)
+        _one_clean_line(CliRunner().invoke(main, ["train", str(recipe)]), "not valid YAML")
