@@ -284,3 +284,18 @@ def test_teacher_runs_outside_the_students_autocast(tiny_teacher) -> None:
         assert tiny_teacher.zero_shot_logits(images, PRE, text.prototypes).dtype == torch.bfloat16
     assert inside.dtype == torch.float32
     torch.testing.assert_close(inside, plain)
+
+
+def test_the_recipe_sets_the_teachers_logit_scale_and_input_statistics(tiny_teacher) -> None:
+    """load_teacher applies teacher.logit_scale and teacher.input_statistics itself, so every user
+    of a loaded teacher (training, QAT, benchmarks) sees the recipe's settings."""
+    from rise_edge.config import TeacherConfig
+    from rise_edge.train.teacher import load_teacher
+
+    name = "rise-edge-test-clip"  # registered by the tiny_teacher fixture
+    released = load_teacher(TeacherConfig(model=name, pretrained="none", logit_scale=100.0,
+                                          input_statistics="student"), torch.device("cpu"))
+    assert released.logit_scale == 100.0 and not released.own_statistics
+    own = load_teacher(TeacherConfig(model=name, pretrained="none"), torch.device("cpu"))
+    assert own.own_statistics
+    assert own.logit_scale == pytest.approx(own.model.logit_scale.exp().item())

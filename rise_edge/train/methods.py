@@ -124,9 +124,6 @@ def teacher_and_text(recipe: Recipe, classes: Sequence[str], anchors: Sequence[s
     from rise_edge.train.teacher import load_teacher, text_embeddings_cached
 
     teacher = load_teacher(recipe.teacher, device)
-    teacher.own_statistics = recipe.teacher.input_statistics == "teacher"
-    if recipe.teacher.logit_scale > 0:
-        teacher.logit_scale = recipe.teacher.logit_scale
     text = text_embeddings_cached(teacher, classes, recipe.teacher.templates,
                                   recipe.teacher.anchors or anchors, list(folders),
                                   verbatim=recipe.teacher.prompt_names == "verbatim").to(device)

@@ -62,7 +62,8 @@ class ClipTeacher(nn.Module):
     """Frozen open_clip model with the affine map from student-normalised to teacher-normalised pixels."""
 
     def __init__(self, model: nn.Module, tokenizer: Callable, image_size: int,
-                 mean: Sequence[float], std: Sequence[float], identity: str):
+                 mean: Sequence[float], std: Sequence[float], identity: str, *,
+                 own_statistics: bool = True, logit_scale: float = 0.0):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -70,10 +71,11 @@ class ClipTeacher(nn.Module):
         self.identity = identity  # model, weights and their size: part of every cache key
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-        self.logit_scale = float(model.logit_scale.exp().item())
+        # teacher.logit_scale: 0 takes the model's own (100 for CLIP, the released code's constant).
+        self.logit_scale = logit_scale or float(model.logit_scale.exp().item())
         # teacher.input_statistics: False feeds the student-normalised tensor as it is (the released
         # code's behaviour); True re-normalises it into the teacher's own statistics.
-        self.own_statistics = True
+        self.own_statistics = own_statistics
 
     @property
     def dtype(self) -> torch.dtype:
@@ -210,7 +212,9 @@ def load_teacher(cfg: TeacherConfig, device: torch.device) -> ClipTeacher:
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     teacher = ClipTeacher(model, open_clip.get_tokenizer(name), size,
                           pre.get("mean", open_clip.OPENAI_DATASET_MEAN),
-                          pre.get("std", open_clip.OPENAI_DATASET_STD), identity)
+                          pre.get("std", open_clip.OPENAI_DATASET_STD), identity,
+                          own_statistics=cfg.input_statistics == "teacher",
+                          logit_scale=cfg.logit_scale)
     return teacher.to(device)
 
 
