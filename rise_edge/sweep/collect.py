@@ -36,7 +36,7 @@ from typing import Any
 
 from rise_edge.errors import UserError
 from rise_edge.files import write_json_atomic, write_text_atomic
-from rise_edge.sweep.launch import SWEEP_COPY, expand, load_sweep, read_run_record
+from rise_edge.sweep.launch import SWEEP_COPY, expand, grid_points, load_sweep, read_run_record
 
 SELECTIONS = {"training": "training-domain validation",
               "source_val": "source validation of that choice (what chose it)",
@@ -87,7 +87,7 @@ def read_runs(folder: Path) -> tuple[Any, list[RunResult], list[str]]:
     sweep = load_sweep(folder / SWEEP_COPY)
     sweep = dataclasses.replace(sweep, output_dir=folder)  # wherever the folder moved
     runs, missing = [], []
-    points = [spec.point for spec in expand(sweep)]
+    points = grid_points(sweep.grid) or [{}]  # their order breaks ties
     for spec in expand(sweep):
         run_dir = Path(spec.run_dir)
         try:
