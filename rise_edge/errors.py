@@ -1,5 +1,9 @@
 """The one exception type that reaches the user as a message instead of a traceback."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
 
 class UserError(Exception):
     """A problem with the user's input or environment: printed as one message, exit status 2.
@@ -16,3 +20,11 @@ def missing_extra(package: str, extra: str, purpose: str) -> UserError:
         f"{purpose} needs the '{package}' package, which is not installed; "
         f"install it with: pip install 'rise-edge[{extra}]'"
     )
+
+
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """'; did you mean 'X'?' for the closest of `choices` to a mistyped `word`, else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""

@@ -14,10 +14,9 @@ It needs neither the data set nor a new export, and it reads export.json the way
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 
-from rise_edge.errors import UserError
+from rise_edge.errors import UserError, did_you_mean
 from rise_edge.serving.bundle import BUNDLE_DIR, SERVING_FORMATS, BundleResult, package_run
 
 __all__ = ["BUNDLE_DIR", "SERVING_FORMATS", "BundleResult", "package_run", "split_formats"]
@@ -30,9 +29,7 @@ def split_formats(formats: Sequence[str], export_formats: Sequence[str]
     known = [*export_formats, "all", *SERVING_FORMATS]
     for word in formats:
         if word not in known:
-            close = difflib.get_close_matches(word, known, n=1)
-            raise UserError(f"unknown export format '{word}'"
-                            + (f"; did you mean '{close[0]}'?" if close else "")
-                            + f"; formats: {', '.join(known)}")
+            raise UserError(f"unknown export format '{word}'{did_you_mean(word, known)}; formats: "
+                            f"{', '.join(known)}")
     return ([f for f in formats if f not in SERVING_FORMATS],
             [f for f in SERVING_FORMATS if f in formats])

@@ -12,13 +12,12 @@ sha256 must still match the record.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rise_edge.errors import UserError
+from rise_edge.errors import UserError, did_you_mean
 from rise_edge.files import file_sha256
 
 ONNX_SERVED = ("onnx-fp32", "onnx-int8", "onnx-int8-qat-cpu")
@@ -101,10 +100,8 @@ def resolve(name: str, export_dir: Path, records: dict[str, dict[str, Any]], stu
 def check_names(names: Sequence[str]) -> None:
     for name in names:
         if name not in SERVABLE:
-            close = difflib.get_close_matches(name, SERVABLE, n=1)
             raise UserError(f"--serve {name}: not an artefact a bundle serves"
-                            + (f"; did you mean '{close[0]}'?" if close else "")
-                            + f"; choose from {', '.join(SERVABLE)}")
+                            f"{did_you_mean(name, SERVABLE)}; choose from {', '.join(SERVABLE)}")
 
 
 def default_names(records: dict[str, dict[str, Any]], formats: Sequence[str],
