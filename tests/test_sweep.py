@@ -275,3 +275,84 @@ def test_collect_names_a_damaged_run_record_in_one_line(tmp_path: Path) -> None:
         with pytest.raises(UserError, match=r"results.json: accuracy.val_mean must be a number"):
             _score(results, "val_mean", tmp_path / "results.json")
     assert _score({"accuracy": {"val_mean": 0.5}}, "val_mean", tmp_path / "results.json") == 0.5
+
+
+def _erm_sweep(folder: Path, data_root: Path, out: Path, seeds: int, steps: list[int]) -> Path:
+    """A teacherless sweep (ERM) of `seeds` seeds with train.steps as its grid: runs of chosen lengths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "base.yaml").write_text(
+        f"data: {{root: '{data_root}', dataset: {TINY_DATASET}, val_fraction: 0.25, num_workers: 0}}\n"
+        "student: {model: test_resnet, pretrained: none, image_size: 32}\n"
+        "train: {batch_size: 8}\n")
+    sweep = folder / "sweep.yaml"
+    sweep.write_text(f"base: base.yaml\ntargets: [sketch]\nseeds: {list(range(seeds))}\n"
+                     f"grid: {{train.steps: {steps}}}\nset: {{train.eval_every: 2}}\n"
+                     f"output_dir: '{out}'\n")
+    return sweep
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Live processes whose command line names `text` (the sweep's runs name their spec files)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:  # ended meanwhile
+            pass
+    return found
+
+
+def test_an_interrupted_sweep_starts_no_run_and_leaves_none_running(tiny_data_root: Path,
+                                                                     tmp_path: Path) -> None:
+    """Ctrl-C as a run ends: the worker thread that ran it must not start the next run, and every
+    run still going is stopped before the sweep returns (it used to wait for a whole late run)."""
+    from rise_edge.sweep.launch import LaunchResult, _local_pool, expand, load_sweep
+
+    out = tmp_path / "out"
+    sweep = load_sweep(_erm_sweep(tmp_path / "sweep", tiny_data_root, out, seeds=2, steps=[2, 100000]))
+    short, long_a, short_b, long_b = expand(sweep, threads=1)
+    out.mkdir()
+
+    def interrupt_at_first_end(line: str) -> None:
+        raise KeyboardInterrupt
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        _local_pool([short, long_a, long_b, short_b], out, 2, (), LaunchResult(4), interrupt_at_first_end)
+    assert time.monotonic() - started < 120
+    assert _processes_naming(str(out / "logs")) == []
+    assert (Path(short.run_dir) / "results.json").is_file()
+    assert not (Path(long_a.run_dir) / "results.json").exists()
+    assert not (Path(long_b.run_dir) / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_interrupted_at_many_moments_stops_at_once_and_resumes(tiny_data_root: Path,
+                                                                      tmp_path: Path) -> None:
+    """Ctrl-C to the whole process group (what a terminal sends) at moments from start-up to mid-run,
+    ten times: each time the sweep exits within seconds leaving no process behind, and the sweep
+    run again afterwards finishes every run, retraining none that had finished."""
+    out = tmp_path / "out"
+    sweep = _erm_sweep(tmp_path / "sweep", tiny_data_root, out, seeds=4, steps=[4, 40])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for moment in (0.2, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0):
+        process = subprocess.Popen([sys.executable, "-m", "rise_edge.cli", "sweep", str(sweep),
+                                    "--workers", "2"], env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, start_new_session=True)
+        time.sleep(moment)
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            _, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"interrupted {moment} s in, the sweep had not stopped 60 s later")
+        assert process.returncode in (0, 130), err.decode()
+        assert b"Traceback" not in err, err.decode()
+        with pytest.raises(ProcessLookupError):  # nothing of the sweep's process group lives on
+            os.killpg(process.pid, 0)
+    before = _finished(out)
+    result = CliRunner().invoke(main, ["sweep", str(sweep), "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    after = _finished(out)
+    assert len(after) == 8 and all(after[name] == mtime for name, mtime in before.items())

@@ -32,8 +32,10 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -306,12 +308,19 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
 
 def run_worker(spec_file: str) -> int:
     """`python -m rise_edge.sweep SPEC.json`: one run in its own process (the local pool)."""
+    # A sweep started from a script or a backgrounded shell may hand its runs SIGINT ignored:
+    # restore Python's handler, so Ctrl-C stops a run like any command.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     spec = RunSpec(**json.loads(Path(spec_file).read_text()))
     try:
         run_one(spec)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the sweep again to resume this run from its last checkpoint",
+              file=sys.stderr)
+        return 130
     return 0
 
 
@@ -390,47 +399,77 @@ def _progress(result: LaunchResult, log: Callable[[str], None], name: str, outco
 def _local_pool(pending: list[RunSpec], output: Path, workers: int, gpus: Sequence[str],
                 result: LaunchResult, log: Callable[[str], None]) -> None:
     """N runs at once, each its own process (`python -m rise_edge.sweep`), with its CPU threads and,
-    given --gpus, one GPU each (round robin)."""
+    given --gpus, one GPU each (round robin).
+
+    On Ctrl-C no run starts any more and every run still going is stopped before this returns:
+    a worker thread whose run has just ended would otherwise pick up the next run between the
+    interrupt and the shutdown, and the interrupted sweep would wait for that whole run."""
     logs = output / "logs"
     logs.mkdir(exist_ok=True)
     processes: dict[str, subprocess.Popen] = {}
+    stopping = threading.Event()
+    starting = threading.Lock()  # a run starts entirely before, or not at all after, an interrupt
 
-    def one(index: int, spec: RunSpec) -> tuple[str, int, Path]:
+    def one(index: int, spec: RunSpec) -> tuple[str, int | None, Path]:
         slug = spec.name.replace("/", "__")
         spec_file = logs / f"{slug}.spec.json"
-        write_json_atomic(spec_file, asdict(spec))
+        log_file = logs / f"{slug}.log"
         env = dict(os.environ)
         if spec.threads:
             env["OMP_NUM_THREADS"] = str(spec.threads)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
-        log_file = logs / f"{slug}.log"
-        with open(log_file, "w") as out:
-            process = subprocess.Popen([sys.executable, "-m", "rise_edge.sweep", str(spec_file)],
-                                       stdout=out, stderr=subprocess.STDOUT, env=env)
+        with starting:
+            if stopping.is_set():
+                return spec.name, None, log_file
+            write_json_atomic(spec_file, asdict(spec))
+            with open(log_file, "w") as out:
+                process = subprocess.Popen([sys.executable, "-m", "rise_edge.sweep", str(spec_file)],
+                                           stdout=out, stderr=subprocess.STDOUT, env=env)
             processes[spec.name] = process
-            return spec.name, process.wait(), log_file
+        return spec.name, process.wait(), log_file
 
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(one, i, spec) for i, spec in enumerate(pending)]
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                name, code, log_file = future.result()
-                if code == 0:
-                    result.finished.append(name)
-                    _progress(result, log, name, "done")
-                else:
-                    result.failed[name] = str(log_file)
-                    how = (f"killed by signal {-code}" + (": out of memory? lower --workers or "
-                           "data.num_workers" if code == -9 else "") if code < 0 else f"exit {code}")
-                    _progress(result, log, name, f"FAILED ({how}; see {log_file}; "
-                              "run the sweep again to resume it)")
-        except KeyboardInterrupt:
-            for future in futures:
-                future.cancel()
-            for process in processes.values():
-                process.terminate()
-            raise
+    pool = concurrent.futures.ThreadPoolExecutor(workers)
+    futures = [pool.submit(one, i, spec) for i, spec in enumerate(pending)]
+    try:
+        for future in concurrent.futures.as_completed(futures):
+            name, code, log_file = future.result()
+            if code == 0:
+                result.finished.append(name)
+                _progress(result, log, name, "done")
+            elif code is not None:
+                result.failed[name] = str(log_file)
+                how = (f"killed by signal {-code}" + (": out of memory? lower --workers or "
+                       "data.num_workers" if code == -9 else "") if code < 0 else f"exit {code}")
+                _progress(result, log, name, f"FAILED ({how}; see {log_file}; "
+                          "run the sweep again to resume it)")
+    except BaseException:  # Ctrl-C (or a failing log): stop everything this pool started
+        with starting:
+            stopping.set()
+        _stop_processes(list(processes.values()))
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stop_processes(processes: list[subprocess.Popen], grace_s: float = 20.0) -> None:
+    """Ask every live run to stop (SIGTERM: its last checkpoint is what a resume starts from) and
+    kill the ones still alive after `grace_s`; a second Ctrl-C kills at once."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + grace_s
+    try:
+        for process in processes:
+            try:
+                process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def _submitit(pending: list[RunSpec], output: Path, launcher: str, workers: int, threads: int,
@@ -458,14 +497,29 @@ def _submitit(pending: list[RunSpec], output: Path, launcher: str, workers: int,
         if launcher == "submitit-local" else [pending]
     for wave in waves:
         jobs = [(spec, executor.submit(run_one, spec)) for spec in wave]
-        for spec, job in jobs:
-            try:
-                job.result()
-                result.finished.append(spec.name)
-                _progress(result, log, spec.name, "done")
-            except Exception as exc:  # submitit re-raises the job's failure with its traceback
-                where = str(job.paths.stderr)
-                result.failed[spec.name] = where
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
-                _progress(result, log, spec.name, f"FAILED ({first}; see {where})")
+        try:
+            _wait_for_jobs(jobs, result, log)
+        except KeyboardInterrupt:
+            if launcher == "submitit-local":  # the jobs are this machine's processes: stop them
+                for _, job in jobs:
+                    job.cancel(check=False)
+            else:
+                log(f"interrupted: the {len(jobs)} submitted SLURM job(s) keep running (scancel "
+                    "them, or run the sweep again later: finished runs are skipped)")
+            raise
+
+
+def _wait_for_jobs(jobs: list[tuple[RunSpec, Any]], result: LaunchResult,
+                   log: Callable[[str], None]) -> None:
+    """Wait for each submitted job in turn and record how it ended."""
+    for spec, job in jobs:
+        try:
+            job.result()
+            result.finished.append(spec.name)
+            _progress(result, log, spec.name, "done")
+        except Exception as exc:  # submitit re-raises the job's failure with its traceback
+            where = str(job.paths.stderr)
+            result.failed[spec.name] = where
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+            _progress(result, log, spec.name, f"FAILED ({first}; see {where})")
 
