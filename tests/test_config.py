@@ -43,7 +43,7 @@ def test_overrides_apply_with_types() -> None:
 @pytest.mark.parametrize("text, message", [
     ("optim:\n  lrr: 0.1\n", "unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
     ("optimm:\n  lr: 0.1\n", "unknown section 'optimm'; did you mean 'optim'?"),
-    ("train:\n  epochs: -2\n", "'train.epochs' must be an integer >= 1, got -2"),
+    ("train:\n  epochs: -2\n", "'train.epochs' must be an integer >= 1 and <= 1000000, got -2"),
     ("train:\n  epochs: 2.5\n", "'train.epochs' must be an integer, got 2.5 (float)"),
     ("train:\n  augment: 'yes'\n", "'train.augment' must be true or false, got 'yes' (str)"),
     ("optim:\n  name: adam\n", "'optim.name' must be one of 'sgd', 'adamw', got 'adam'"),
@@ -63,7 +63,7 @@ def test_bad_recipe_gives_one_message_and_status_2(tmp_path: Path, text: str, me
 
 
 @pytest.mark.parametrize("override, message", [
-    ("optim.lr=-1", "'optim.lr' must be a number > 0.0, got -1"),
+    ("optim.lr=-1", "--set optim.lr=-1: 'optim.lr' must be a number > 0.0 and <= 1000.0, got -1"),
     ("train.batchsize=4", "did you mean 'train.batch_size'?"),
     ("nonsense", "expected section.key=value"),
     ("foo.bar=1", "unknown section 'foo'"),

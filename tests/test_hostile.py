@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -60,7 +61,7 @@ def test_a_loss_that_becomes_nan_stops_training_and_saves_no_nan_student(
         tiny_data_root: Path, recipe_file: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(main, ["train", str(recipe_file), *_args(
-        tiny_data_root, run_dir, "--set", "optim.lr=1e12", "--set", "train.steps=20",
+        tiny_data_root, run_dir, "--set", "optim.lr=1000", "--set", "train.steps=20",
         "--set", "train.eval_every=20")])
     _one_clean_line(result, "training loss became", "optim.lr")
     assert not (run_dir / "student.safetensors").exists()
@@ -447,7 +448,7 @@ BAD_TRAIN_INPUTS = {
     "target is a source": (None, ["--set", "data.source_domains=[photo, sketch]"],
                            "also listed in data.source_domains"),
     "negative batch": (None, ["--set", "train.batch_size=-1"], "'train.batch_size' must be"),
-    "batch larger than the data": (None, ["--set", "train.batch_size=100000"], "lower it"),
+    "batch larger than the data": (None, ["--set", "train.batch_size=60000"], "lower it"),
     "string for a number": (None, ["--set", "optim.lr=fast"], "'optim.lr' must be a number"),
     "unknown key": (None, ["--set", "optim.lrr=0.1"], "did you mean 'optim.lr'"),
     "unknown section": (None, ["--set", "optimiser.lr=0.1"], "unknown section 'optimiser'"),
@@ -754,3 +755,77 @@ def test_a_yaml_error_of_any_kind_is_one_line(tmp_path: Path) -> None:
         recipe = tmp_path / "r.yaml"
         recipe.write_text(text)
         _one_clean_line(CliRunner().invoke(main, ["train", str(recipe)]), "not valid YAML")
+
+
+def _numeric_fields() -> list[tuple[str, object]]:
+    """(section.key, hint) of every number, or list of numbers, a recipe holds."""
+    import dataclasses
+    import typing
+
+    from rise_edge.config import Recipe
+
+    found = []
+    sections = typing.get_type_hints(Recipe)
+    for section in dataclasses.fields(Recipe):
+        cls = sections[section.name]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            args = [a for a in typing.get_args(hint) if a is not type(None) and a is not Ellipsis]
+            if hint in (int, float) or any(a in (int, float) for a in args):
+                found.append((f"{section.name}.{f.name}", hint))
+    return found
+
+
+@pytest.mark.parametrize("name, hint", _numeric_fields(), ids=[n for n, _ in _numeric_fields()])
+def test_every_number_in_a_recipe_has_a_ceiling_it_names(name: str, hint: object) -> None:
+    """Numbers reach torch and numpy: each field refuses a value past its ceiling (its own, or what
+    int64 / float32 hold) with one line naming it, before anything runs."""
+    import dataclasses
+    import typing
+
+    from rise_edge.config import FLOAT_MAX, INT_MAX, Recipe, load_recipe
+
+    section, key = name.split(".")
+    cls = typing.get_type_hints(Recipe)[section]
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[key]
+    is_int = int in (hint, *typing.get_args(hint))
+    ceiling = meta.get("max", INT_MAX if is_int else FLOAT_MAX)
+    beyond = int(ceiling) + 1 if is_int else float(ceiling) * 10
+    value = f"[{beyond}]" if typing.get_origin(hint) is tuple else str(beyond)
+    with pytest.raises(UserError, match=rf"--set {re.escape(name)}=.*'{re.escape(name)}' must be .*<= "):
+        load_recipe(None, [f"{name}={value}"])
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("student.image_size=100000", "'student.image_size' must be an integer or null >= 8 and <= 4096"),
+    ("data.num_workers=100000000", "'data.num_workers' must be an integer >= 0 and <= 256"),
+    ("train.steps=10000000000000000000000000000", "'train.steps' must be an integer >= 0 and <= "),
+    ("optim.lr=1e300", "'optim.lr' must be a number > 0.0 and <= 1000.0"),
+    ("data.split_seed=4294967296", "'data.split_seed' must be an integer >= 0 and <= 4294967295"),
+    ("bench.batch_sizes=[1, 0]", "'bench.batch_sizes' must be a list of integers, each >= 1"),
+])
+def test_numbers_past_what_torch_can_take_stop_training_before_it_starts(
+        override: str, needle: str, tiny_data_root: Path, recipe_file: Path, tmp_path: Path) -> None:
+    """These used to run out of memory (image size), fork without end (workers), run for ever
+    (steps) or overflow inside the optimizer (lr): now one line, and no run directory."""
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", str(recipe_file),
+                                       *_args(tiny_data_root, run_dir, "--set", override)])
+    _one_clean_line(result, f"--set {override}", needle)
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("command", [["bench", "RUN", "--batch", "100000000"],
+                                     ["bench", "RUN", "--iterations", "10000000000000"],
+                                     ["export", "RUN", "--calibration-size", "-5"],
+                                     ["sweep", "SWEEP", "--workers", "100000000"],
+                                     ["sweep", "SWEEP", "--threads", "100000000"]])
+def test_command_line_numbers_have_ranges_too(command: list[str], tiny_run: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("base: demo\n")
+    args = [str(tiny_run) if a == "RUN" else str(sweep) if a == "SWEEP" else a for a in command]
+    before = sorted(p.name for p in tiny_run.iterdir())
+    result = CliRunner().invoke(main, args)
+    _one_clean_line(result, "is not in the range")
+    assert sorted(p.name for p in tiny_run.iterdir()) == before
