@@ -252,7 +252,42 @@ def read_export_record(run_dir: Path, *, advice: str) -> dict[str, Any]:
     if not isinstance(artefacts, dict) or not all(isinstance(r, dict) for r in artefacts.values()):
         raise UserError(f"{path} is not an export record (an object whose 'artefacts' maps names to "
                         f"records); it was changed by hand or damaged; {advice}")
+    if data.get("schema", EXPORT_SCHEMA) != EXPORT_SCHEMA:
+        raise UserError(f"{path}: schema {data.get('schema')!r} is not the export record this "
+                        f"rise-edge reads (schema {EXPORT_SCHEMA}); {advice}")
+    for name, record in artefacts.items():
+        _check_artefact_record(path, name, record, advice)
     return data
+
+
+EXPORT_SCHEMA = 1
+_EXPORT_STATUSES = ("ok", "failed", "skipped", "unavailable", "stale")  # as export writes them
+
+
+def _check_artefact_record(path: Path, name: str, record: dict[str, Any], advice: str) -> None:
+    """One artefact's record as export writes it: bench and the bundle act on these fields, so a
+    tampered one stops with a line naming it instead of being benchmarked or shipped as it says."""
+    import re
+
+    from rise_edge.backend_table import artefacts
+
+    def bad(field: str, expected: str) -> UserError:
+        return UserError(f"{path}: artefacts.{name}.{field} must be {expected}, got "
+                         f"{record.get(field)!r}; it was changed by hand or damaged; {advice}")
+
+    if record.get("status") not in _EXPORT_STATUSES:
+        raise bad("status", "one of " + ", ".join(_EXPORT_STATUSES))
+    for field in ("format", "precision"):
+        if not isinstance(record.get(field), str):
+            raise bad(field, "a string")
+    known = artefacts().get(name)
+    if known is not None and record["precision"] != known.precision:
+        raise bad("precision", f"'{known.precision}' (what {name} is)")
+    if record["status"] == "ok" and not (isinstance(record.get("path"), str) and record["path"]):
+        raise bad("path", f"the artefact's file name in {EXPORT_DIR}/")
+    for field in ("sha256", "student_sha256"):
+        if record.get(field) is not None and not re.fullmatch(r"[0-9a-f]{64}", str(record[field])):
+            raise bad(field, "64 hexadecimal digits")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -228,6 +228,33 @@ def test_a_damaged_recipe_in_the_run_directory_stops_resume_with_one_line(
     _one_clean_line(result, "recipe.yaml is unreadable")
 
 
+_GOOD_RECORD = {"format": "onnx", "precision": "fp32", "path": "model.onnx", "status": "ok",
+                "sha256": "0" * 64}
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"status": 3}, "artefacts.onnx-fp32.status must be one of ok, failed, skipped, unavailable, stale, got 3"),
+    ({"precision": "int3"}, "artefacts.onnx-fp32.precision must be 'fp32' (what onnx-fp32 is)"),
+    ({"precision": None}, "artefacts.onnx-fp32.precision must be a string"),
+    ({"sha256": 5}, "artefacts.onnx-fp32.sha256 must be 64 hexadecimal digits, got 5"),
+    ({"student_sha256": "abc"}, "artefacts.onnx-fp32.student_sha256 must be 64 hexadecimal digits"),
+    ({"path": None}, "artefacts.onnx-fp32.path must be the artefact's file name"),
+    ({"schema": 99}, "schema 99 is not the export record this rise-edge reads"),
+])
+def test_a_tampered_field_of_an_export_record_is_one_line_naming_it(tiny_run: Path, change: dict,
+                                                                     needle: str) -> None:
+    """Each field bench and the bundle act on is checked on read: a wrong one names the file, the
+    artefact, the field and what was expected, before anything runs or is written."""
+    record = {k: v for k, v in {**_GOOD_RECORD, **change}.items() if k != "schema"}
+    document = {"schema": change.get("schema", 1), "artefacts": {"onnx-fp32": record}}
+    (tiny_run / "export").mkdir(exist_ok=True)
+    (tiny_run / "export" / "export.json").write_text(json.dumps(document))
+    before = sorted(p.name for p in tiny_run.rglob("*"))
+    result = CliRunner().invoke(main, ["bench", str(tiny_run), "--quiet"])
+    _one_clean_line(result, "export.json", needle)
+    assert sorted(p.name for p in tiny_run.rglob("*")) == before
+
+
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"artefacts": 5}'])
 def test_a_malformed_export_json_is_one_line(tiny_run: Path, content: str) -> None:
     (tiny_run / "export").mkdir(exist_ok=True)
