@@ -137,3 +137,41 @@ def test_seeds_too_large_for_torch_and_numpy_are_refused_where_they_enter(overri
     with pytest.raises(UserError, match="<= 4294967295"):
         load_recipe(None, [override])
     assert load_recipe(None, ["train.seed=4294967295"]).train.seed == 4294967295
+
+
+def test_every_recipe_value_the_docs_show_loads_as_written() -> None:
+    """Every `--set section.key=value` and `section.key: value` README.md and docs/ show is a value a
+    recipe takes, written exactly so (the YAML trap: a bare `off` reads as false)."""
+    import re
+
+    from rise_edge.config import load_recipe
+
+    repo = Path(__file__).parents[1]
+    pages = [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]
+    shown: set[tuple[str, str]] = set()
+    for page in pages:
+        text = page.read_text()
+        shown |= set(re.findall(r"--set ([a-z_]+\.[a-z_0-9]+)=([^\s`)]+)", text))
+        shown |= set(re.findall(r"`([a-z_]+\.[a-z_0-9]+): ([^`]+)`", text))
+    placeholders = ("...", "value", "[values]", "NEW_ROOT", "/path/to/weights")
+    checked = 0
+    for key, value in sorted(shown):
+        if key == "section.key" or value in placeholders:
+            continue
+        section, field = key.split(".")
+        as_file = load_recipe_text(f"{section}:\n  {field}: {value}\n")
+        as_set = load_recipe(None, [f"{key}={value}"])
+        assert as_file == as_set, key
+        checked += 1
+    assert checked >= 10  # the pages do show values; an empty scan would pass silently
+
+
+def load_recipe_text(text: str):
+    import tempfile
+
+    from rise_edge.config import load_recipe
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "r.yaml"
+        path.write_text(text)
+        return load_recipe(path)
