@@ -164,13 +164,16 @@ class ExportConfig:
         "minmax", "INT8 calibration method")
     calibration_size: int = _f(512, "calibration images, balanced over source domains and classes",
                                min=1, max=IMAGES_MAX)
-    accuracy_budget: float = _f(1.0, "largest INT8 accuracy drop (points) on any source domain "
-                                "before layers fall back to higher precision", min=0.0)
+    accuracy_budget: float = _f(1.0, "largest INT8 accuracy drop (points) against FP32 before layers "
+                                "fall back to higher precision: met when the drop's 95 % upper "
+                                "bound over the source validation images, and every source "
+                                "domain's point drop, are within it (rise_edge.export.judge)",
+                                min=0.0, max=100.0)
     max_fallback_layers: int = _f(8, "most layers kept in higher precision by the budget step", min=0,
                                   max=10_000)
-    fidelity_images: int = _f(500, "source images per domain on which INT8 is judged against FP32 "
-                              "(validation split first, then training images outside the "
-                              "calibration set)", min=1, max=IMAGES_MAX)
+    fidelity_images: int = _f(500, "most source validation images per domain on which INT8 is "
+                              "judged against FP32 (QAT selects its step on as many training "
+                              "images outside the calibration set)", min=1, max=IMAGES_MAX)
     fold_preprocessing: bool = _f(False, "fold resize/normalisation into the ONNX graph "
                                   "(input: uint8 NHWC)")
     parity_tolerance: float = _f(1e-3, "largest max-abs logit difference ONNX vs PyTorch", gt=0.0)

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from rise_edge.backend_table import artefacts, backends, register_backend, runner_for
 from rise_edge.backends.pytorch import TorchRunner
 from rise_edge.cli import main
+from rise_edge.export.judge import RULE
 from rise_edge.config import ExportConfig
 from rise_edge.export.driver import export_run, plan_artefacts
 from rise_edge.run_dir import EXPORT_DIR, EXPORT_JSON
@@ -70,8 +71,9 @@ def test_every_backend_this_machine_runs_exports_and_benches_the_same_way(fmt: s
         assert logits.shape == reference.shape
         if record["precision"] == "fp32":
             np.testing.assert_allclose(logits, reference, atol=1e-3)
-        if record["precision"] == "int8":  # judged by the same budget as every INT8 artefact
+        if record["precision"] == "int8":  # judged by the same judge as every INT8 artefact
             assert record["accuracy_budget"]["fidelity"]["worst_drop_points"] is not None
+            assert record["accuracy_budget"]["judge"]["rule"] == RULE
     bench = CliRunner().invoke(main, ["bench", str(tiny_run), "--engines", backend.name, "--domain",
                                       "all", "--iterations", "2", "--warmup", "1", "--quiet"])
     assert bench.exit_code == 0, bench.output

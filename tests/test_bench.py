@@ -108,9 +108,10 @@ def test_report_files_and_json_schema(benched: dict) -> None:
     assert data["preprocess"]["images"] == sum(d["images"] for d in data["domains"])
     assert data["preprocess"]["images_per_s"] > 0
     for row in data["rows"]:
-        assert set(row) == ROW_KEYS
+        assert set(row) == ROW_KEYS | ({"int8_judge"} if row["precision"] == "int8" else set())
     markdown = (folder / "report.md").read_text()
-    for text in ("## Summary", "## Accuracy per domain", "## Latency", "SingleStream", "## Resources",
+    for text in ("## Summary", "## Accuracy per domain", "## INT8 judge (export)", "## Latency",
+                 "SingleStream", "## Resources",
                  "![accuracy_latency](accuracy_latency.png)", data["command"]):
         assert text in markdown
 
@@ -124,6 +125,9 @@ def test_rows_statuses_and_accuracy(benched: dict) -> None:
     assert rows["onnx-int8"]["backend"] == "onnxruntime" and rows["onnx-int8"]["device"] == "cpu"
     assert rows["onnx-int8"]["path"] == "export/model.int8-cpu.onnx"
     assert 0 < rows["onnx-int8"]["size_bytes"] < rows["onnx-fp32"]["size_bytes"]
+    judge = rows["onnx-int8"]["int8_judge"]  # every INT8 row carries export's verdict
+    assert judge["judged"] and {"budget_points", "drop_upper95", "rule", "met"} <= set(judge)
+    assert "int8_judge" not in rows["onnx-fp32"]
     images = {d["name"]: d["images"] for d in data["domains"]}
     assert images[TINY_TARGET] == 3 * 8  # the target: every image
     for row in rows.values():

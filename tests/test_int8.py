@@ -26,7 +26,8 @@ from rise_edge.backends.onnxruntime.int8 import (CpuQuantizer, cpu_quant_setting
 from rise_edge.config import ExportConfig
 from rise_edge.export.driver import export_run
 from rise_edge.export.fake_quant import calibrate, quantize_model
-from rise_edge.export.fidelity import Fidelity, FidelitySet, sqnr_db
+from rise_edge.export.fidelity import Fidelity, FidelitySet, drop_record, paired_drop_bound, sqnr_db
+from rise_edge.export.judge import verdict
 from rise_edge.export.graph_form import fold_batchnorm, with_static_padding
 from rise_edge.export.onnx_graph import shape_mismatches
 from rise_edge.export.session import export_graph
@@ -139,20 +140,25 @@ class _ScriptedQuantizer:
         Path(out_path).write_text(json.dumps(sorted(exclude)))
 
 
-def test_budget_loop_ships_the_best_model_it_tried_not_the_last(tmp_path: Path, monkeypatch) -> None:
-    # Worst drops by the set of FP32 layers, as the PACS Lite0 loop measured them: noisy, not monotone.
-    drops = {(): 1.92, ("L3",): 4.33, ("L1", "L3"): 1.44, ("L1", "L2", "L3"): 2.40,
-             ("L1", "L2", "L3", "L4"): 3.37}
-    monkeypatch.setattr("rise_edge.backends.onnxruntime.int8.real_layers", lambda path: ["L0", "L1", "L2", "L3", "L4", "L5"])
+def _judged(flips_to_wrong: int, flips_to_right: int = 0, images: int = 600) -> Fidelity:
+    """A Fidelity on one source domain whose INT8 model disagrees with FP32 as given."""
+    domain = {"images": images, "agreement": 100 * (1 - (flips_to_wrong + flips_to_right) / images),
+              **drop_record(flips_to_wrong, flips_to_right, images)}
+    return Fidelity({"a": domain}, logit_sqnr_db=30.0 - flips_to_wrong)
+
+
+def _scripted_loop(tmp_path: Path, monkeypatch, flips: dict[tuple[str, ...], int], ranking: list[str],
+                   edge_share: bool = False):
+    """quantize_within_budget with models whose flips-to-wrong are given per set of FP32 layers."""
+    monkeypatch.setattr("rise_edge.backends.onnxruntime.int8.real_layers",
+                        lambda path: ["L0", "L1", "L2", "L3", "L4", "L5"])
     monkeypatch.setattr("rise_edge.backends.onnxruntime.int8.rank_by_accumulated_error",
-                        lambda *a, **k: [("L3", 0.4), ("L1", 0.3), ("L2", 0.2), ("L4", 0.1)])
+                        lambda *a, **k: [(name, 0.1) for name in ranking])
+    if not edge_share:  # the edges alone remove no noise: the policy keeps none
+        flips = {("L0",): flips[()], ("L5",): flips[()], **flips}
 
     def fidelity(reference, path, fid):
-        excluded = tuple(sorted(json.loads(Path(path).read_text())))
-        drop = 9.0 if excluded in (("L0",), ("L5",)) else drops[excluded]  # edges: no help
-        domain = {"drop_points": drop, "agreement": 100 - drop}
-        return Fidelity({"a": domain}, logit_sqnr_db=20.0 - drop if excluded not in (("L0",), ("L5",))
-                        else 10.0)
+        return _judged(flips[tuple(sorted(json.loads(Path(path).read_text())))])
 
     monkeypatch.setattr("rise_edge.backends.onnxruntime.int8.onnx_fidelity", fidelity)
     data = FidelitySet({"a": (np.zeros((4, 3, 2, 2), np.float32), np.zeros(4, int))})
@@ -160,11 +166,55 @@ def test_budget_loop_ships_the_best_model_it_tried_not_the_last(tmp_path: Path, 
     result = quantize_within_budget(_ScriptedQuantizer(tmp_path / "pre.onnx"), out, data,
                                     {"a": np.zeros((4, 2))}, budget=1.0, max_fallback=4,
                                     workdir=tmp_path)
-    assert [round(t.fidelity.worst_drop, 2) for t in result.tried] == [1.92, 4.33, 1.44, 2.40, 3.37]
-    assert result.met is False
-    assert result.final.worst_drop == 1.44  # the best tried, not the last (3.37)
-    assert sorted(json.loads(out.read_text())) == ["L1", "L3"] == sorted(result.kept_fp32)
+    return result, sorted(json.loads(out.read_text()))
+
+
+def test_budget_loop_grows_exclusions_from_the_best_model_and_ships_the_best(tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    # Flips to wrong (of 600 images) by the set of FP32 layers: noisy, not monotone.
+    flips = {(): 12, ("L3",): 26, ("L1",): 6, ("L1", "L2"): 14, ("L1", "L4"): 9,
+             ("L1", "L2", "L4"): 10}
+    result, shipped = _scripted_loop(tmp_path, monkeypatch, flips, ["L3", "L1", "L2", "L4"])
+    tried = [t.kept_fp32 for t in result.tried]
+    # L3 made it worse, so L1 is tried on the all-INT8 model, not on top of L3; then L2 and L4 are
+    # tried on top of L1 (the best so far), not on top of the last model tried.
+    assert tried == [[], ["L3"], ["L1"], ["L1", "L2"], ["L1", "L4"]]
+    assert result.met is False and shipped == ["L1"] == result.kept_fp32
     assert "model 3 of 5" in result.reason
+    assert result.to_record()["judge"]["rule"].startswith("met when the one-sided 95 % upper bound")
+
+
+def test_the_all_int8_model_ships_when_it_is_the_best(tmp_path: Path, monkeypatch) -> None:
+    """The edge policy keeps the first layer (it alone removes most logit noise), yet the model
+    with it in FP32 flips more labels: the all-INT8 model was measured, so it is a candidate."""
+    monkeypatch.setattr("rise_edge.backends.onnxruntime.int8.choose_edge_policy",
+                        lambda *a, **k: (["L0"], {"first": {"decision": "fp32"}}))
+    flips = {(): 0, ("L0",): 3}
+    result, shipped = _scripted_loop(tmp_path, monkeypatch, flips, [], edge_share=True)
+    assert [t.kept_fp32 for t in result.tried] == [[], ["L0"]]
+    assert shipped == [] and result.kept_fp32 == [] and result.met
+
+
+def test_a_point_drop_within_the_budget_whose_interval_is_not_is_refused() -> None:
+    """0.5 points of drop on 600 images (3 net flips) is within a 1-point budget as a point estimate,
+    but 6 flips to wrong against 3 to right leave a 95 % upper bound above it: not met."""
+    fidelity = _judged(6, 3, images=600)
+    judged = verdict(fidelity, 1.0)
+    assert fidelity.worst_drop == 0.5 and judged.upper95 > 1.0 and not judged.met
+    # No disagreement at all is within it, with a bound that is not zero.
+    clean = verdict(_judged(0, 0, images=600), 1.0)
+    assert clean.met and 0.3 < clean.upper95 < 1.0
+    # Too few images could never show it: the point drops decide, and the verdict says so.
+    few = verdict(_judged(1, 0, images=150), 1.0)
+    assert not few.certifiable and few.met and "the point drops" in few.to_record()["decided_by"]
+
+
+def test_zero_disagreements_give_a_non_zero_interval() -> None:
+    low, high = paired_drop_bound(0, 0, 500, 1.959964)
+    assert low < 0 < high and high == pytest.approx(100 * 3.8415 / (500 + 3.8415), rel=1e-3)
+    # Large counts: close to the Wald interval; and the interval holds the point estimate.
+    low, high = paired_drop_bound(30, 10, 500, 1.959964)
+    assert low < 4.0 < high and abs((high - low) / 2 - 2.454) < 0.3
 
 
 def test_qat_fake_quant_agrees_with_its_onnx_runtime_int8_run(tmp_path: Path) -> None:
@@ -352,3 +402,43 @@ def test_onnxruntime_without_a_calibration_cache_still_quantizes(tmp_path: Path,
         _quantize(fp32, tmp_path / "int8.onnx", images, tmp_path)
     assert onnx.load(str(tmp_path / "int8.onnx")).graph.node
     assert not list(tmp_path.glob("ort-ranges-*.json"))
+
+
+def test_judge_calibration_and_qat_image_lists_are_disjoint(tiny_run: Path, monkeypatch) -> None:
+    """The judge's images are source validation images only; calibration draws from training images;
+    QAT selects on training images outside calibration and trains on none of them: no image plays
+    two of these parts, and none is a target image."""
+    import rise_edge.export.qat as qat
+    from rise_edge.export.session import ExportSession
+    from rise_edge.run_dir import open_run
+
+    session = ExportSession(open_run(tiny_run), ExportConfig(calibration_size=12), lambda _: None)
+    splits = session.splits
+    judge = {p for v in session.fidelity_samples.values() for p, _ in v}
+    calibration = {str(splits.dataset_dir / f) for f in session.calibration.files}
+    selection = {p for v in session.qat_selection.values() for p, _ in v}
+    val = {p for d in splits.source_domains for p, _ in splits.val[d]}
+    train = {p for p, _ in splits.train_samples}
+    assert judge and calibration and selection
+    assert judge <= val and not judge & train
+    assert calibration <= train and selection <= train and not selection & calibration
+    assert not any(TINY_TARGET in Path(p).parts for p in judge | calibration | selection)
+    assert set(session.fidelity_samples) == set(splits.source_domains)
+
+    seen: list[set[str]] = []
+    real = qat.DomainImages
+
+    def recording(samples, transform):
+        seen.append({p for p, _ in samples})
+        return real(samples, transform)
+
+    monkeypatch.setattr(qat, "DomainImages", recording)
+    qat.qat_finetune(session.run, splits, ExportConfig(qat_steps=1, qat_eval_every=1),
+                     session.calibration_images, tiny_run / "qat-state", {"test": 1}, lambda _: None,
+                     device=torch.device("cpu"), selection=session.qat_selection)
+    trained_on, *selected_on = seen
+    assert trained_on and not trained_on & (selection | judge)
+    assert set().union(*selected_on) == selection
+    record = session.image_sets_record()
+    assert record["judge"]["per_domain"] == {d: len(v) for d, v in session.fidelity_samples.items()}
+    assert record["judge"]["sha256"] != record["qat_selection"]["sha256"]

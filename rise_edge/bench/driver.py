@@ -380,7 +380,19 @@ def _row(spec: EngineSpec, run_dir: Path) -> dict[str, Any]:
             "format": spec.format, "precision": spec.precision, "device": None, "target": spec.target,
             "path": rel, "status": spec.status, "reason": spec.reason, "warnings": list(spec.warnings),
             "size_bytes": size, "sha256": record.get("sha256"), "accuracy": {}, "latency": [],
-            "mlperf": None, "resources": {}, "seconds": 0.0}
+            "mlperf": None, "resources": {}, "seconds": 0.0,
+            **({"int8_judge": int8_judge(record)} if spec.precision == "int8" else {})}
+
+
+def int8_judge(record: dict[str, Any]) -> dict[str, Any]:
+    """The judge's verdict export recorded for an INT8 artefact (rise_edge.export.judge: budget,
+    bound, rule), or a plain statement that it has none."""
+    judged = record.get("accuracy_budget", {}).get("judge") or record.get("judge")
+    if judged:
+        return {"judged": True, **judged}
+    return {"judged": False, "reason": "export judged this INT8 artefact against no budget (a "
+                                       "TensorRT engine or Q/DQ graph for the device): its accuracy "
+                                       "per domain is in this report"}
 
 
 def _load(spec: EngineSpec, ctx: _Context) -> Runner:

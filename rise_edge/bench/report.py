@@ -137,6 +137,7 @@ def to_markdown(data: dict[str, Any], plots: Sequence[str] = ()) -> str:
     lines += [*_md_table(["engine", "precision", "domain", "images", "top-1 %", "drop (points)",
                           "agrees with PyTorch %"], table), ""]
 
+    lines += _int8_judge_section(data)
     lines += _latency_section(data)
 
     figure = data["preprocess"]
@@ -147,6 +148,27 @@ def to_markdown(data: dict[str, Any], plots: Sequence[str] = ()) -> str:
     if plots:
         lines += ["", "## Plots", "", *(f"![{Path(p).stem}]({Path(p).name})" for p in plots)]
     return "\n".join(lines) + "\n"
+
+
+def _int8_judge_section(data: dict[str, Any]) -> list[str]:
+    """What export's INT8 judge said of each INT8 artefact (source validation images against FP32),
+    beside the accuracy bench measured: the verdict was made before this report, never on it."""
+    rows = [r for r in data["rows"] if "int8_judge" in r]
+    if not rows:
+        return []
+    table, rule = [], ""
+    for row in rows:
+        v = row["int8_judge"]
+        if not v.get("judged"):
+            table.append([row["engine"], "-", "-", "-", "-", "not judged", v.get("reason", "")])
+            continue
+        rule = v.get("rule", rule)
+        table.append([row["engine"], _num(v.get("budget_points")), _num(v.get("drop_points")),
+                      _num(v.get("drop_upper95")), v.get("images", "-"),
+                      "met" if v.get("met") else "NOT met", v.get("decided_by", "")])
+    return ["## INT8 judge (export)", "", f"Rule: {rule}." if rule else "",
+            "", *_md_table(["engine", "budget (points)", "drop", "95 % upper bound", "judge images",
+                            "verdict", "decided by"], table), ""]
 
 
 def _latency_section(data: dict[str, Any]) -> list[str]:

@@ -85,18 +85,34 @@ def select_calibration_set(splits: DomainSplits, size: int, seed: int = 0) -> Ca
                           size, seed)
 
 
-def select_fidelity_samples(splits: DomainSplits, per_domain: int, calibration_files: set[str],
-                            seed: int = 0) -> dict[str, list[Sample]]:
-    """Up to `per_domain` labelled images of every SOURCE domain on which INT8 is judged against FP32:
-    the validation split first, then training images outside the calibration set (seeded order).
-    Fidelity to FP32, not generalisation, is what is judged, so training images serve; calibration
-    images would flatter the ranges they set. Never the target domain."""
+def select_fidelity_samples(splits: DomainSplits, per_domain: int, seed: int = 0
+                            ) -> dict[str, list[Sample]]:
+    """The judge's images: up to `per_domain` of every SOURCE domain's validation images (seeded
+    order). The student never trained on them, calibration never saw them (it draws from the
+    training split) and QAT never selects on them (select_qat_selection_samples): an INT8 model is
+    judged out of sample. Training images would flatter it: their large margins hide the flips INT8
+    causes. Never the target domain."""
+    chosen = {}
+    for domain in splits.source_domains:
+        val = sorted(splits.val[domain])
+        random.Random(seed * 1_000_003 + zlib.crc32(domain.encode())).shuffle(val)
+        chosen[domain] = val[:per_domain]
+    return chosen
+
+
+def select_qat_selection_samples(splits: DomainSplits, per_domain: int, calibration_files: set[str],
+                                 seed: int = 0) -> dict[str, list[Sample]]:
+    """The images QAT selects its step on: up to `per_domain` training images of every source domain
+    outside the calibration set (seeded order), as many as the judge has validation images. QAT
+    trains on the other training images, so its selection is out of sample too, and neither touches
+    the judge's images."""
     chosen = {}
     for domain in splits.source_domains:
         train = [s for s in sorted(splits.train[domain])
                  if _relative(s[0], splits.dataset_dir) not in calibration_files]
-        random.Random(seed * 1_000_003 + zlib.crc32(domain.encode())).shuffle(train)
-        chosen[domain] = (list(splits.val[domain]) + train)[:per_domain]
+        random.Random(seed * 1_000_003 + zlib.crc32(f"qat/{domain}".encode())).shuffle(train)
+        size = min(per_domain, max(1, len(splits.val[domain])))
+        chosen[domain] = train[:size]
     return chosen
 
 

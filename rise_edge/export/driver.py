@@ -199,6 +199,8 @@ def _export(run: TrainedRun, cfg: ExportConfig, progress: bool, data_root: str |
             document["calibration"] = {**session.calibration.to_record(run.meta.classes),
                                        "method": cfg.calibration_method,
                                        "dataset_dir": str(session.calibration.dataset_dir)}
+        if "fidelity_samples" in session._cache:  # what every INT8 decision was made on
+            document["int8_images"] = session.image_sets_record()
         write_json_atomic(json_path, document)
 
     outcomes: dict[str, dict[str, Any]] = {}  # what this export did; records: what export.json keeps
@@ -237,14 +239,22 @@ def _export(run: TrainedRun, cfg: ExportConfig, progress: bool, data_root: str |
 
 def recommended_int8(records: dict[str, dict[str, Any]]) -> str | None:
     """The INT8 artefact export recommends for ONNX Runtime on the CPU: of post-training INT8 and
-    QAT's CPU model, the one with the smaller worst accuracy drop against FP32 on the source-domain
-    fidelity images (the target domain plays no part); None when neither was made."""
-    drops = {}
+    QAT's CPU model, the better by rise_edge.export.judge's rule (both judged on the same source
+    validation images, which neither calibration nor QAT's step selection saw; the target domain
+    plays no part); None when neither was made. Ties go to post-training INT8 (no fine-tuning)."""
+    judged = {}
     if records.get("onnx-int8", {}).get("status") == "ok":
-        drops["onnx-int8"] = records["onnx-int8"]["accuracy_budget"]["fidelity"]["worst_drop_points"]
+        judged["onnx-int8"] = records["onnx-int8"]["accuracy_budget"].get("judge")
     if records.get("onnx-int8-qat-cpu", {}).get("status") == "ok":
-        drops["onnx-int8-qat-cpu"] = records["onnx-int8-qat-cpu"]["fidelity_vs_fp32"]["worst_drop_points"]
-    return min(drops, key=lambda name: (drops[name], name != "onnx-int8")) if drops else None
+        judged["onnx-int8-qat-cpu"] = records["onnx-int8-qat-cpu"].get("judge")
+    if not judged:
+        return None
+
+    def key(name: str) -> tuple[bool, float, bool]:
+        v = judged[name] or {}
+        return (not v.get("met", False), float(v.get("drop_upper95", 100.0)), name != "onnx-int8")
+
+    return min(judged, key=key)
 
 
 def resolve_export_config(run: TrainedRun, overrides: Sequence[str] = (), **flags: Any) -> ExportConfig:

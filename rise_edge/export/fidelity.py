@@ -1,8 +1,9 @@
 """Fidelity: a quantized model judged against FP32 on enough source images to mean something.
 
 Whatever made the model (a post-training quantizer, QAT) and whatever runs it, the judgement is the same:
-per source domain, top-1 agreement with FP32 (Wilson 95 % interval), accuracy of both and the paired
-drop with its interval; over all images, the SQNR of the logits. The target domain plays no part.
+per source domain and over all of them, top-1 agreement with FP32 (Wilson 95 % interval), accuracy of
+both and the paired drop with Tango's score interval (valid at zero disagreements); over all images,
+the SQNR of the logits. The target domain plays no part; rise_edge.export.judge decides on these.
 """
 
 from __future__ import annotations
@@ -31,17 +32,39 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return (round(100 * max(0.0, centre - half), 3), round(100 * min(1.0, centre + half), 3))
 
 
-def paired_drop(fp32_right: np.ndarray, int8_right: np.ndarray, z: float = 1.96
-                ) -> tuple[float, float]:
-    """Accuracy drop FP32 - INT8 in points on the same images, and the half-width of its 95 %
-    interval (paired: only the images on which the two disagree carry information)."""
-    n = len(fp32_right)
+def paired_drop_bound(fp32_only: int, int8_only: int, n: int, z: float) -> tuple[float, float]:
+    """Tango's score interval (Stat. Med. 1998) for the paired accuracy drop FP32 - INT8, in points:
+    `fp32_only` images FP32 gets right and INT8 wrong, `int8_only` the reverse, of `n` in all; the
+    drop's bounds where the score statistic equals +z and -z.
+
+    Chosen over a Wald interval because it stays honest at zero disagreements (500 images that all
+    agree bound the drop by 0.76 points at z = 1.96, not by 0.00) and over conditional exact
+    intervals because it uses n, not only the disagreements; its coverage is close to nominal for
+    the small disagreement counts INT8 produces."""
     if n == 0:
-        return 0.0, 0.0
-    d = fp32_right.astype(np.float64) - int8_right.astype(np.float64)
-    mean = float(d.mean())
-    half = z * float(d.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
-    return 100 * mean, 100 * half
+        return (-100.0, 100.0)
+    b, c = fp32_only, int8_only
+
+    def score(delta: float) -> float:  # decreasing in delta
+        w = -b - c + (2 * n - b + c) * delta
+        p21 = (math.sqrt(max(w * w + 8 * n * c * delta * (1 - delta), 0.0)) - w) / (4 * n)
+        var = n * (2 * p21 + delta * (1 - delta))
+        numerator = b - c - n * delta
+        if var > 0:
+            return numerator / math.sqrt(var)
+        return 0.0 if numerator == 0 else math.copysign(math.inf, numerator)
+
+    def solve(target: float) -> float:
+        low, high = -1.0, 1.0
+        for _ in range(80):
+            mid = (low + high) / 2
+            if score(mid) > target:
+                low = mid
+            else:
+                high = mid
+        return (low + high) / 2
+
+    return (round(100 * solve(z), 4), round(100 * solve(-z), 4))
 
 
 @dataclass(frozen=True)
@@ -70,8 +93,17 @@ class Fidelity:
     def mean_agreement(self) -> float:
         return float(np.mean([d["agreement"] for d in self.per_domain.values()]))
 
+    @property
+    def pooled(self) -> dict[str, Any]:
+        """The paired drop over every source domain's images together (what the budget bounds)."""
+        n = sum(int(d.get("images", 0)) for d in self.per_domain.values())
+        return drop_record(sum(int(d.get("fp32_right_int8_wrong", 0)) for d in self.per_domain.values()),
+                           sum(int(d.get("int8_right_fp32_wrong", 0)) for d in self.per_domain.values()),
+                           n)
+
     def to_record(self) -> dict[str, Any]:
-        return {"per_domain": self.per_domain, "logit_sqnr_db": round(self.logit_sqnr_db, 2),
+        return {"per_domain": self.per_domain, "all_source_images": self.pooled,
+                "logit_sqnr_db": round(self.logit_sqnr_db, 2),
                 "worst_drop_points": round(self.worst_drop, 3)}
 
 
@@ -91,13 +123,23 @@ def measure_fidelity(reference: dict[str, np.ndarray], runner: Callable[[np.ndar
         ref, got = reference[domain], logits_in_batches(runner, images)
         ref_right, got_right = ref.argmax(1) == labels, got.argmax(1) == labels
         agree = int((ref.argmax(1) == got.argmax(1)).sum())
-        drop, half = paired_drop(ref_right, got_right)
         per_domain[domain] = {
             "images": len(labels), "agreement": round(100 * agree / max(len(labels), 1), 3),
             "agreement_ci95": wilson_interval(agree, len(labels)),
             "accuracy_fp32": round(100 * float(ref_right.mean()), 3),
             "accuracy_int8": round(100 * float(got_right.mean()), 3),
-            "drop_points": round(drop, 3), "drop_ci95_half_width": round(half, 3)}
+            **drop_record(int((ref_right & ~got_right).sum()), int((got_right & ~ref_right).sum()),
+                          len(labels))}
         ref_all.append(ref)
         got_all.append(got)
     return Fidelity(per_domain, sqnr_db(np.concatenate(ref_all), np.concatenate(got_all)))
+
+
+def drop_record(fp32_only: int, int8_only: int, n: int) -> dict[str, Any]:
+    """The paired drop in points with its two-sided 95 % interval and one-sided 95 % upper bound
+    (both Tango's), the disagreements behind them, and what one image is worth."""
+    return {"drop_points": round(100 * (fp32_only - int8_only) / max(n, 1), 3),
+            "drop_ci95": list(paired_drop_bound(fp32_only, int8_only, n, 1.959964)),
+            "drop_upper95": paired_drop_bound(fp32_only, int8_only, n, 1.644854)[1],
+            "fp32_right_int8_wrong": fp32_only, "int8_right_fp32_wrong": int8_only,
+            "points_per_image": round(100 / max(n, 1), 4)}

@@ -151,15 +151,20 @@ class _Loop:
 
 def qat_finetune(run: TrainedRun, splits: DomainSplits, cfg: ExportConfig, calibration: np.ndarray,
                  state_root: Path, key_parts: dict[str, Any], log: Callable[[str], None],
-                 device: torch.device | None = None, keep_fp32: Sequence[str] = ()) -> QatResult:
+                 device: torch.device | None = None, keep_fp32: Sequence[str] = (),
+                 selection: dict[str, list[tuple[str, int]]] | None = None) -> QatResult:
     """Fine-tune the run's student with INT8 fake quantization; returns the selected model.
-    `keep_fp32`: module names left unquantized (the measured first/last-layer policy)."""
+    `keep_fp32`: module names left unquantized (the measured first/last-layer policy).
+    `selection`: per source domain, the training images QAT selects its step on; QAT trains on
+    the other training images, so the judge's validation images stay out of both (None: select on
+    the validation split, as before the judge)."""
     started = time.perf_counter()
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = QatSettings.resolve(run, cfg)
     pre = run.meta.preprocessing
+    held_out = {p for samples in (selection or {}).values() for p, _ in samples}
     key = cache_key(**key_parts, qat=settings.to_record(), keep_fp32=sorted(keep_fp32),
-                    tool="rise-edge-qat")[:16]
+                    selection=sorted(held_out), tool="rise-edge-qat")[:16]
     state_dir = state_root / key
     state_dir.mkdir(parents=True, exist_ok=True)
 
@@ -175,9 +180,10 @@ def qat_finetune(run: TrainedRun, splits: DomainSplits, cfg: ExportConfig, calib
     loop = _Loop(model, run_objective(run, splits, device),
                  build_optimizer(optim, (p for p in model.parameters() if p.requires_grad)),
                  torch.amp.GradScaler(device.type, enabled=False), optim,
-                 DomainImages(splits.train_samples, train_transform(pre, run.recipe.train.augment)),
-                 {d: DataLoader(DomainImages(splits.val[d], eval_transform(pre)), batch_size=64)
-                  for d in splits.source_domains}, state_dir, device)
+                 DomainImages([x for x in splits.train_samples if x[0] not in held_out],
+                              train_transform(pre, run.recipe.train.augment)),
+                 {d: DataLoader(DomainImages((selection or splits.val)[d], eval_transform(pre)),
+                                batch_size=64) for d in splits.source_domains}, state_dir, device)
     step, history, best, resumed_from = _start(loop, settings, log)
     best = _fine_tune(loop, settings, run.recipe.data.num_workers, step, history, best, log)
     tensors, _ = load_tensors(state_dir / BEST_FILE)

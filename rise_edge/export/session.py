@@ -5,6 +5,7 @@ images, the PyTorch reference logits)."""
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,8 @@ from torch import nn
 from rise_edge.config import ExportConfig, recipe_to_dict
 from rise_edge.errors import UserError
 from rise_edge.export.calibration import (CalibrationSet, balanced_val_samples, load_images,
-                                          select_calibration_set, select_fidelity_samples)
+                                          select_calibration_set, select_fidelity_samples,
+                                          select_qat_selection_samples)
 from rise_edge.export.fidelity import FidelitySet
 from rise_edge.export.onnx_graph import fold_constants
 from rise_edge.files import file_sha256
@@ -140,15 +142,49 @@ class ExportSession:
         return self._once("calibration_images", load)
 
     @property
+    def fidelity_samples(self) -> dict[str, list[tuple[str, int]]]:
+        """The judge's images: source validation images (rise_edge.export.calibration)."""
+        return self._once("fidelity_samples", lambda: select_fidelity_samples(
+            self.splits, self.cfg.fidelity_images, self.cfg.calibration_seed))
+
+    @property
     def fidelity(self) -> FidelitySet:
         """Source images on which INT8 is judged against FP32 (never the target domain)."""
         def load() -> FidelitySet:
-            chosen = select_fidelity_samples(self.splits, self.cfg.fidelity_images,
-                                             set(self.calibration.files))
-            self.log(f"loading {sum(len(v) for v in chosen.values())} source images to judge INT8 on")
+            chosen = self.fidelity_samples
+            self.log(f"loading {sum(len(v) for v in chosen.values())} source validation images to "
+                     "judge INT8 on")
             return FidelitySet({d: (load_images([p for p, _ in v], self.pre),
                                     np.array([y for _, y in v])) for d, v in chosen.items()})
         return self._once("fidelity", load)
+
+    @property
+    def qat_selection(self) -> dict[str, list[tuple[str, int]]]:
+        """The training images QAT selects its step on (and does not train on)."""
+        return self._once("qat_selection", lambda: select_qat_selection_samples(
+            self.splits, self.cfg.fidelity_images, set(self.calibration.files),
+            self.cfg.calibration_seed))
+
+    def image_sets_record(self) -> dict[str, Any]:
+        """What each INT8 decision was made on, for export.json: counts, what one image is worth,
+        and a hash of each list (the lists are disjoint: tested)."""
+        import hashlib
+
+        def described(sets: dict[str, list[tuple[str, int]]], role: str) -> dict[str, Any]:
+            files = sorted(os.path.relpath(p, self.splits.dataset_dir) for v in sets.values()
+                           for p, _ in v)
+            return {"role": role, "per_domain": {d: len(v) for d, v in sets.items()},
+                    "points_per_image": {d: round(100 / max(len(v), 1), 4) for d, v in sets.items()},
+                    "sha256": hashlib.sha256("\n".join(files).encode()).hexdigest()}
+
+        return {"judge": described(self.fidelity_samples, "source validation images every INT8 "
+                                   "candidate is judged on"),
+                "qat_selection": described(self.qat_selection, "training images outside the "
+                                           "calibration set that QAT selects its step on and "
+                                           "does not train on"),
+                "calibration": {"role": "source training images that set the INT8 ranges",
+                                "size": len(self.calibration.files),
+                                "sha256": self.calibration.sha256}}
 
     @property
     def parity_images(self) -> np.ndarray:

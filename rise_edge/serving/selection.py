@@ -128,10 +128,7 @@ def int8_met(records: dict[str, dict[str, Any]], name: str) -> bool:
     record = records.get(name, {})
     if name == "onnx-int8":
         return bool(record.get("accuracy_budget", {}).get("met"))
-    budget = (records.get("onnx-int8", {}).get("accuracy_budget", {}).get("budget_points")
-              or 1.0)
-    worst = record.get("fidelity_vs_fp32", {}).get("worst_drop_points")
-    return worst is not None and worst <= budget
+    return bool(record.get("judge", {}).get("met"))  # rise_edge.export.judge's verdict
 
 
 def int8_verdict(records: dict[str, dict[str, Any]], recommended: str | None) -> dict[str, Any]:
@@ -144,12 +141,13 @@ def int8_verdict(records: dict[str, dict[str, Any]], recommended: str | None) ->
         verdict["onnx-int8"] = {
             "met": budget["met"], "budget_points": budget["budget_points"],
             "worst_drop_points": budget["fidelity"]["worst_drop_points"],
-            "kept_fp32_layers": budget["kept_fp32_layers"], "judged_on": budget["judged_on"]}
+            "kept_fp32_layers": budget["kept_fp32_layers"], "judged_on": budget["judged_on"],
+            "judge": budget.get("judge")}
     qat_cpu = records.get("onnx-int8-qat-cpu", {})
     if qat_cpu.get("status") == "ok":
         verdict["onnx-int8-qat-cpu"] = {
             "worst_drop_points": qat_cpu["fidelity_vs_fp32"]["worst_drop_points"],
-            "met": int8_met(records, "onnx-int8-qat-cpu")}
+            "met": int8_met(records, "onnx-int8-qat-cpu"), "judge": qat_cpu.get("judge")}
     for name in QDQ_SOURCES:
         if records.get(name, {}).get("status") == "ok":
             verdict[name] = {"judged": "not by export's budget: measure the TensorRT INT8 engine on "

@@ -24,6 +24,7 @@ from rise_edge.backends.onnxruntime.runner import OnnxRuntimeRunner, onnx_metada
 from rise_edge.config import ExportConfig
 from rise_edge.errors import UserError
 from rise_edge.export.fidelity import sqnr_db
+from rise_edge.export.judge import verdict
 from rise_edge.export.graph_form import with_static_padding
 from rise_edge.export.onnx_graph import module_of_onnx_node
 from rise_edge.export.session import (INPUT_NAME, ExportSession, FoldedPreprocessing, export_graph,
@@ -116,8 +117,9 @@ def make_onnx_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
                          "kept_fp32_layers": budget.kept_fp32, "quantization": settings.to_record()})
     parity = s.check_parity(OnnxRuntimeRunner(tmp), "the INT8 ONNX", None)
     if not budget.met:
-        s.log(f"INT8 misses the accuracy budget ({budget.final.worst_drop:.2f} > "
-              f"{s.cfg.accuracy_budget:g} points on a source domain) with {len(budget.kept_fp32)} "
+        judged = verdict(budget.final, s.cfg.accuracy_budget)
+        s.log(f"INT8 misses the accuracy budget (drop {judged.drop:.2f} points, 95 % upper bound "
+              f"{judged.upper95:.2f} > {s.cfg.accuracy_budget:g}) with {len(budget.kept_fp32)} "
               "layer(s) in FP32: quantization-aware fine-tuning usually recovers it: "
               "rise-edge export RUN --int8 --qat (or set export.qat: auto)")
     return {"tool": "onnxruntime.quantization.quantize_static", "format_detail": "QDQ",
@@ -142,7 +144,8 @@ def _qat(s: ExportSession) -> Any:
 
         result = qat_finetune(s.run, s.splits, s.cfg, s.calibration_images, s.dir / "qat",
                               {"student": s.student_sha256, "calibration": s.calibration.sha256},
-                              s.log, keep_fp32=_edge_layers_in_fp32(s))
+                              s.log, keep_fp32=_edge_layers_in_fp32(s),
+                              selection=s.qat_selection)
         s.run.student.cpu()
         return result
     return s._once("qat", run)
@@ -214,8 +217,9 @@ def make_onnx_int8_qat_cpu(s: ExportSession, tmp: Path) -> dict[str, Any]:
     parity = s.check_parity(OnnxRuntimeRunner(tmp), "the QAT CPU INT8 ONNX", None)
     return {"tool": "onnxruntime.quantization.quantize_static on the QAT weights",
             "format_detail": "QDQ", "quantization": settings.to_record(),
-            "fidelity_vs_fp32": fidelity.to_record(), "calibration_sha256": s.calibration.sha256,
-            "parity": parity}
+            "fidelity_vs_fp32": fidelity.to_record(),
+            "judge": verdict(fidelity, s.cfg.accuracy_budget).to_record(),
+            "calibration_sha256": s.calibration.sha256, "parity": parity}
 
 
 def plan(cfg: ExportConfig) -> list[str]:
