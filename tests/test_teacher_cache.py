@@ -291,3 +291,43 @@ def test_a_single_run_caches_its_source_images_only(tiny_data_root: Path, tiny_c
     assert stored == set(tc.hash_images([p for p, _ in splits.train_samples]))
     assert not stored & set(tc.hash_images([p for p, _ in splits.test]))  # never the target
     assert not stored & set(tc.hash_images([p for d in splits.val.values() for p, _ in d]))
+
+
+def test_a_sweep_fills_one_cache_for_every_target_and_its_runs_only_read(
+        tiny_data_root: Path, tiny_clip_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from rise_edge.cli import main
+    from rise_edge.sweep.launch import expand, fill_teacher_caches, load_sweep
+    from rise_edge.train.loop import train_run
+
+    monkeypatch.setenv("RISE_EDGE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "base.yaml").write_text(
+        f"data: {{root: '{tiny_data_root}', dataset: {TINY_DATASET}, val_fraction: 0.25, "
+        "num_workers: 0}\nstudent: {model: test_resnet, image_size: 32}\n"
+        f"teacher: {{model: 'local-dir:{tiny_clip_dir}', cache: auto, cache_views: 2}}\n"
+        "loss: {method: kd, w_kd: 0.8, w_ce: 0.2}\ntrain: {steps: 2, batch_size: 8}\n")
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(f"base: base.yaml\ntargets: [sketch, photo]\nseeds: [0, 1]\n"
+                          f"output_dir: {tmp_path / 'sweep'}\n")
+    info = CliRunner().invoke(main, ["teacher-cache", "info", str(sweep_file)])
+    assert info.exit_code == 0 and "0 image(s) cached" in info.output, info.output
+    specs = expand(load_sweep(sweep_file))
+    lines: list[str] = []
+    assert fill_teacher_caches(specs, lines.append) > 0
+    folders = list((tmp_path / "cache" / "teacher_views").iterdir())
+    assert len(folders) == 1  # one cache for 2 targets x 2 seeds
+    every = set()
+    for spec in specs:
+        every |= {p for p, _ in build_splits(load_recipe(spec.recipe, spec.overrides).data,
+                                             progress=False).train_samples}
+    assert any(f"{len(every)} image(s) cached" in line for line in lines)
+    spec = specs[-1]
+    result = train_run(load_recipe(spec.recipe, spec.overrides), run_dir=tmp_path / "one",
+                       progress=False)
+    assert result.stats["views"]["cache"] == "used" and "filled" not in result.stats["views"]
+    built = CliRunner().invoke(main, ["teacher-cache", "build", str(sweep_file)])
+    assert built.exit_code == 0 and "0 missing" in built.output, built.output
+    erm = CliRunner().invoke(main, ["teacher-cache", "build", str(tmp_path / "base.yaml"),
+                                    "--set", "loss.method=erm"])
+    assert erm.exit_code == 2 and "no run reads a teacher-view cache" in erm.output
