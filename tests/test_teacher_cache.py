@@ -262,8 +262,9 @@ def test_cached_and_on_the_fly_losses_agree_within_fp16(tiny_teacher) -> None:
         fly = objective(student, images, labels)
         cached = objective(student, images, labels, teacher_embeddings=embeddings)
         # fp16 keeps 11 bits: an embedding entry is off by at most 2**-11 of itself
-        assert abs(float(fly["kd"]) - float(cached["kd"])) <= 2e-3 * max(1.0, float(fly["kd"]))
-        assert float(fly["ce"]) == float(cached["ce"])
+        a, b = float(fly["kd"].detach()), float(cached["kd"].detach())
+        assert abs(a - b) <= 2e-3 * max(1.0, a)
+        assert torch.equal(fly["ce"], cached["ce"])
 
 
 def test_a_single_run_caches_its_source_images_only(tiny_data_root: Path, tiny_clip_dir: Path,
@@ -331,3 +332,15 @@ def test_a_sweep_fills_one_cache_for_every_target_and_its_runs_only_read(
     erm = CliRunner().invoke(main, ["teacher-cache", "build", str(tmp_path / "base.yaml"),
                                     "--set", "loss.method=erm"])
     assert erm.exit_code == 2 and "no run reads a teacher-view cache" in erm.output
+
+
+def test_a_run_may_move_between_cached_and_on_the_fly_but_not_change_its_views() -> None:
+    from rise_edge.train.loop import _training_changes
+    from rise_edge.train.methods import resolved
+
+    base = load_recipe(None, ["loss.method=kd", "teacher.cache_views=4"])
+    moved = load_recipe(None, ["loss.method=kd", "teacher.cache_views=4", "teacher.cache=on",
+                               "teacher.cache_dir=elsewhere"])
+    assert _training_changes(base, resolved(moved)[0]) == []
+    fewer = load_recipe(None, ["loss.method=kd", "teacher.cache_views=2"])
+    assert _training_changes(base, resolved(fewer)[0]) == ["teacher.cache_views"]

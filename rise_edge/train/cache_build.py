@@ -56,6 +56,7 @@ def caches_for(recipes: Sequence[Recipe], *, fill: bool, log: Log = _stderr) -> 
         if reads_cache(recipe):
             groups.setdefault(_group(recipe), []).append(recipe)
     records = []
+    train_paths: dict[Any, list[str]] = {}  # per data section: seeds and grid points share splits
     for members in groups.values():
         first = members[0]
         device = _device(first.train.device)
@@ -64,7 +65,10 @@ def caches_for(recipes: Sequence[Recipe], *, fill: bool, log: Log = _stderr) -> 
         cache = TeacherViewCache.for_teacher(default_dir(first.teacher.cache_dir), teacher, pre,
                                              ViewSpec.of(pre, first.train.augment),
                                              first.teacher.cache_views)
-        paths = sorted({p for r in members for p, _ in build_splits(r.data, progress=False).train_samples})
+        for r in members:
+            if r.data not in train_paths:
+                train_paths[r.data] = [p for p, _ in build_splits(r.data, progress=False).train_samples]
+        paths = sorted({p for r in members for p in train_paths[r.data]})
         started = time.perf_counter()
         digests = hash_images(paths)
         hashing = time.perf_counter() - started

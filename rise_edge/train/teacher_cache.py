@@ -393,7 +393,8 @@ def verify(cache: TeacherViewCache, teacher: ClipTeacher, paths: Sequence[str], 
     from rise_edge.data.domains import load_rgb
 
     pre, spec = cache.preprocessing, cache.spec
-    present = [i for i in range(len(paths)) if i not in set(entries.missing)]
+    absent = set(entries.missing)
+    present = [i for i in range(len(paths)) if i not in absent]
     if not present:
         return 1.0
     g = torch.Generator().manual_seed(seed)
