@@ -80,7 +80,7 @@ def caches_for(recipes: Sequence[Recipe], *, fill: bool, log: Log = _stderr) -> 
             batch = 512 if device.type == "cuda" else 64
             record["filled"] = cache.fill(teacher, paths, digests=digests, batch=batch,
                                           workers=first.data.num_workers, log=log)
-            record.update({k: v for k, v in cache.info().items() if k in ("images", "bytes", "shards")},
+            record.update({k: v for k, v in cache.info().items() if k in ("images", "bytes", "shards", "dim")},
                           missing_images=0)
         records.append(record)
         del teacher
