@@ -7,8 +7,10 @@
 2. Training throughput, images/s, ERM and RISE, ResNet-18 and EfficientNet-Lite0 students at 224 px,
    bf16 autocast and channels_last, with a random-weight ViT-B/16 teacher of the real architecture
    (no CLIP weights can be downloaded; time does not depend on weight values). Peak GPU memory.
-3. Quantization-aware fine-tuning throughput (INT8 fake quantization) of the same students.
-4. Inference latency with CUDA events (rise_edge.backends.latency.time_runner): PyTorch FP32 and FP16 at batch 1
+3. The teacher-view cache: build throughput (views/s, teacher in fp16) for 2,048 generated images x
+   2 views, and a cached RISE step against the same step running the teacher, per student.
+4. Quantization-aware fine-tuning throughput (INT8 fake quantization) of the same students.
+5. Inference latency with CUDA events (rise_edge.backends.latency.time_runner): PyTorch FP32 and FP16 at batch 1
    and 32, p50 / p90 ms and images/s, H2D / compute / D2H split.
 Each section is fenced: one that fails prints its error and the others still run. Prints one Markdown
 report and writes it with a JSON copy to --out (default: $OUT if set, else benchmarks/results/).
@@ -115,6 +117,69 @@ def training_throughput(device: torch.device, batch: int, size: int, steps: int,
                          "step_ms": round(1000 * seconds, 2),
                          "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20)
                          if device.type == "cuda" else None})
+            del student, optimizer
+    return rows
+
+
+def teacher_cache_gpu(device: torch.device, batch: int, size: int, steps: int, teacher_name: str,
+                      images: int) -> list[dict[str, Any]]:
+    """The teacher-view cache on this device: its build (views/s, the teacher in its own precision,
+    fp16 on CUDA) for `images` generated images x 2 views, then a RISE step of each student reading
+    the cache against the same step running the teacher (images/s, same views)."""
+    import tempfile
+
+    from PIL import Image
+
+    from rise_edge.config import CLIP_TEMPLATES, LossConfig, StudentConfig, TeacherConfig
+    from rise_edge.data.views import ViewImages, ViewSpec
+    from rise_edge.train.objectives import RiseObjective
+    from rise_edge.train.student import build_student
+    from rise_edge.train.teacher import load_teacher
+    from rise_edge.train.teacher_cache import TeacherViewCache, hash_images
+
+    torch.manual_seed(0)
+    teacher = load_teacher(TeacherConfig(model=teacher_name, pretrained="none"), device)
+    text = teacher.text_embeddings([f"class {i}" for i in range(7)], CLIP_TEMPLATES, ["photo"]).to(device)
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for i in range(images):  # photo-sized noise: decoding and cropping cost what real images do
+            path = Path(folder) / f"{i}.png"
+            Image.fromarray(rng.integers(0, 256, (size + 32, size + 32, 3), dtype=np.uint8)).save(path)
+            paths.append(str(path))
+        samples = [(p, i % 7) for i, p in enumerate(paths)]
+        for model in STUDENTS:
+            student, pre = build_student(StudentConfig(model=model, pretrained="none", image_size=size),
+                                         "split", 7, text.prototypes.shape[1])
+            spec = ViewSpec.of(pre)
+            cache = TeacherViewCache.for_teacher(Path(folder) / "cache", teacher, pre, spec, 2)
+            fill = cache.fill(teacher, paths, batch=512 if device.type == "cuda" else 16,
+                              workers=min(8, os.cpu_count() or 1), log=lambda line: None)
+            entries = cache.lookup(hash_images(paths))
+            views = ViewImages(samples, pre, spec, 0, 2)
+            chosen = [views[(i % images, 0)] for i in range(batch)]
+            x = torch.stack([c[0] for c in chosen]).to(device).contiguous(memory_format=torch.channels_last)
+            labels = torch.tensor([c[1] for c in chosen], device=device)
+            cached = torch.stack([entries.embeddings[c[2], c[3]] for c in chosen]).to(device)
+            student = student.to(device).to(memory_format=torch.channels_last)
+            objective = RiseObjective(LossConfig(w_ce=0.2, w_kd=0.8, w_dist=1.0), teacher, text, pre)
+            optimizer = torch.optim.SGD(student.parameters(), lr=1e-3, momentum=0.9)
+            amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+            row = {"student": model, "batch": batch, "size": size, "K": 2, "cache_images": images,
+                   "build_views_per_s": round(fill["views"] / max(fill["seconds"], 1e-9), 1),
+                   "cache_bytes": fill["bytes"]}
+            for name, extra in (("on_the_fly", {}), ("cached", {"teacher_embeddings": cached})):
+                def step() -> None:
+                    student.train()
+                    with amp:
+                        terms = objective(student, x, labels, **extra)
+                    optimizer.zero_grad(set_to_none=True)
+                    terms["loss"].backward()
+                    optimizer.step()
+                row[f"{name}_images_per_s"] = round(batch / _seconds_per_step(step, steps, 2, device), 1)
+            row["cached_speedup"] = round(row["cached_images_per_s"] / row["on_the_fly_images_per_s"], 2)
+            rows.append(row)
             del student, optimizer
     return rows
 
@@ -236,6 +301,8 @@ def main() -> None:
         _fenced("GPU-marked tests", sections, lambda: gpu_tests(timeout=240))
     _fenced("training throughput (bf16 autocast, channels_last)", sections,
             lambda: training_throughput(device, batch, size, steps, teacher))
+    _fenced("teacher-view cache: build, and a cached RISE step against on the fly", sections,
+            lambda: teacher_cache_gpu(device, batch, size, steps, teacher, 16 if args.quick else 2048))
     _fenced("QAT fine-tuning throughput (INT8 fake quantization)", sections,
             lambda: qat_throughput(device, min(batch, 64), size, max(2, steps // 2)))
     _fenced("inference latency (CUDA events on GPU)", sections,

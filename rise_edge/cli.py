@@ -428,6 +428,59 @@ def sweep_collect(folder: Path) -> None:
     click.echo(f"written: {folder}/results.md, results.csv, results.json, results.png")
 
 
+# -- teacher-view cache commands --
+
+
+@main.group("teacher-cache")
+def teacher_cache() -> None:
+    """The teacher-view cache (docs/teacher-cache.md): build it for a recipe or a sweep, or say what
+    it holds."""
+
+
+def _cache_recipes(target: Path, overrides: tuple[str, ...]) -> list[Any]:
+    """The recipes TARGET makes: a sweep file's runs (a YAML mapping with 'base'), else one recipe."""
+    from rise_edge.config import load_recipe, read_yaml_file, resolve_recipe
+
+    if target.is_file() and target.suffix in (".yaml", ".yml"):
+        raw = read_yaml_file(target, "a recipe or sweep file")
+        if isinstance(raw, dict) and "base" in raw:
+            from rise_edge.sweep.launch import expand, load_sweep
+
+            return [load_recipe(s.recipe, [*s.overrides, *overrides]) for s in expand(load_sweep(target))]
+    return [load_recipe(resolve_recipe(target), overrides)]
+
+
+def _cache_command(target: Path, overrides: tuple[str, ...], fill: bool) -> None:
+    from rise_edge.train.cache_build import caches_for, describe
+
+    records = caches_for(_cache_recipes(target, overrides), fill=fill,
+                         log=lambda line: click.echo(line, err=True))
+    if not records:
+        raise UserError(f"{target}: no run reads a teacher-view cache (it needs teacher.cache on or "
+                        "auto, teacher.cache_views > 0, and a method that distils, loss.w_kd > 0); "
+                        "e.g. --set teacher.cache=auto --set teacher.cache_views=20")
+    for record in records:
+        click.echo(describe(record))
+
+
+@teacher_cache.command("build")
+@click.argument("target", metavar="RECIPE|SWEEP", type=click.Path(path_type=Path))
+@_set_option
+@_user_errors
+def teacher_cache_build(target: Path, overrides: tuple[str, ...]) -> None:
+    """Embed every training view the runs of RECIPE or SWEEP read (only the missing ones)."""
+    _cache_command(target, overrides, fill=True)
+
+
+@teacher_cache.command("info")
+@click.argument("target", metavar="RECIPE|SWEEP", type=click.Path(path_type=Path))
+@_set_option
+@_user_errors
+def teacher_cache_info(target: Path, overrides: tuple[str, ...]) -> None:
+    """Where the teacher-view caches of RECIPE or SWEEP are, what they hold and what is missing."""
+    _cache_command(target, overrides, fill=False)
+
+
 # -- data commands --
 
 

@@ -103,6 +103,18 @@ class TeacherConfig:
         "teacher", "what the teacher's image tower is fed: teacher (images re-normalised into its own "
         "mean/std) or student (the student-normalised tensor as it is, as the released code feeds "
         "ImageNet-normalised images to CLIP)")
+    # The teacher-view cache (docs/teacher-cache.md): KD's teacher term read from embeddings of
+    # each training view computed once, instead of a teacher forward pass every step.
+    cache: Literal["off", "on", "auto"] = _f(
+        "off", "teacher-view cache: on (read the teacher's embeddings of every view from the cache, "
+        "filling it first with this run's source images where entries are missing), auto (use it "
+        "when it already holds every training image, as a sweep fills it; else the teacher runs), "
+        "off (the teacher runs every step). Needs cache_views > 0")
+    cache_views: int = _f(0, "views per training image, K: epochs cycle through K fixed views of "
+                          "each image (seeded by the image, cached or not); 0: a fresh view every "
+                          "epoch (no cache)", min=0, max=100_000)
+    cache_dir: str = _f("", "folder of teacher-view caches ('' = teacher_views/ in the rise-edge "
+                        "cache: $RISE_EDGE_CACHE or ~/.cache/rise-edge)")
 
 
 @dataclass(frozen=True)

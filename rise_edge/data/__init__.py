@@ -2,6 +2,7 @@
 
     domains.py     DomainSplits, build_splits, DomainImages, EpochBatches (the splits training uses)
     transforms.py  the student's eval and train transforms, from its Preprocessing
+    views.py       training views: RISE's augmentation as parameters seeded by (image bytes, k)
     download.py    `rise-edge download`: fetch and verify a known data set
 
 Plugins register data sets here, as before the layout (the registry itself has no torch in it, so

@@ -49,7 +49,9 @@ def eval_transform(pre: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
 
 
 def train_transform(pre: Preprocessing, augment: bool = True) -> Callable[[Image.Image], torch.Tensor]:
-    """RISE's training augmentation: RandomResizedCrop(0.8-1), flip, ColorJitter(0.4 x4), grayscale 10%."""
+    """RISE's training augmentation: RandomResizedCrop(0.8-1), flip, ColorJitter(0.4 x4), grayscale 10%,
+    drawn from torch's random stream (QAT fine-tuning). Training draws the same augmentation as
+    parameters seeded by each image and view (rise_edge.data.views), so that views can be cached."""
     if not augment:
         return eval_transform(pre)
     return T.Compose([

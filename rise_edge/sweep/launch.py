@@ -335,6 +335,7 @@ class LaunchResult:
     finished: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)   # name -> where to read why
     seconds: float = 0.0
+    cache_seconds: float = 0.0                            # filling teacher-view caches first
 
 
 LAUNCHERS = ("local", "submitit-local", "slurm")
@@ -368,12 +369,28 @@ def launch(sweep: Sweep, sweep_file: Path, *, launcher: str = "local", workers: 
     log(f"sweep {sweep.hash}: {len(specs)} runs, {len(result.skipped)} finished already, "
         f"{len(pending)} to run ({launcher}, {workers} at once"
         + (f", {threads} CPU thread(s) each" if threads else "") + ")")
+    result.cache_seconds = fill_teacher_caches(pending, log)
     if launcher == "local":
         _local_pool(pending, sweep.output_dir, workers, gpus, result, log)
     else:
         _submitit(pending, sweep.output_dir, launcher, workers, threads, slurm or {}, result, log)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def fill_teacher_caches(pending: Sequence[RunSpec], log: Callable[[str], None]) -> float:
+    """Fill the teacher-view caches the pending runs read (teacher.cache on or auto), once, here,
+    before any run starts: every run then reads the teacher's embeddings instead of running it.
+    Returns the seconds it took (0 when no run reads a cache)."""
+    recipes = [load_recipe(spec.recipe, spec.overrides) for spec in pending]
+    if not any(r.teacher.cache != "off" and r.teacher.cache_views > 0 for r in recipes):
+        return 0.0
+    from rise_edge.train.cache_build import caches_for, describe
+
+    started = time.perf_counter()
+    for record in caches_for(recipes, fill=True, log=log):
+        log(describe(record))
+    return time.perf_counter() - started
 
 
 def _write_copy(sweep: Sweep) -> None:

@@ -25,9 +25,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from rise_edge.config import Recipe, dump_recipe, recipe_from_dict, recipe_to_dict
-from rise_edge.data.domains import (SPLITS_FILE, DomainImages, DomainSplits, EpochBatches,
-                                    build_splits, data_root, split_lists_dir, splits_to_record)
-from rise_edge.data.transforms import Preprocessing, eval_transform, train_transform
+from rise_edge.data.domains import (SPLITS_FILE, DomainImages, DomainSplits, build_splits,
+                                    data_root, split_lists_dir, splits_to_record)
+from rise_edge.data.transforms import Preprocessing, eval_transform
+from rise_edge.data.views import ViewBatches
 from rise_edge.errors import UserError
 from rise_edge.files import (RUN_MARKER, cache_root, is_run_directory, run_lock,
                              write_json_atomic, write_text_atomic)
@@ -37,8 +38,13 @@ from rise_edge.train.fit import (build_optimizer, count_correct, improves, learn
                                  load_state, optimizer_step, save_state)
 from rise_edge.train.methods import method_of, resolved, teacher_and_text
 from rise_edge.train.student import Student, build_student
+from rise_edge.train.teacher_cache import training_views
 
 TRAINING_SECTIONS = ("data", "student", "teacher", "loss", "optim", "train")  # what makes the student
+# Fields of those sections that do not change what is trained: the teacher-view cache replaces the
+# teacher's forward pass by its stored embedding of the very same view (equal within fp16 rounding),
+# so a run may move between cached and on the fly, resumed or reused.
+NOT_TRAINING = frozenset({"teacher.cache", "teacher.cache_dir"})
 
 
 @dataclass
@@ -112,7 +118,8 @@ def _training_changes(saved: Recipe, recipe: Recipe) -> list[str]:
     is resolved (rise_edge.train.methods.resolved), `saved` as a run directory holds it."""
     saved = resolved(saved, written_before_heads=saved.student.head == "auto")[0]
     old, new = recipe_to_dict(saved), recipe_to_dict(recipe)
-    return [f"{s}.{k}" for s in TRAINING_SECTIONS for k in new[s] if old[s][k] != new[s][k]]
+    return [f"{s}.{k}" for s in TRAINING_SECTIONS for k in new[s]
+            if old[s].get(k) != new[s][k] and f"{s}.{k}" not in NOT_TRAINING]
 
 
 def _check_run_dir(path: Path, recipe: Recipe, resume: bool) -> None:
@@ -241,7 +248,8 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
     optimizer = build_optimizer(recipe.optim, (p for p in student.parameters() if p.requires_grad))
     scaler, autocast = _mixed_precision(recipe, device)
 
-    train_set = DomainImages(splits.train_samples, train_transform(pre, recipe.train.augment))
+    train_set, cached, views = training_views(recipe, splits.train_samples, pre, objective,
+                                              log=lambda line: print(line, file=sys.stderr))
     per_epoch = len(train_set) // recipe.train.batch_size
     total = recipe.train.steps or recipe.train.epochs * per_epoch
     eval_every = recipe.train.eval_every or per_epoch
@@ -263,13 +271,15 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
         epoch, position = divmod(step, per_epoch)
         batches.set_epoch(epoch, position)
         loader = _loader(train_set, recipe, device, batch_sampler=batches)
-        for images, labels in loader:
+        for images, labels, index, k in loader:
             model.train()
             images, labels = _to_device(images, labels, device, recipe.train.channels_last)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(recipe.optim, step, total)
+            # the cache's embeddings of exactly these views (B, D), in place of the teacher's pass
+            extra = {} if cached is None else {"teacher_embeddings": cached[index, k].to(device)}
             with autocast():
-                terms = objective(model, images, labels)
+                terms = objective(model, images, labels, **extra)
             if not torch.isfinite(terms["loss"].detach()):
                 bar.close()
                 _diverged(float(terms["loss"].detach()), step, total, path, recipe, best)
@@ -297,7 +307,9 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
             if step >= total:
                 break
     bar.close()
-    return _finish(path, splits, eval_sets, best, total, started, device, dist)
+    views.update(teacher_s=round(getattr(objective, "teacher_seconds", 0.0), 3),  # distinct: K or epochs
+                 distinct_views_per_image=min(recipe.teacher.cache_views or total, -(-total // per_epoch)))
+    return _finish(path, splits, eval_sets, best, total, started, device, dist, views)
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool
@@ -328,7 +340,7 @@ def _placed(student: Student, recipe: Recipe, device: torch.device, dist: Distri
 
 def _prepare_run(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
                  progress: bool, dist: Distributed, cache_dir: Path | None
-                 ) -> tuple[Recipe, Path, DomainSplits, EpochBatches, Path | None]:
+                 ) -> tuple[Recipe, Path, DomainSplits, ViewBatches, Path | None]:
     """The run directory with its recipe and splits written (main process), the splits shared, and
     the batches they make. Everything that can refuse the recipe runs before the folder is made."""
     recipe = _absolute_paths(recipe)
@@ -339,8 +351,8 @@ def _prepare_run(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume:
     if splits.skipped_images and dist.is_main:
         print(f"skipped {len(splits.skipped_images)} unreadable image(s) (data.skip_bad_images)",
               file=sys.stderr)
-    batches = EpochBatches(len(splits.train_samples), recipe.train.batch_size, recipe.train.seed,
-                           rank=dist.rank, world_size=dist.world_size)
+    batches = ViewBatches(len(splits.train_samples), recipe.train.batch_size, recipe.train.seed,
+                          rank=dist.rank, world_size=dist.world_size)
     if dist.is_main and not resume:
         path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path / RUN_MARKER, "a rise-edge run directory: train, export and bench "
@@ -396,9 +408,11 @@ def _diverged(loss: float, step: int, total: int, path: Path, recipe: Recipe,
 
 
 def _finish(path: Path, splits: DomainSplits, eval_sets: dict[str, list], best: dict[str, float],
-            total: int, started: float, device: torch.device, dist: Distributed) -> TrainResult:
-    """The run's results.json (selected step, accuracies, cost) written; the resume state removed."""
-    stats = {"wall_time_s": time.perf_counter() - started, "steps": total,
+            total: int, started: float, device: torch.device, dist: Distributed,
+            views: dict[str, Any]) -> TrainResult:
+    """The run's results.json (selected step, accuracies, cost; the views and teacher-view cache
+    it trained with) written; the resume state removed."""
+    stats = {"wall_time_s": time.perf_counter() - started, "steps": total, "views": views,
              "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
              "device": str(device), "world_size": dist.world_size}
     if device.type == "cuda":

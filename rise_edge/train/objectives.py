@@ -11,6 +11,8 @@ t / u the normalised / raw class prototypes and e the raw anchor embeddings.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,7 +62,7 @@ class ErmObjective(nn.Module):
         return {"loss": ce, "ce": ce}
 
 
-class _TeacherObjective(nn.Module):
+class TeacherObjective(nn.Module):
     """What KD and RISE share: the frozen teacher, its text embeddings, and its zero-shot logits on
     the student's own (re-normalised) view of the batch."""
 
@@ -71,42 +73,53 @@ class _TeacherObjective(nn.Module):
         self.teacher = teacher
         self.text = text
         self.student_preprocessing = student_preprocessing
+        self.teacher_seconds = 0.0  # host time spent on the teacher's side of the loss
 
-    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+    def teacher_logits(self, images: torch.Tensor, embeddings: torch.Tensor | None = None
+                       ) -> torch.Tensor:
         """(B, 3, H, W) student-normalised images -> (B, C) zero-shot logits (fp32).
 
+        `embeddings` (B, D), the teacher-view cache's L2-normalised embeddings of these very views
+        (rise_edge.train.teacher_cache), replace the teacher's forward pass: the logits are
+        logit_scale * e @ T^T from them and the class text, as the teacher would compute them.
         Outside the student's autocast, as the released code runs its teacher: the teacher keeps
         its own precision (teacher.precision: fp16 on CUDA by default), not the student's bf16.
         """
+        started = time.perf_counter()
         with torch.autocast(images.device.type, enabled=False):
-            return self.teacher.zero_shot_logits(images, self.student_preprocessing,
-                                                 self.text.prototypes)
+            if embeddings is not None:
+                logits = self.teacher.logit_scale * embeddings.float() @ self.text.prototypes.t()
+            else:
+                logits = self.teacher.zero_shot_logits(images, self.student_preprocessing,
+                                                       self.text.prototypes)
+        self.teacher_seconds += time.perf_counter() - started
+        return logits
 
 
-class KdObjective(_TeacherObjective):
+class KdObjective(TeacherObjective):
     """Hinton's knowledge distillation from CLIP's zero-shot logits, plus CE: RISE without the
     language terms and without the text-initialised head (the paper's main comparison)."""
 
-    def forward(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
+    def forward(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                teacher_embeddings: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         logits = student(images).float()
         terms = {"ce": F.cross_entropy(logits, labels),
-                 "kd": kd_loss(logits, self.teacher_logits(images), self.cfg.tau)}
+                 "kd": kd_loss(logits, self.teacher_logits(images, teacher_embeddings), self.cfg.tau)}
         return {"loss": self.cfg.w_ce * terms["ce"] + self.cfg.w_kd * terms["kd"], **terms}
 
 
-class RiseObjective(_TeacherObjective):
+class RiseObjective(TeacherObjective):
     """RISE: CE + distillation from CLIP's zero-shot logits + language-guided embedding distances."""
 
-    def forward(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
+    def forward(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                teacher_embeddings: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         cfg, text = self.cfg, self.text
         z, logits = student(images, with_embedding=True)
         z, logits = z.float(), logits.float()
         terms: dict[str, torch.Tensor] = {"ce": F.cross_entropy(logits, labels)}
         total = cfg.w_ce * terms["ce"]
         if cfg.w_kd > 0:
-            terms["kd"] = kd_loss(logits, self.teacher_logits(images), cfg.tau)
+            terms["kd"] = kd_loss(logits, self.teacher_logits(images, teacher_embeddings), cfg.tau)
             total = total + cfg.w_kd * terms["kd"]
         if cfg.w_dist > 0 and cfg.absolute_distance:
             terms["ad"] = absolute_distance(z, text.prototypes, labels)

@@ -76,6 +76,7 @@ class ClipTeacher(nn.Module):
         # teacher.input_statistics: False feeds the student-normalised tensor as it is (the released
         # code's behaviour); True re-normalises it into the teacher's own statistics.
         self.own_statistics = own_statistics
+        self.weights_files: tuple[Path, ...] = ()  # set by load_teacher where weights are files
 
     @property
     def dtype(self) -> torch.dtype:
@@ -215,6 +216,13 @@ def load_teacher(cfg: TeacherConfig, device: torch.device) -> ClipTeacher:
                           pre.get("std", open_clip.OPENAI_DATASET_STD), identity,
                           own_statistics=cfg.input_statistics == "teacher",
                           logit_scale=cfg.logit_scale)
+    # What the teacher-view cache hashes as the teacher's weights (rise_edge.train.teacher_cache):
+    # its files, where it has them, so the hash does not depend on the precision it runs in.
+    if name.startswith("local-dir:"):
+        folder = Path(name.split(":", 1)[1]).expanduser()
+        teacher.weights_files = tuple(sorted(p for p in folder.iterdir() if p.is_file()))
+    elif weights:
+        teacher.weights_files = (Path(str(weights)),)
     return teacher.to(device)
 
 
