@@ -57,7 +57,12 @@ class DataConfig:
                              gt=0.0, max=0.9)
     split_seed: int = _f(0, "seed of the validation holdout", min=0, max=SEED_MAX)
     skip_bad_images: bool = _f(False, "skip unreadable images (counted in the log) instead of stopping")
-    num_workers: int = _f(2, "DataLoader worker processes that decode images", min=0)
+    recheck_images: bool = _f(False, "decode every image again before training, ignoring the record "
+                              "of earlier checks (which otherwise spares unchanged files)")
+    num_workers: int | Literal["auto"] = _f(
+        "auto", "DataLoader worker processes that decode and augment images (auto: one per core the "
+        "training step leaves free, at most 8, and no more than half the available memory holds "
+        "at one training process's size each)", min=0)
 
 
 @dataclass(frozen=True)
