@@ -195,11 +195,11 @@ def build_splits(cfg: DataConfig, *, check_images: bool = True, progress: bool =
             raise UserError(f"{len(bad)} unreadable image(s) in {path}:\n  {listing}{more}\n"
                             "fix or remove them, or set data.skip_bad_images=true to skip them")
         bad_paths = {p for p, _ in bad}
-        files = {d: {c: [p for p in ps if str(p) not in bad_paths] for c, ps in cs.items()}
+        files = {d: {c: [p for p in ps if p not in bad_paths] for c, ps in cs.items()}
                  for d, cs in files.items()}
         skipped = tuple(sorted(bad_paths))
     label = {c: i for i, c in enumerate(classes)}
-    by_domain = {d: [(str(p), label[c]) for c in classes for p in files[d][c]] for d in domains}
+    by_domain = {d: [(p, label[c]) for c in classes for p in files[d][c]] for d in domains}
     lists = split_lists_dir(cfg)
     if lists is not None:
         train, val = _official_splits(lists, path, wanted_sources, classes, set(skipped))

@@ -50,7 +50,7 @@ RACY_NS = 3_000_000_000  # > the coarsest common timestamp tick (FAT: 2 s)
 _KIND = "rise-edge image checks"
 
 Identity = tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode
-ScannedFile = tuple[Path, os.stat_result]
+ScannedFile = tuple[str, os.stat_result]  # (path, its stat)
 
 
 def _now_ns() -> int:
@@ -66,9 +66,16 @@ def decoder() -> str:
     return f"Pillow {PIL.__version__}"
 
 
+def _suffix(name: str) -> str:
+    """pathlib's Path(name).suffix, without making a Path (a scan makes hundreds of thousands)."""
+    i = name.rfind(".")
+    return name[i:] if 0 < i < len(name) - 1 else ""
+
+
 def scan_images(folder: Path, suffixes: frozenset[str]) -> list[ScannedFile]:
     """Every regular file (or link to one) under `folder` whose suffix is in `suffixes`, with its
-    stat, in sorted path order. Links to folders are not followed; dangling links are left out."""
+    stat, in sorted path order (Path order: by parts). Links to folders are not followed; dangling
+    links are left out."""
     found: list[ScannedFile] = []
     pending = [str(folder)]
     while pending:
@@ -77,15 +84,15 @@ def scan_images(folder: Path, suffixes: frozenset[str]) -> list[ScannedFile]:
                 if entry.is_dir(follow_symlinks=False):
                     pending.append(entry.path)
                     continue
-                if Path(entry.name).suffix.lower() not in suffixes:
+                if _suffix(entry.name).lower() not in suffixes:
                     continue
                 try:
                     st = entry.stat()  # follows a link: the image it points to
                 except OSError:
                     continue  # a dangling link, or a file removed while scanning
                 if stat_module.S_ISREG(st.st_mode):
-                    found.append((Path(entry.path), st))
-    found.sort(key=lambda item: item[0])
+                    found.append((entry.path, st))
+    found.sort(key=lambda item: item[0].split(os.sep))
     return found
 
 
@@ -177,7 +184,7 @@ def _record_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _decode(path: Path, before: Identity) -> tuple[str, bool]:
+def _decode(path: str, before: Identity) -> tuple[str, bool]:
     """Fully decode one image: (problem, recordable); problem '' when readable. Not recordable when
     the file changed while it was decoded, or is too recent for its timestamps to tell a rewrite."""
     try:
@@ -210,24 +217,26 @@ def check_image_files(dataset_dir: Path, files: Sequence[ScannedFile], scope: Se
         entries, rewrite = {}, True
         notes.append(f"image-check record {path} is not trusted ({exc}); every image is decoded "
                      "again and the record rebuilt")
-    base = Path(dataset_dir)
+    base = str(dataset_dir).rstrip(os.sep) + os.sep
     bad: list[tuple[str, str]] = []
-    todo: list[tuple[Path, str, Identity]] = []
+    todo: list[tuple[str, str, Identity]] = []
     seen: set[str] = set()
     for file, st in files:
-        rel = file.relative_to(base).as_posix()
+        if not file.startswith(base):
+            raise ValueError(f"{file} is not under {base}")
+        rel = file[len(base):].replace(os.sep, "/")
         seen.add(rel)
         ident = identity(st)
         entry = entries.get(rel)
         if entry is not None and tuple(entry[:4]) == ident:
             if entry[4]:
-                bad.append((str(file), entry[4]))
+                bad.append((file, entry[4]))
         else:
             todo.append((file, rel, ident))
     fresh = _decode_all(todo, progress, len(files))
     for (file, _, _), (problem, _) in zip(todo, fresh):
         if problem:
-            bad.append((str(file), problem))
+            bad.append((file, problem))
     bad.sort()
     new = {rel: [*ident, problem] for (_, rel, ident), (problem, ok) in zip(todo, fresh) if ok}
     prefixes = tuple(scope)
@@ -241,7 +250,7 @@ def check_image_files(dataset_dir: Path, files: Sequence[ScannedFile], scope: Se
                       notes)
 
 
-def _decode_all(todo: list[tuple[Path, str, Identity]], progress: bool, total: int
+def _decode_all(todo: list[tuple[str, str, Identity]], progress: bool, total: int
                 ) -> list[tuple[str, bool]]:
     if not todo:
         return []

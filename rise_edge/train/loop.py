@@ -290,9 +290,10 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
                           **{k: v / rates.window_steps for k, v in window.items()}, **rates.window()}
                 if log:
                     log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{record['images_per_s']:.0f}",
-                                step=f"{record['step_images_per_s']:.0f}",
-                                load=f"{record['loader_images_per_s']:.0f}")
+                bar.set_postfix({"loss": f"{record['loss']:.3f}",  # img/s: end to end, step, loader
+                                 "img_s": f"{record['images_per_s']:.0f}",
+                                 "step": f"{record['step_images_per_s']:.0f}",
+                                 "loader": f"{record['loader_images_per_s']:.0f}"})
                 window.clear()
                 rates.restart_window()
             bar.update(1)
