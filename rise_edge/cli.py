@@ -512,6 +512,11 @@ def list_data(root: Path | None) -> None:
         else:
             missing = missing_parts(path, known)
             state = f"incomplete: missing {', '.join(missing[:3])}" if missing else "complete"
+        lists = source.split_lists
+        if lists is not None:  # what the shipped recipes' data.split_lists reads
+            have = all((where / lists.folder / f).is_file() for f, _ in lists.sha256)
+            state += (f"; split lists in {where / lists.folder}" if have else
+                      f"; split lists missing (rise-edge data download {name} fetches them)")
         click.echo(f"{name:<15} {len(known.domains)} domains  {path}: {state}")
 
 

@@ -339,6 +339,8 @@ def test_pacs_split_lists_land_where_the_pacs_recipes_read_them(server: _Server,
 
     again = _download(tmp_path, "--mirror", server.url)
     assert again.exit_code == 0 and "already there, left as they are" in again.output
+    listed = CliRunner().invoke(main, ["data", "list", "--root", str(tmp_path)])
+    assert f"split lists in {placed}" in listed.output, listed.output
 
 
 def test_a_changed_split_list_is_refused_and_nothing_half_placed(server: _Server,
@@ -362,6 +364,8 @@ def test_unreachable_split_lists_say_where_to_get_them(tmp_path: Path, pacs_list
     _one_line_error(result, "but not its split lists", "cannot reach", "the test's public copy",
                     "--split-lists PATH", 'data.split_lists=""')
     assert (tmp_path / "data" / "PACS").is_dir() and not (tmp_path / "data" / "PACS-splits").exists()
+    listed = CliRunner().invoke(main, ["data", "list", "--root", str(tmp_path / "data")])
+    assert "split lists missing (rise-edge data download PACS fetches them)" in listed.output
 
 
 @pytest.mark.parametrize("damage, needle", [

@@ -211,10 +211,11 @@ def check_image_files(dataset_dir: Path, files: Sequence[ScannedFile], scope: Se
     path = record_path(dataset_dir)
     notes: list[str] = []
     rewrite = recheck
+    as_read = _stat_or_none(path)  # the record's version read here: spares a re-read to merge
     try:
         entries = {} if recheck else read_record(path, dataset_dir)
     except DamagedRecord as exc:
-        entries, rewrite = {}, True
+        entries, rewrite, as_read = {}, True, None
         notes.append(f"image-check record {path} is not trusted ({exc}); every image is decoded "
                      "again and the record rebuilt")
     base = str(dataset_dir).rstrip(os.sep) + os.sep
@@ -241,7 +242,8 @@ def check_image_files(dataset_dir: Path, files: Sequence[ScannedFile], scope: Se
     new = {rel: [*ident, problem] for (_, rel, ident), (problem, ok) in zip(todo, fresh) if ok}
     prefixes = tuple(scope)
     if new or rewrite or any(r.startswith(prefixes) and r not in seen for r in entries):
-        note = _update(path, dataset_dir, new, prefixes, seen)
+        note = _update(path, dataset_dir, new, prefixes, seen,
+                       (as_read, entries) if as_read and not recheck else None)
         if note:
             notes.append(note)
     for note in notes:
@@ -262,17 +264,28 @@ def _decode_all(todo: list[tuple[str, str, Identity]], progress: bool, total: in
                          disable=not progress or None))
 
 
+def _stat_or_none(path: Path) -> Identity | None:
+    try:
+        return identity(os.stat(path))
+    except OSError:
+        return None
+
+
 def _update(path: Path, dataset_dir: Path, new: dict[str, list], scope: tuple[str, ...],
-            seen: set[str]) -> str:
+            seen: set[str], read: tuple[Identity, dict[str, list]] | None) -> str:
     """Merge `new` entries into the record under its lock, forgetting files under `scope` that are
     not in `seen` (gone); '' when saved, else the line that says why it was not (the check itself
-    stands)."""
+    stands). `read`: the record's identity when it was read and its entries, used instead of
+    reading it again while no other run has replaced it (a replacement is a new file)."""
     try:
         with _record_lock(path):
-            try:
-                current = read_record(path, dataset_dir)
-            except DamagedRecord:
-                current = {}  # already said when it was read; rebuilt from what this run checked
+            if read is not None and _stat_or_none(path) == read[0]:
+                current = read[1]
+            else:
+                try:
+                    current = read_record(path, dataset_dir)
+                except DamagedRecord:
+                    current = {}  # already said when it was read; rebuilt from this run's checks
             current = {rel: entry for rel, entry in current.items()
                        if rel in seen or not rel.startswith(scope)}
             current.update(new)
