@@ -61,8 +61,11 @@ def test_a_second_check_decodes_only_new_or_changed_files(dataset: Path, records
     assert second.bad == first.bad  # what was found is recorded, not only what was fine
     (dataset / "photo" / "square" / "new.png").write_bytes((dataset / "photo" / "square" /
                                                             "000.png").read_bytes())
+    killed = record_path(dataset).with_name(f".{record_path(dataset).name}.x1y2.tmp")
+    killed.write_text("half a record, as a writer killed with -9 leaves it")
     third = _check(dataset)
     assert third.decoded == 1 and third.reused == 28
+    assert not killed.exists()  # the next writer removes it, under the lock
     bad.unlink()  # a file that is gone is forgotten
     _check(dataset)
     assert "photo/circle/bad.png" not in read_record(record_path(dataset), dataset)

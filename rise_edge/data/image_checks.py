@@ -279,6 +279,9 @@ def _update(path: Path, dataset_dir: Path, new: dict[str, list], scope: tuple[st
     reading it again while no other run has replaced it (a replacement is a new file)."""
     try:
         with _record_lock(path):
+            # Writers write under this lock: a temporary of this record now is a killed writer's.
+            for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+                leftover.unlink(missing_ok=True)
             if read is not None and _stat_or_none(path) == read[0]:
                 current = read[1]
             else:
