@@ -12,6 +12,9 @@
 4. Quantization-aware fine-tuning throughput (INT8 fake quantization) of the same students.
 5. Inference latency with CUDA events (rise_edge.backends.latency.time_runner): PyTorch FP32 and FP16 at batch 1
    and 32, p50 / p90 ms and images/s, H2D / compute / D2H split.
+5. JPEG decoding, images/s: PIL (the training loader's decoder, per worker), torchvision's
+   decode_jpeg on the CPU, and decode_jpeg(device='cuda') (nvjpeg) on lists of 128 files, with its
+   pixel differences from the CPU decode: whether GPU decoding would feed the GPU faster.
 Each section is fenced: one that fails prints its error and the others still run. Prints one Markdown
 report and writes it with a JSON copy to --out (default: $OUT if set, else benchmarks/results/).
 """
@@ -239,6 +242,74 @@ def inference_latency(device: torch.device, size: int, iterations: int) -> list[
     return rows
 
 
+def _jpegs(count: int, size: int) -> list[bytes]:
+    """`count` distinct JPEG files of `size` px, in memory: smooth colour fields with detail, so
+    that they compress like photos (pure noise would not)."""
+    import io
+
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(0)
+    files = []
+    for _ in range(count):
+        blocks = rng.integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8)
+        image = Image.fromarray(blocks).resize((size, size), Image.BICUBIC)
+        image = image.filter(ImageFilter.DETAIL)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        files.append(buffer.getvalue())
+    return files
+
+
+def jpeg_decoding(device: torch.device, count: int, size: int, batch: int = 128
+                  ) -> list[dict[str, Any]]:
+    """Images/s decoding the same JPEG files: PIL (what the training loader's workers use, per
+    worker), torchvision.io.decode_jpeg on the CPU, and on CUDA decode_jpeg(device='cuda') (nvjpeg)
+    on lists of `batch` files, synchronised; with its pixel differences from the CPU decode (the
+    worst image's mean and the largest)."""
+    import io
+    import warnings
+
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    files = _jpegs(count, size)
+    tensors = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
+    rows = []
+
+    def timed(name: str, decode: Callable[[], Any]) -> Any:
+        decode()  # warm-up: nvjpeg's handles, the allocator
+        _sync(device)
+        start = time.perf_counter()
+        out = decode()
+        _sync(device)
+        rows.append({"decoder": name, "images": count, "size": size,
+                     "images_per_s": round(count / (time.perf_counter() - start), 1)})
+        return out
+
+    def pil() -> None:
+        for f in files:
+            with Image.open(io.BytesIO(f)) as image:
+                image.convert("RGB").load()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision 0.29 marks its decoders deprecated
+        timed("PIL, one thread", pil)
+        cpu = timed("torchvision decode_jpeg, CPU",
+                    lambda: decode_jpeg(tensors, mode=ImageReadMode.RGB))
+        if device.type == "cuda":
+            gpu = timed(f"torchvision decode_jpeg, nvjpeg (lists of {batch})", lambda: [
+                image for i in range(0, count, batch)
+                for image in decode_jpeg(tensors[i:i + batch], mode=ImageReadMode.RGB,
+                                         device=device)])
+            if any(g.shape != c.shape for g, c in zip(gpu, cpu)):
+                raise AssertionError("nvjpeg and the CPU decoder gave images of different shapes")
+            diffs = [(g.cpu().float() - c.float()).abs() for g, c in zip(gpu, cpu)]
+            rows[-1]["mean_abs_diff_vs_cpu"] = round(max(float(d.mean()) for d in diffs), 3)
+            rows[-1]["max_abs_diff_vs_cpu"] = int(max(float(d.max()) for d in diffs))
+    return rows
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = ["# GPU check", "", f"Command: `{report['command']}`  ",
@@ -307,6 +378,8 @@ def main() -> None:
             lambda: qat_throughput(device, min(batch, 64), size, max(2, steps // 2)))
     _fenced("inference latency (CUDA events on GPU)", sections,
             lambda: inference_latency(device, size, iters))
+    _fenced("JPEG decoding: PIL vs torchvision on the CPU vs nvjpeg", sections,
+            lambda: jpeg_decoding(device, 32 if args.quick else 1024, size))
     text = to_markdown(report)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

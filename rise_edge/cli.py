@@ -518,16 +518,21 @@ def _resolve_root(root: Path | None) -> Path:
 @click.option("--mirror", default=None, metavar="URL",
               help="Fetch each archive from URL/<archive name> instead of its public source.")
 @click.option("--keep-archives", is_flag=True, help="Keep the downloaded archives after extracting.")
+@click.option("--split-lists", "split_lists", type=click.Path(path_type=Path), default=None,
+              metavar="PATH", help="A folder with the official split lists you already have "
+              "(PACS: <domain>_{train,crossval}_kfold.txt), checked and copied instead of fetched.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_user_errors
 def download(name: str, root: Path | None, archives: tuple[Path, ...], mirror: str | None,
-             keep_archives: bool, quiet: bool) -> None:
+             keep_archives: bool, split_lists: Path | None, quiet: bool) -> None:
     """Download data set NAME (PACS, VLCS, OfficeHome, TerraIncognita, DomainNet) into the data root,
-    in the layout recipes read; an interrupted download resumes when run again."""
+    in the layout recipes read, with its official split lists (PACS); an interrupted download
+    resumes when run again."""
     from rise_edge.data.download import download_dataset
 
     result = download_dataset(name, _resolve_root(root), mirror=mirror, archives=archives,
-                              keep_archives=keep_archives, progress=not quiet)
+                              keep_archives=keep_archives, progress=not quiet,
+                              split_lists=split_lists)
     if result.already_present:
         click.echo(f"{result.dataset} is already complete in {result.path}; nothing downloaded")
     else:
@@ -535,6 +540,12 @@ def download(name: str, root: Path | None, archives: tuple[Path, ...], mirror: s
             origin = "published" if info["published"] else "recorded at first download"
             click.echo(f"{filename}: {info['bytes']:,} bytes, sha256 {info['sha256']} ({origin})")
         click.echo(f"{result.dataset} ready in {result.path}")
+    lists = result.split_lists
+    if lists:
+        how = {"present": "already there, left as they are",
+               "fetched": f"{lists.get('files')} files fetched, each matching its pinned sha256",
+               "given": f"{lists.get('files')} files checked and copied from --split-lists"}
+        click.echo(f"split lists in {lists['path']} ({how[str(lists['how'])]})")
     if result.after:
         click.echo(f"note: {result.after}")
 
@@ -556,6 +567,11 @@ def list_data(root: Path | None) -> None:
         else:
             missing = missing_parts(path, known)
             state = f"incomplete: missing {', '.join(missing[:3])}" if missing else "complete"
+        lists = source.split_lists
+        if lists is not None:  # what the shipped recipes' data.split_lists reads
+            have = all((where / lists.folder / f).is_file() for f, _ in lists.sha256)
+            state += (f"; split lists in {where / lists.folder}" if have else
+                      f"; split lists missing (rise-edge data download {name} fetches them)")
         click.echo(f"{name:<15} {len(known.domains)} domains  {path}: {state}")
 
 

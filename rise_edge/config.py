@@ -65,7 +65,12 @@ class DataConfig:
                              gt=0.0, max=0.9)
     split_seed: int = _f(0, "seed of the validation holdout", min=0, max=SEED_MAX)
     skip_bad_images: bool = _f(False, "skip unreadable images (counted in the log) instead of stopping")
-    num_workers: int = _f(2, "DataLoader worker processes that decode images", min=0, max=256)
+    recheck_images: bool = _f(False, "decode every image again before training, ignoring the record "
+                              "of earlier checks (which otherwise spares unchanged files)")
+    num_workers: int | Literal["auto"] = _f(
+        "auto", "DataLoader worker processes that decode and augment images (auto: one per core the "
+        "training step leaves free, at most 8, and no more than half the available memory holds "
+        "at one training process's size each)", min=0, max=256)
 
 
 @dataclass(frozen=True)
@@ -387,12 +392,20 @@ def _check_value(value: Any, hint: Any, meta: typing.Mapping[str, Any], name: st
             _check_number(item, item_hint, meta, name, where, value,
                           f"a list of {_describe(item_hint).split(' ', 1)[1]}s, each")
         return checked
-    _check_number(checked, hint, meta, name, where, value)
+    options = [a for a in typing.get_args(hint) if a not in (int, float)]
+    if options and isinstance(checked, (int, float)) and not isinstance(checked, bool):
+        # a number or something else (null, 'auto'): the bounds are the number's
+        number = _describe(int if isinstance(checked, int) else float)
+        _check_number(checked, hint, meta, name, where, value,
+                      number, " (or " + " or ".join("null" if a is type(None) else _describe(a)
+                                                for a in options) + ")")
+    else:
+        _check_number(checked, hint, meta, name, where, value)
     return checked
 
 
 def _check_number(checked: Any, hint: Any, meta: typing.Mapping[str, Any], name: str, where: str,
-                  value: Any, what: str = "") -> None:
+                  value: Any, what: str = "", otherwise: str = "") -> None:
     """A number within its field's bounds: min, gt and max as the field states them, else what
     int64 (ints) or float32 (floats) can hold."""
     if isinstance(checked, float) and not math.isfinite(checked):
@@ -407,7 +420,7 @@ def _check_number(checked: Any, hint: Any, meta: typing.Mapping[str, Any], name:
             bounds = [f">= {low}" if low is not None else "", f"> {above}" if above is not None else "",
                       f"<= {high}" if high is not None else ""]
             raise UserError(f"{where}: '{name}' must be {what or _describe(hint)} "
-                            f"{' and '.join(b for b in bounds if b)}, got {value!r}")
+                            f"{' and '.join(b for b in bounds if b)}{otherwise}, got {value!r}")
 
 
 _INVALID = object()

@@ -100,10 +100,10 @@ def versions() -> dict[str, str]:
 
     found = {"python": platform.python_version(), "torch": torch.__version__,
              "timm": timm.__version__, "rise_edge": rise_edge.__version__}
-    try:
-        import open_clip
-        found["open_clip"] = open_clip.__version__
-    except ImportError:
+    try:  # open_clip has a __version__ only from 2.25 on; its distribution always has one
+        from importlib.metadata import PackageNotFoundError, version
+        found["open_clip"] = version("open_clip_torch")
+    except PackageNotFoundError:
         pass
     return found
 

@@ -8,6 +8,7 @@ coloured shapes so its accuracy means something (well above chance on every doma
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -80,6 +81,21 @@ def train_cli_args(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
             "--set", "data.val_fraction=0.25", "--set", "data.num_workers=0",
             "--set", "student.model=test_resnet", "--set", "student.image_size=32",
             "--set", "train.batch_size=8", "--set", "optim.lr=0.05", *extra]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _image_check_records(tmp_path_factory: pytest.TempPathFactory):
+    """The image-check records of the tests' throw-away data sets go to a folder of this session,
+    never the user's cache (subprocesses inherit it)."""
+    from rise_edge.data.image_checks import RECORDS_ENV
+
+    before = os.environ.get(RECORDS_ENV)
+    os.environ[RECORDS_ENV] = str(tmp_path_factory.mktemp("image-checks"))
+    yield
+    if before is None:
+        os.environ.pop(RECORDS_ENV, None)
+    else:
+        os.environ[RECORDS_ENV] = before
 
 
 @pytest.fixture

@@ -158,3 +158,16 @@ def test_seeded_augmentation_depends_on_the_seed_alone(data_root: Path) -> None:
     torch.manual_seed(123)
     images[(0, 7)]
     assert torch.equal(torch.get_rng_state(), before)  # the caller's random stream is left as it was
+
+
+def test_the_splits_record_round_trips_with_paths_relative_to_the_folder(data_root: Path) -> None:
+    import os
+
+    from rise_edge.data.domains import splits_from_record, splits_to_record
+
+    splits = build_splits(_cfg(data_root), progress=False)
+    record = splits_to_record(splits)
+    assert [p for p, _ in record["test"]] == [
+        Path(os.path.relpath(p, splits.dataset_dir)).as_posix() for p, _ in splits.test]
+    assert all(not p.startswith("/") for d in record["train"].values() for p, _ in d)
+    assert splits_from_record(record) == splits

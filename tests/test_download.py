@@ -1,8 +1,11 @@
-"""`rise-edge data download` against a loopback HTTP server serving a small PACS-shaped archive:
-resume after a cut connection, checksums, refusals, and a data set that appears only when complete."""
+"""`rise-edge data download` against a loopback HTTP server serving a small PACS-shaped archive and
+split lists: resume after a cut connection, checksums, refusals, a data set that appears only when
+complete, and split lists placed where the PACS recipes read them."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import tarfile
@@ -18,7 +21,7 @@ from PIL import Image
 
 from rise_edge.cli import main
 from rise_edge.data.domains import KNOWN_DATASETS
-from rise_edge.data.download import WORK_FOLDER
+from rise_edge.data.download import SOURCES, WORK_FOLDER, SplitLists
 
 PACS = KNOWN_DATASETS["PACS"]
 
@@ -30,8 +33,8 @@ def _png() -> bytes:
 
 
 def pacs_zip(*, top: str = "kfold", extra: dict[str, bytes] | None = None,
-             drop_domain: str | None = None) -> bytes:
-    """A PACS-shaped zip: <top>/<domain>/<class>/0.png for every domain and class."""
+             drop_domain: str | None = None, per_class: int = 1) -> bytes:
+    """A PACS-shaped zip: <top>/<domain>/<class>/<n>.png for every domain and class."""
     buffer = io.BytesIO()
     image = _png()
     with zipfile.ZipFile(buffer, "w") as zf:
@@ -39,10 +42,20 @@ def pacs_zip(*, top: str = "kfold", extra: dict[str, bytes] | None = None,
             if domain == drop_domain:
                 continue
             for cls in PACS.classes or ():
-                zf.writestr(f"{top}/{domain}/{cls}/0.png", image)
+                for n in range(per_class):
+                    zf.writestr(f"{top}/{domain}/{cls}/{n}.png", image)
         for name, data in (extra or {}).items():
             zf.writestr(name, data)
     return buffer.getvalue()
+
+
+def split_lists() -> dict[str, bytes]:
+    """PACS-shaped split lists as the public copy writes them (paths relative to the PACS folder,
+    1-based labels): train lists name 0.png of every class, crossval lists 1.png."""
+    classes = sorted(PACS.classes or ())
+    return {f"{domain}_{split}_kfold.txt": "".join(
+                f"{domain}/{cls}/{n}.png {i + 1}\n" for i, cls in enumerate(classes)).encode()
+            for domain in PACS.domains for split, n in (("train", 0), ("crossval", 1))}
 
 
 class _Server:
@@ -53,6 +66,7 @@ class _Server:
         self.cut_after: int | None = None
         self.content_type = "application/zip"
         self.ranges: list[str | None] = []
+        self.paths: list[str] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -60,7 +74,9 @@ class _Server:
                 pass
 
             def do_GET(self) -> None:
-                outer.ranges.append(self.headers.get("Range"))
+                outer.paths.append(self.path.lstrip("/"))
+                if self.path.endswith(".zip") or self.path.endswith(".tar.gz"):
+                    outer.ranges.append(self.headers.get("Range"))
                 body = outer.files.get(self.path.lstrip("/"))
                 if body is None:
                     self.send_error(404)
@@ -88,9 +104,21 @@ class _Server:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 
+@pytest.fixture(autouse=True)
+def pacs_lists(monkeypatch) -> dict[str, bytes]:
+    """PACS's split lists are these test files: their sha256 stands in for the pinned copies'."""
+    lists = split_lists()
+    spec = SplitLists("PACS-splits", "http://127.0.0.1:9/lists",  # discard port: nothing listens
+                      tuple((name, hashlib.sha256(data).hexdigest()) for name, data in lists.items()),
+                      "the test's public copy")
+    monkeypatch.setitem(SOURCES, "PACS", dataclasses.replace(SOURCES["PACS"], split_lists=spec))
+    return lists
+
+
 @pytest.fixture
-def server() -> Iterator[_Server]:
+def server(pacs_lists: dict[str, bytes]) -> Iterator[_Server]:
     srv = _Server()
+    srv.files.update(pacs_lists)
     yield srv
     srv.httpd.shutdown()
 
@@ -121,9 +149,10 @@ def test_download_builds_the_layout_and_records_the_checksum(server: _Server, tm
     listed = CliRunner().invoke(main, ["data", "list", "--root", str(tmp_path)])
     assert "PACS" in listed.output and "complete" in listed.output
 
+    requests = len(server.paths)
     again = _download(tmp_path, "--mirror", server.url)  # a second run touches nothing
     assert again.exit_code == 0 and "already complete" in again.output
-    assert len(server.ranges) == 1
+    assert len(server.paths) == requests and len(server.ranges) == 1
 
 
 def test_a_cut_download_resumes_where_it_stopped(server: _Server, tmp_path: Path) -> None:
@@ -158,14 +187,16 @@ def test_a_changed_archive_is_refused_against_the_recorded_checksum(server: _Ser
     assert not (tmp_path / "PACS").exists() and not kept.exists()
 
 
-def test_a_users_own_archive_is_used_offline_and_never_deleted(tmp_path: Path) -> None:
+def test_a_users_own_archive_is_used_offline_and_never_deleted(tmp_path: Path,
+                                                               pacs_lists: dict) -> None:
     mine = tmp_path / "downloads" / "PACS.zip"
     mine.parent.mkdir()
     mine.write_bytes(pacs_zip())
-    result = _download(tmp_path / "data", "--archive", str(mine))
+    lists = _lists_folder(tmp_path / "my-lists", pacs_lists)
+    result = _download(tmp_path / "data", "--archive", str(mine), "--split-lists", str(lists))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "data" / "PACS" / "art_painting").is_dir()
-    assert mine.is_file()
+    assert mine.is_file() and len(list(lists.iterdir())) == 8
 
 
 def test_an_existing_incomplete_folder_is_left_alone(server: _Server, tmp_path: Path) -> None:
@@ -175,7 +206,7 @@ def test_an_existing_incomplete_folder_is_left_alone(server: _Server, tmp_path: 
     result = _download(tmp_path, "--mirror", server.url)
     _one_line_error(result, "not a complete PACS", "left as it is")
     assert (tmp_path / "PACS" / "photo" / "mine.txt").read_text() == "my notes"
-    assert server.ranges == []  # refused before fetching anything
+    assert server.paths == []  # refused before fetching anything
 
 
 @pytest.mark.parametrize("case", ["traversal", "not an archive", "wrong archive", "incomplete",
@@ -271,3 +302,121 @@ def test_a_data_root_that_is_a_file_is_said_so(tmp_path: Path, monkeypatch) -> N
     result = CliRunner().invoke(main, ["data", "list"])
     _one_line_error(result, "is a file, not a folder", "RISE_EDGE_DATA")
     _one_line_error(CliRunner().invoke(main, ["data", "list", "--root", str(root)]), "(--root)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Split lists
+
+
+def _lists_folder(folder: Path, lists: dict[str, bytes]) -> Path:
+    folder.mkdir(parents=True)
+    for name, data in lists.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def test_pacs_split_lists_land_where_the_pacs_recipes_read_them(server: _Server, tmp_path: Path,
+                                                                pacs_lists: dict) -> None:
+    from rise_edge.config import load_recipe, resolve_recipe
+    from rise_edge.data.domains import build_splits
+
+    server.files["PACS.zip"] = pacs_zip(per_class=2)
+    result = _download(tmp_path, "--mirror", server.url)
+    assert result.exit_code == 0, result.output
+    assert "8 files fetched, each matching its pinned sha256" in result.output
+    placed = tmp_path / "PACS-splits"
+    assert {p.name: p.read_bytes() for p in placed.iterdir()} == pacs_lists
+    record = json.loads((tmp_path / WORK_FOLDER / "checksums.json").read_text())
+    assert record["PACS-splits/photo_train_kfold.txt"]["sha256"] == hashlib.sha256(
+        pacs_lists["photo_train_kfold.txt"]).hexdigest()
+    assert not list((tmp_path / WORK_FOLDER).glob("*kfold*"))  # nothing left in the work folder
+
+    recipe = load_recipe(resolve_recipe("pacs_erm_lite0"), [f"data.root={tmp_path}"])
+    splits = build_splits(recipe.data, progress=False)  # the recipe's data.split_lists: PACS-splits
+    assert {Path(p).name for p, _ in splits.train["photo"]} == {"0.png"}
+    assert {Path(p).name for p, _ in splits.val["photo"]} == {"1.png"}
+    assert len(splits.train["photo"]) == len(splits.val["cartoon"]) == 7
+
+    again = _download(tmp_path, "--mirror", server.url)
+    assert again.exit_code == 0 and "already there, left as they are" in again.output
+    listed = CliRunner().invoke(main, ["data", "list", "--root", str(tmp_path)])
+    assert f"split lists in {placed}" in listed.output, listed.output
+
+
+def test_a_changed_split_list_is_refused_and_nothing_half_placed(server: _Server,
+                                                                 tmp_path: Path) -> None:
+    server.files["PACS.zip"] = pacs_zip()
+    server.files["sketch_crossval_kfold.txt"] = b"sketch/dog/0.png 1\n"  # not the pinned bytes
+    result = _download(tmp_path, "--mirror", server.url)
+    _one_line_error(result, "is in", "but not its split lists", "sketch_crossval_kfold.txt",
+                    "sha256 of that file at the pinned commit", "removed")
+    assert (tmp_path / "PACS" / "photo").is_dir()  # the data set itself is complete and kept
+    assert not (tmp_path / "PACS-splits").exists()
+    server.files.update(split_lists())  # the source is right again: the next run completes
+    assert _download(tmp_path, "--mirror", server.url).exit_code == 0
+    assert len(list((tmp_path / "PACS-splits").iterdir())) == 8
+
+
+def test_unreachable_split_lists_say_where_to_get_them(tmp_path: Path, pacs_lists) -> None:
+    mine = tmp_path / "PACS.zip"
+    mine.write_bytes(pacs_zip())
+    result = _download(tmp_path / "data", "--archive", str(mine))  # lists from their (dead) source
+    _one_line_error(result, "but not its split lists", "cannot reach", "the test's public copy",
+                    "--split-lists PATH", 'data.split_lists=""')
+    assert (tmp_path / "data" / "PACS").is_dir() and not (tmp_path / "data" / "PACS-splits").exists()
+    listed = CliRunner().invoke(main, ["data", "list", "--root", str(tmp_path / "data")])
+    assert "split lists missing (rise-edge data download PACS fetches them)" in listed.output
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda f: (f / "photo_train_kfold.txt").unlink(), "photo_train_kfold.txt is missing"),
+    (lambda f: (f / "photo_train_kfold.txt").write_text("photo/dog/0.png 2\n"), "label 2 for class dog"),
+    (lambda f: (f / "photo_train_kfold.txt").write_text("sketch/dog/0.png 1\n"), "expected '<photo/"),
+    (lambda f: (f / "photo_train_kfold.txt").write_text("photo/cat/0.png 1\n"), "expected '<photo/"),
+    (lambda f: (f / "photo_train_kfold.txt").write_text("\n"), "is empty"),
+    (lambda f: (f / "photo_train_kfold.txt").write_bytes(b"\xff\xfe"), "UTF-8"),
+])
+def test_given_split_lists_are_checked_before_anything_is_fetched(
+        server: _Server, tmp_path: Path, pacs_lists: dict, damage, needle: str) -> None:
+    lists = _lists_folder(tmp_path / "mine", pacs_lists)
+    damage(lists)
+    server.files["PACS.zip"] = pacs_zip()
+    result = _download(tmp_path / "data", "--mirror", server.url, "--split-lists", str(lists))
+    _one_line_error(result, needle)
+    assert server.paths == [] and not (tmp_path / "data" / "PACS").exists()
+
+
+def test_given_split_lists_may_name_paths_from_the_data_root(server: _Server, tmp_path: Path,
+                                                             pacs_lists: dict) -> None:
+    """The RISE code's copies write 'PACS/photo/dog/x.jpg': checked, copied as they are, and read."""
+    from rise_edge.config import load_recipe, resolve_recipe
+    from rise_edge.data.domains import build_splits
+
+    prefixed = {n: b"".join(b"PACS/" + line + b"\n" for line in d.splitlines())
+                for n, d in pacs_lists.items()}
+    lists = _lists_folder(tmp_path / "mine", prefixed)
+    server.files["PACS.zip"] = pacs_zip(per_class=2)
+    result = _download(tmp_path / "data", "--mirror", server.url, "--split-lists", str(lists))
+    assert result.exit_code == 0 and "checked and copied from --split-lists" in result.output
+    assert (tmp_path / "data" / "PACS-splits" / "cartoon_train_kfold.txt").read_bytes() == \
+        prefixed["cartoon_train_kfold.txt"]
+    assert all(not p.endswith(".txt") for p in server.paths)  # nothing fetched for the lists
+    recipe = load_recipe(resolve_recipe("pacs_rise_lite0"), [f"data.root={tmp_path / 'data'}"])
+    splits = build_splits(recipe.data, check_images=False, progress=False)
+    assert {Path(p).name for p, _ in splits.val["art_painting"]} == {"1.png"}
+
+
+def test_an_incomplete_split_list_folder_is_left_alone(server: _Server, tmp_path: Path) -> None:
+    (tmp_path / "PACS-splits").mkdir()
+    (tmp_path / "PACS-splits" / "notes.txt").write_text("mine")
+    server.files["PACS.zip"] = pacs_zip()
+    result = _download(tmp_path, "--mirror", server.url)
+    _one_line_error(result, "PACS-splits exists but lacks", "left as it is")
+    assert (tmp_path / "PACS-splits" / "notes.txt").read_text() == "mine"
+    assert not any(p.endswith(".txt") for p in server.paths)
+
+
+def pacs_lists_for_a_data_set_without_them_are_refused(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["data", "download", "VLCS", "--root", str(tmp_path),
+                                       "--split-lists", str(tmp_path), "--quiet"])
+    _one_line_error(result, "VLCS has no official split lists")

@@ -825,7 +825,7 @@ def test_every_number_in_a_recipe_has_a_ceiling_it_names(name: str, hint: object
 
 
 @pytest.mark.parametrize("override, needle", [
-    ("student.image_size=100000", "'student.image_size' must be an integer or null >= 8 and <= 4096"),
+    ("student.image_size=100000", "'student.image_size' must be an integer >= 8 and <= 4096 (or null)"),
     ("data.num_workers=100000000", "'data.num_workers' must be an integer >= 0 and <= 256"),
     ("train.steps=10000000000000000000000000000", "'train.steps' must be an integer >= 0 and <= "),
     ("optim.lr=1e300", "'optim.lr' must be a number > 0.0 and <= 1000.0"),

@@ -47,8 +47,16 @@ def test_erm_run_directory(tiny_data_root: Path, recipe_file: Path, tmp_path: Pa
     assert all({"val/cartoon", "val/photo", "target/sketch", "val_mean"} <= r["eval"].keys()
                for r in evals)
     assert all("ce" in r and "images_per_s" in r for r in records if "eval" not in r)
+    assert all(r["step_images_per_s"] > 0 and r["loader_images_per_s"] > 0
+               for r in records if "eval" not in r)
     # Selection uses source validation only: the selected step has the best val_mean.
     results = json.loads((run_dir / "results.json").read_text())
+    stats = results["stats"]  # the loader's rate beside the step's: which one sets the pace
+    assert stats["loader_images_per_s"] > 0 and stats["step_images_per_s"] > 0
+    assert stats["bottleneck"] in ("loader", "step") and stats["loader_workers"] == 0
+    assert 0 <= stats["waiting_for_batches_fraction"] < 1 and stats["seconds_to_first_step"] > 0
+    check = stats["image_check"]
+    assert check["decoded"] + check["reused"] == 72 and Path(check["record"]).parent.is_dir()
     best = max(evals, key=lambda r: r["eval"]["val_mean"])  # first of equals, as training keeps it
     assert results["selected_step"] == best["step"]
     assert results["accuracy"]["target/sketch"] == best["eval"]["target/sketch"]
@@ -145,6 +153,9 @@ def test_resume_refuses_a_changed_recipe(tiny_data_root: Path, recipe_file: Path
     with pytest.raises(UserError, match="the recipe changed train.steps since"):
         # train resolves the recipe (method and head named) before it compares
         _check_run_dir(run_dir, resolved(load_recipe(recipe_file, ["train.steps=8"]))[0], resume=True)
+    # How images reach the student is not what it trains on: loader workers, a re-check.
+    _check_run_dir(run_dir, resolved(load_recipe(recipe_file, [
+        "train.steps=4", "data.num_workers=3", "data.recheck_images=true"]))[0], resume=True)
 
 
 def test_a_failed_start_leaves_nothing_behind(tiny_data_root: Path, recipe_file: Path,

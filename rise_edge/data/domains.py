@@ -7,21 +7,20 @@ trained on; all its images form the test set. Validation comes from official spl
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import random
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from rise_edge.config import DataConfig
+from rise_edge.data.image_checks import ScannedFile, check_image_files, scan_images
 from rise_edge.errors import UserError
 # The data-set registry lives in a module without torch (the command line reads it at start-up);
 # its names are part of this module's interface too.
@@ -47,6 +46,8 @@ class DomainSplits:
     val: dict[str, list[Sample]]
     test: list[Sample]
     skipped_images: tuple[str, ...] = ()
+    # How the images were checked (image_checks.ImageCheck.stats): not part of the splits.
+    image_check: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def train_samples(self) -> list[Sample]:
@@ -71,14 +72,22 @@ SPLITS_FILE = "splits.json"  # in the run directory: the exact lists training us
 
 def splits_to_record(splits: DomainSplits) -> dict[str, Any]:
     """The splits as JSON: paths relative to the data set folder, so the record survives a move."""
+    prefix = str(splits.dataset_dir).rstrip(os.sep) + os.sep
+
+    def relative(path: str) -> str:
+        # Sample paths are the scan's, under the folder: cutting the prefix is relpath's answer,
+        # at a fraction of its cost (a DomainNet record has 586,000 of them).
+        inside = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(
+            path, splits.dataset_dir)
+        return inside.replace(os.sep, "/")
+
     def rel(samples: Sequence[Sample]) -> list[list[Any]]:
-        return [[Path(os.path.relpath(p, splits.dataset_dir)).as_posix(), y] for p, y in samples]
+        return [[relative(p), y] for p, y in samples]
     return {"schema": 1, "dataset_dir": str(splits.dataset_dir), "classes": list(splits.classes),
             "source_domains": list(splits.source_domains), "target_domain": splits.target_domain,
             "train": {d: rel(v) for d, v in splits.train.items()},
             "val": {d: rel(v) for d, v in splits.val.items()}, "test": rel(splits.test),
-            "skipped_images": [Path(os.path.relpath(p, splits.dataset_dir)).as_posix()
-                               for p in splits.skipped_images]}
+            "skipped_images": [relative(p) for p in splits.skipped_images]}
 
 
 def splits_from_record(record: dict[str, Any], data_root: str | None = None) -> DomainSplits:
@@ -153,8 +162,8 @@ def _subfolders(path: Path) -> list[str]:
     return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def _image_files(folder: Path) -> list[ScannedFile]:
+    return scan_images(folder, IMAGE_SUFFIXES)
 
 
 def build_splits(cfg: DataConfig, *, check_images: bool = True, progress: bool = True) -> DomainSplits:
@@ -176,25 +185,29 @@ def build_splits(cfg: DataConfig, *, check_images: bool = True, progress: bool =
         raise UserError(f"no source domains left to train on besides '{cfg.target_domain}'")
     domains = (*wanted_sources, cfg.target_domain)
     classes = _check_classes(path, domains, known)
-    files = {d: {c: _image_files(path / d / c) for c in classes} for d in domains}
-    empty = [f"{d}/{c}" for d in domains for c in classes if not files[d][c]]
+    scanned = {d: {c: _image_files(path / d / c) for c in classes} for d in domains}
+    empty = [f"{d}/{c}" for d in domains for c in classes if not scanned[d][c]]
     if empty:
         raise UserError(f"no images in {len(empty)} class folder(s) of {path}: {', '.join(empty[:10])}")
+    files = {d: {c: [p for p, _ in scanned[d][c]] for c in classes} for d in domains}
     skipped: tuple[str, ...] = ()
+    checked: dict[str, Any] = {}
     if check_images:
-        every = [p for d in domains for c in classes for p in files[d][c]]
-        bad = find_unreadable_images(every, progress=progress)
+        outcome = check_image_files(path, [f for d in domains for c in classes for f in scanned[d][c]],
+                                    [f"{d}/{c}/" for d in domains for c in classes],
+                                    recheck=cfg.recheck_images, progress=progress)
+        bad, checked = outcome.bad, outcome.stats()
         if bad and not cfg.skip_bad_images:
             listing = "\n  ".join(f"{p}: {why}" for p, why in bad[:20])
             more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
             raise UserError(f"{len(bad)} unreadable image(s) in {path}:\n  {listing}{more}\n"
                             "fix or remove them, or set data.skip_bad_images=true to skip them")
         bad_paths = {p for p, _ in bad}
-        files = {d: {c: [p for p in ps if str(p) not in bad_paths] for c, ps in cs.items()}
+        files = {d: {c: [p for p in ps if p not in bad_paths] for c, ps in cs.items()}
                  for d, cs in files.items()}
         skipped = tuple(sorted(bad_paths))
     label = {c: i for i, c in enumerate(classes)}
-    by_domain = {d: [(str(p), label[c]) for c in classes for p in files[d][c]] for d in domains}
+    by_domain = {d: [(p, label[c]) for c in classes for p in files[d][c]] for d in domains}
     lists = split_lists_dir(cfg)
     if lists is not None:
         train, val = _official_splits(lists, path, wanted_sources, classes, set(skipped))
@@ -203,7 +216,7 @@ def build_splits(cfg: DataConfig, *, check_images: bool = True, progress: bool =
         for d in wanted_sources:
             train[d], val[d] = _holdout(by_domain[d], cfg.val_fraction, cfg.split_seed, d)
     return DomainSplits(path, classes, tuple(wanted_sources), cfg.target_domain, train, val,
-                        by_domain[cfg.target_domain], skipped)
+                        by_domain[cfg.target_domain], skipped, checked)
 
 
 def _check_classes(path: Path, domains: Sequence[str], known: KnownDataset | None) -> tuple[str, ...]:
@@ -226,24 +239,6 @@ def _check_classes(path: Path, domains: Sequence[str], known: KnownDataset | Non
     return tuple(sorted(union))
 
 
-def find_unreadable_images(paths: Sequence[Path], *, progress: bool = True) -> list[tuple[str, str]]:
-    """Fully decode every image (truncation shows only on decode); return (path, reason) pairs."""
-
-    def check(path: Path) -> tuple[str, str] | None:
-        try:
-            with Image.open(path) as image:
-                image.load()
-        except Exception as exc:  # PIL raises many types for corrupt files
-            return str(path), f"{type(exc).__name__}: {exc}"
-        return None
-
-    workers = min(8, (os.cpu_count() or 1) * 2)  # PIL releases the GIL while decoding
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        results = list(tqdm(pool.map(check, paths, chunksize=64), total=len(paths), unit="img",
-                            desc="checking images", disable=not progress or None, leave=False))
-    return [r for r in results if r is not None]
-
-
 def _holdout(samples: list[Sample], fraction: float, seed: int, domain: str
              ) -> tuple[list[Sample], list[Sample]]:
     """Seeded per-domain holdout; the domain name enters the seed so domains split independently."""
@@ -258,10 +253,12 @@ def _holdout(samples: list[Sample], fraction: float, seed: int, domain: str
 def _official_splits(lists_dir: Path, dataset_path: Path, sources: Sequence[str],
                      classes: Sequence[str], skipped: set[str]
                      ) -> tuple[dict[str, list[Sample]], dict[str, list[Sample]]]:
-    """Read `<domain>_train_kfold.txt` / `<domain>_crossval_kfold.txt` (paths relative to the root)."""
+    """Read `<domain>_train_kfold.txt` / `<domain>_crossval_kfold.txt` (paths relative to the root,
+    or to the data set's folder)."""
     if not lists_dir.is_dir():
         raise UserError(f"data.split_lists '{lists_dir}' is not a folder; put the official lists "
-                        "there (relative paths are taken from the data root), or use a seeded "
+                        "there (relative paths are taken from the data root; `rise-edge data "
+                        "download PACS` places PACS's in <root>/PACS-splits), or use a seeded "
                         "holdout of each source domain with --set data.split_lists=\"\"")
     label = {c: i for i, c in enumerate(classes)}
     root = dataset_path.parent
@@ -277,7 +274,9 @@ def _official_splits(lists_dir: Path, dataset_path: Path, sources: Sequence[str]
                 if not line.strip():
                     continue
                 rel = line.split()[0]
-                image = root / rel
+                # Relative to the data root (PACS/photo/..., as the RISE code's lists) or to the
+                # data set's folder (photo/..., as the RSC code's lists that download fetches).
+                image = root / rel if rel.split("/")[0] == dataset_path.name else dataset_path / rel
                 class_name = image.parent.name
                 if class_name not in label or image.parent.parent.name != domain:
                     raise UserError(f"{list_file}:{n}: '{rel}' is not an image of a known class "

@@ -7,14 +7,21 @@ at the first download, so a changed or damaged archive is noticed on every later
 refuses members that would land outside their folder, and the data set appears under its final name
 only once it is complete: an interrupted run leaves nothing a recipe could mistake for data.
 
+PACS's official train/crossval split lists are not in DomainBed's archive: they are fetched from a
+copy pinned at one commit of a public repository, each file checked against the sha256 of its bytes
+at that commit, and placed as `<root>/PACS-splits/` (where the PACS recipes' data.split_lists
+looks) only once all of them are there; `--split-lists PATH` takes a folder of lists the user has,
+checked line by line for their format instead.
+
 Work files live in `<root>/.rise-edge-downloads/`: `NAME.part` (a partial download), `NAME`
-(a finished archive, removed after extraction unless kept), `checksums.json`, and a staging folder
+(a finished archive, removed after extraction unless kept), `checksums.json`, and staging folders
 that a killed extraction leaves behind and the next run removes.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tarfile
 import time
@@ -40,11 +47,30 @@ _TIMEOUT_S = 60
 
 @dataclass(frozen=True)
 class Archive:
-    """One file to fetch. sha256 is the publisher's checksum; None where none is published."""
+    """One file to fetch. sha256 is the publisher's checksum (or that of the bytes at a pinned
+    commit, `sha256_origin` says which); None where none is known."""
 
     url: str
     filename: str
     sha256: str | None = None
+    sha256_origin: str = "the published checksum"
+
+
+@dataclass(frozen=True)
+class SplitLists:
+    """Official split lists that a data set's recipes read (data.split_lists), fetched into
+    `<root>/<folder>/`: `<domain>_<split>_kfold.txt` for every domain and split, from `base_url`
+    (a folder at a fixed commit: its files never change), each checked against its sha256."""
+
+    folder: str
+    base_url: str
+    sha256: tuple[tuple[str, str], ...]  # (file name, sha256 of its bytes at that commit)
+    origin: str  # where a person finds them
+
+    def archives(self) -> tuple[Archive, ...]:
+        return tuple(Archive(f"{self.base_url}/{name}", name, digest,
+                             "the sha256 of that file at the pinned commit")
+                     for name, digest in self.sha256)
 
 
 @dataclass(frozen=True)
@@ -58,6 +84,7 @@ class DataSource:
     arrange: Callable[[Path, Path], None]
     origin: str  # the data set's home page, for the licence and for manual downloads
     after: str = ""  # what the user still has to do, printed after a successful download
+    split_lists: SplitLists | None = None
 
 
 def _rename_single(folder_name: str) -> Callable[[Path, Path], None]:
@@ -113,12 +140,27 @@ def _arrange_terra_incognita(staging: Path, dataset_dir: Path) -> None:
 
 _DOMAINNET = "http://csr.bu.edu/ftp/visda/2019/multi-source"
 
+# PACS's official lists as the RSC code (Huang et al., ECCV 2020) publishes them, paths relative to
+# the PACS folder ("art_painting/dog/pic_333.jpg 1", 1-based labels in alphabetical class order):
+# the same lines, with "PACS/" in front, as the lists the RISE code reads.
+_PACS_LISTS = SplitLists(
+    "PACS-splits",
+    "https://raw.githubusercontent.com/DeLightCMU/RSC/bf6d280c5d74910f009ea8963c59167252659666/"
+    "Domain_Generalization/data/correct_txt_lists",
+    (("art_painting_train_kfold.txt", "f2b08879408bc8951cb4e6d79a0ecf8f12c2f9ebd7933499922b87c4e96cd67e"),
+     ("art_painting_crossval_kfold.txt", "107df27227941f75cbc871a8db483d9f550d537c925aaaca8cd18eb9cc79c500"),
+     ("cartoon_train_kfold.txt", "937e5927d409b3c3aa1f925414dfadf107a3ea734c1f6318fd1223ecbec2449c"),
+     ("cartoon_crossval_kfold.txt", "a3e6ad7b3906fda800f7b2f3c34cf9f5702ddc40375ab99cc7a181d14c5330af"),
+     ("photo_train_kfold.txt", "4666345041ae3dd447427d46ef8a2b698a4467205dfc0bd0fd0aff636b38ba41"),
+     ("photo_crossval_kfold.txt", "94bf87cf84141c9a3b7a5748fd88f910127c73bb471546d585dd9a21be6762f0"),
+     ("sketch_train_kfold.txt", "e4b4df3a95f67c65cb4a6daff0baa26954ab622e88df84cd76f839daad601539"),
+     ("sketch_crossval_kfold.txt", "eca14c0838824751024868e0e6ecc7380ad0f77dc327ecd3a1f948bdebf92509")),
+    "https://github.com/DeLightCMU/RSC (Domain_Generalization/data/correct_txt_lists/)")
+
 SOURCES: dict[str, DataSource] = {
     "PACS": DataSource(
         (Archive("https://drive.google.com/uc?id=1JFr8f805nMUelQWWmfnJR3y4_SYoN5Pd", "PACS.zip"),),
-        _rename_single("kfold"), "https://domaingeneralization.github.io/",
-        after="the official train/crossval lists (data.split_lists) are published beside the images "
-              "on the PACS page; without them use --set data.split_lists=\"\" (a seeded holdout)"),
+        _rename_single("kfold"), "https://domaingeneralization.github.io/", split_lists=_PACS_LISTS),
     "VLCS": DataSource(
         (Archive("https://drive.google.com/uc?id=1skwblH1_okBwxWxmRsp9_qi15hyPpxg8", "VLCS.tar.gz"),),
         _rename_single("VLCS"), "https://github.com/facebookresearch/DomainBed"),
@@ -158,6 +200,8 @@ class DownloadResult:
     already_present: bool
     archives: dict[str, dict[str, object]] = field(default_factory=dict)  # filename -> sha256, bytes
     after: str = ""
+    # where the split lists are, and how they came: fetched, given (--split-lists) or present
+    split_lists: dict[str, object] = field(default_factory=dict)
 
 
 def missing_parts(path: Path, known: KnownDataset) -> list[str]:
@@ -180,9 +224,11 @@ def missing_parts(path: Path, known: KnownDataset) -> list[str]:
 
 def download_dataset(name: str, root: Path, *, mirror: str | None = None,
                      archives: Sequence[Path] = (), keep_archives: bool = False,
-                     progress: bool = True) -> DownloadResult:
+                     progress: bool = True, split_lists: Path | None = None) -> DownloadResult:
     """Fetch (or take from `archives`, files the user already has), check, extract and arrange data
-    set `name` into `root`/<its folder>. Never touches an existing folder of that name."""
+    set `name` into `root`/<its folder>, and its official split lists (fetched, or checked and
+    copied from the folder `split_lists`) into `root`/<their folder>. Never touches an existing
+    folder of either name."""
     name = source_name(name)
     source, known = SOURCES[name], KNOWN_DATASETS[name]
     if mirror is not None and not mirror.lower().startswith(("http://", "https://")):
@@ -193,43 +239,58 @@ def download_dataset(name: str, root: Path, *, mirror: str | None = None,
         raise UserError(f"data root {root} is a file; give a folder (--root or RISE_EDGE_DATA)")
     target = root / known.folder
     given = _match_local_archives(source, archives)
+    given_lists = _given_split_lists(name, source, known, split_lists)  # checked before any fetch
     work = root / WORK_FOLDER
     work.mkdir(parents=True, exist_ok=True)
     with run_lock(work / name, "data download", noun="download folder", clean=False):
         if target.exists():
-            return _existing(name, target, known, source)
-        staging = work / f"{name}.staging"
-        if staging.exists():  # a killed extraction: start it over
-            shutil.rmtree(staging)
-        checksums_path = work / "checksums.json"
-        checksums = _read_checksums(checksums_path)
-        result = DownloadResult(name, target, False, after=source.after)
-        paths = []
-        for archive in source.archives:
-            if archive.filename in given:
-                path = given[archive.filename]
-            else:
-                path = _fetch(archive, work, mirror, progress)
-            digest = _verify(archive, path, checksums.get(archive.filename), downloaded=path.parent == work)
-            checksums[archive.filename] = {"sha256": digest, "bytes": path.stat().st_size,
-                                           "url": archive.url, "published": archive.sha256 is not None}
-            write_json_atomic(checksums_path, checksums)
-            result.archives[archive.filename] = checksums[archive.filename]
-            paths.append(path)
-        staging.mkdir()
-        for path in paths:
-            _extract(path, staging, progress, ours=path.parent == work)
-        source.arrange(staging, staging / known.folder)
-        missing = missing_parts(staging / known.folder, known)
-        if missing:
-            raise UserError(f"the archives of {name} do not make a complete data set (missing: "
-                            f"{', '.join(missing[:6])}); nothing was placed in {root}")
-        (staging / known.folder).rename(target)  # the data set appears whole or not at all
+            result = _existing(name, target, known, source)
+        else:
+            result = _place_dataset(name, root, work, given, mirror, keep_archives, progress)
+        if source.split_lists is not None:
+            result.split_lists = _place_split_lists(name, source.split_lists, known, root, mirror,
+                                                    given_lists, progress)
+    return result
+
+
+def _place_dataset(name: str, root: Path, work: Path, given: dict[str, Path], mirror: str | None,
+                   keep_archives: bool, progress: bool) -> DownloadResult:
+    """Fetch or take the archives, verify, extract and arrange them; the data set's folder appears
+    whole or not at all."""
+    source, known = SOURCES[name], KNOWN_DATASETS[name]
+    target = root / known.folder
+    staging = work / f"{name}.staging"
+    if staging.exists():  # a killed extraction: start it over
         shutil.rmtree(staging)
-        if not keep_archives:
-            for path in paths:
-                if path.parent == work:  # never delete an archive the user gave us
-                    path.unlink()
+    checksums_path = work / "checksums.json"
+    checksums = _read_checksums(checksums_path)
+    result = DownloadResult(name, target, False, after=source.after)
+    paths = []
+    for archive in source.archives:
+        if archive.filename in given:
+            path = given[archive.filename]
+        else:
+            path = _fetch(archive, work, mirror, progress)
+        digest = _verify(archive, path, checksums.get(archive.filename), downloaded=path.parent == work)
+        checksums[archive.filename] = {"sha256": digest, "bytes": path.stat().st_size,
+                                       "url": archive.url, "published": archive.sha256 is not None}
+        write_json_atomic(checksums_path, checksums)
+        result.archives[archive.filename] = checksums[archive.filename]
+        paths.append(path)
+    staging.mkdir()
+    for path in paths:
+        _extract(path, staging, progress, ours=path.parent == work)
+    source.arrange(staging, staging / known.folder)
+    missing = missing_parts(staging / known.folder, known)
+    if missing:
+        raise UserError(f"the archives of {name} do not make a complete data set (missing: "
+                        f"{', '.join(missing[:6])}); nothing was placed in {root}")
+    (staging / known.folder).rename(target)  # the data set appears whole or not at all
+    shutil.rmtree(staging)
+    if not keep_archives:
+        for path in paths:
+            if path.parent == work:  # never delete an archive the user gave us
+                path.unlink()
     return result
 
 
@@ -279,8 +340,10 @@ def _direct_url(url: str) -> str:
     return url
 
 
-def _fetch(archive: Archive, work: Path, mirror: str | None, progress: bool) -> Path:
-    """Download `archive` into `work`, resuming a `.part` left by an earlier attempt."""
+def _fetch(archive: Archive, work: Path, mirror: str | None, progress: bool,
+           manual: str = "") -> Path:
+    """Download `archive` into `work`, resuming a `.part` left by an earlier attempt. `manual`:
+    what the user can do instead, said when the download fails."""
     dest = work / archive.filename
     if dest.is_file():  # finished earlier, extraction did not
         return dest
@@ -290,8 +353,8 @@ def _fetch(archive: Archive, work: Path, mirror: str | None, progress: bool) -> 
     headers = {"User-Agent": "rise-edge"}
     if have:
         headers["Range"] = f"bytes={have}-"
-    manual = (f"download {archive.filename} from {archive.url} yourself and pass it with "
-              f"--archive PATH")
+    manual = manual or (f"download {archive.filename} from {archive.url} yourself and pass it with "
+                        f"--archive PATH")
     try:
         response = urlopen(Request(url, headers=headers), timeout=_TIMEOUT_S)
     except HTTPError as exc:
@@ -337,7 +400,7 @@ def _verify(archive: Archive, path: Path, recorded: dict | None, *, downloaded: 
     digest = file_sha256(path)
     expected = archive.sha256 or (recorded or {}).get("sha256")
     if expected and digest != expected:
-        origin = "the published checksum" if archive.sha256 else "the checksum recorded when it was first downloaded"
+        origin = archive.sha256_origin if archive.sha256 else "the checksum recorded when it was first downloaded"
         if downloaded:
             path.unlink()  # a damaged or replaced download: the next run fetches it anew
             fate = "it was removed; run again to download it anew"
@@ -373,3 +436,108 @@ def _extract(path: Path, into: Path, progress: bool, *, ours: bool) -> None:
                         ) from None
     if progress:
         print(f"extracted {path.name} in {time.monotonic() - started:.0f} s", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Split lists
+
+
+def _given_split_lists(name: str, source: DataSource, known: KnownDataset, folder: Path | None
+                       ) -> dict[str, Path] | None:
+    """The lists in the user's `folder` (--split-lists), each checked line by line; None without."""
+    if folder is None:
+        return None
+    spec = source.split_lists
+    if spec is None:
+        raise UserError(f"--split-lists: {name} has no official split lists (each source domain is "
+                        "split by a seeded holdout, data.val_fraction)")
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"--split-lists {folder}: not a folder; give the folder holding "
+                        f"{spec.sha256[0][0]} and the other lists")
+    lists = {}
+    for filename, _ in spec.sha256:
+        path = folder / filename
+        if not path.is_file():
+            present = ", ".join(sorted(p.name for p in folder.glob("*.txt"))) or "(no .txt files)"
+            raise UserError(f"--split-lists {folder}: {filename} is missing (present: {present})")
+        check_split_list(path, known)
+        lists[filename] = path
+    return lists
+
+
+def check_split_list(path: Path, known: KnownDataset) -> None:
+    """A `<domain>_<split>_kfold.txt` list: every line `<path> <label>`, the path inside that domain
+    (`<domain>/<class>/<image>`, optionally under the data set's folder) and the label the class's
+    1-based place in alphabetical order. UserError at the first line that is not."""
+    domain = re.sub(r"_(train|crossval|test)_kfold\.txt$", "", path.name)
+    classes = sorted(known.classes or ())
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: a split list is UTF-8 text; this is not") from None
+    count = 0
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        parts = fields[0].split("/")
+        if parts[0] == known.folder:
+            parts = parts[1:]
+        label = fields[1] if len(fields) == 2 else ""
+        if (len(parts) != 3 or parts[0] != domain or parts[1] not in classes
+                or Path(parts[2]).suffix.lower() not in IMAGE_SUFFIXES or not label.isdigit()):
+            raise UserError(f"{path}:{n}: expected '<{domain}/class/image> <label>', got {line.strip()!r}")
+        if int(label) != classes.index(parts[1]) + 1:
+            raise UserError(f"{path}:{n}: label {label} for class {parts[1]}, which is "
+                            f"{classes.index(parts[1]) + 1} (1-based, alphabetical)")
+        count += 1
+    if not count:
+        raise UserError(f"{path}: the split list is empty")
+
+
+def _place_split_lists(name: str, spec: SplitLists, known: KnownDataset, root: Path,
+                       mirror: str | None, given: dict[str, Path] | None, progress: bool
+                       ) -> dict[str, object]:
+    """Fetch (or copy from `given`), verify and place the split lists as `<root>/<spec.folder>/`,
+    which appears only once every list is in it; an existing folder is left as it is."""
+    dest = root / spec.folder
+    if dest.exists():
+        missing = [f for f, _ in spec.sha256 if not (dest / f).is_file()]
+        if missing:
+            raise UserError(f"{dest} exists but lacks {', '.join(missing[:3])}"
+                            f"{' and more' if len(missing) > 3 else ''}; it was left as it is: add "
+                            "the missing lists (or move the folder away) and run the download again")
+        return {"path": str(dest), "how": "present"}
+    work = root / WORK_FOLDER
+    staging = work / f"{spec.folder}.staging"
+    if staging.exists():  # a killed run: start over
+        shutil.rmtree(staging)
+    staging.mkdir()
+    checksums_path = work / "checksums.json"
+    checksums = _read_checksums(checksums_path)
+    manual = (f"get {name}'s lists from {spec.origin} (or any copy of the "
+              "<domain>_{train,crossval}_kfold.txt files) and pass their folder with --split-lists "
+              "PATH, or train with --set data.split_lists=\"\" (a seeded holdout)")
+    for archive in spec.archives():
+        if given is not None:
+            path = given[archive.filename]
+            digest, url = file_sha256(path), str(path)
+            shutil.copyfile(path, staging / archive.filename)
+        else:
+            try:
+                path = _fetch(archive, work, mirror, progress, manual)
+                digest = _verify(archive, path, None, downloaded=True)
+                check_split_list(path, known)
+            except UserError as exc:
+                raise UserError(f"{name} is in {root / known.folder}, but not its split lists: "
+                                f"{exc}") from None
+            path.rename(staging / archive.filename)
+            url = archive.url
+        checksums[f"{spec.folder}/{archive.filename}"] = {
+            "sha256": digest, "bytes": (staging / archive.filename).stat().st_size, "url": url,
+            "published": given is None}
+    write_json_atomic(checksums_path, checksums)
+    staging.rename(dest)  # all the lists or none
+    return {"path": str(dest), "how": "given" if given is not None else "fetched",
+            "files": len(spec.sha256)}

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from rise_edge.config import ExportConfig, OptimConfig
 from rise_edge.data.domains import DomainImages, DomainSplits, EpochBatches
+from rise_edge.data.loading import loader_workers
 from rise_edge.data.transforms import eval_transform, train_transform
 from rise_edge.export.fake_quant import (ActivationQuantizer, QuantConv2d, QuantLinear, calibrate,
                                          quantize_model)
@@ -185,7 +186,8 @@ def qat_finetune(run: TrainedRun, splits: DomainSplits, cfg: ExportConfig, calib
                  {d: DataLoader(DomainImages((selection or splits.val)[d], eval_transform(pre)),
                                 batch_size=64) for d in splits.source_domains}, state_dir, device)
     step, history, best, resumed_from = _start(loop, settings, log)
-    best = _fine_tune(loop, settings, run.recipe.data.num_workers, step, history, best, log)
+    workers = loader_workers(run.recipe.data.num_workers, device.type)
+    best = _fine_tune(loop, settings, workers, step, history, best, log)
     tensors, _ = load_tensors(state_dir / BEST_FILE)
     model.load_state_dict(tensors)
     model.eval().cpu()

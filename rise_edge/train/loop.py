@@ -21,12 +21,13 @@ from typing import Any
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from rise_edge.config import Recipe, dump_recipe, recipe_from_dict, recipe_to_dict
 from rise_edge.data.domains import (SPLITS_FILE, DomainImages, DomainSplits, build_splits,
                                     data_root, split_lists_dir, splits_to_record)
+from rise_edge.data.loading import TimedBatches, loader_workers, made_batch
 from rise_edge.data.transforms import Preprocessing, eval_transform
 from rise_edge.data.views import ViewBatches
 from rise_edge.errors import UserError
@@ -41,10 +42,13 @@ from rise_edge.train.student import Student, build_student
 from rise_edge.train.teacher_cache import training_views
 
 TRAINING_SECTIONS = ("data", "student", "teacher", "loss", "optim", "train")  # what makes the student
-# Fields of those sections that do not change what is trained: the teacher-view cache replaces the
+# Fields of those sections that do not change what is trained. The teacher-view cache replaces the
 # teacher's forward pass by its stored embedding of the very same view (equal within fp16 rounding),
-# so a run may move between cached and on the fly, resumed or reused.
-NOT_TRAINING = frozenset({"teacher.cache", "teacher.cache_dir"})
+# so a run may move between cached and on the fly, resumed or reused; augmentation is seeded per
+# sample, so the worker count does not change what a run sees, and a re-check of the images changes
+# nothing when they are unchanged.
+NOT_TRAINING = frozenset({"teacher.cache", "teacher.cache_dir", "data.num_workers",
+                          "data.recheck_images"})
 
 
 @dataclass
@@ -186,9 +190,8 @@ def _objective(recipe: Recipe, splits: DomainSplits, device: torch.device, run_d
     return method.objective(recipe.loss, teacher, text, pre), student, pre
 
 
-def _loader(dataset: DomainImages, recipe: Recipe, device: torch.device, *, persistent: bool = True,
-            **kwargs: Any) -> DataLoader:
-    workers = recipe.data.num_workers
+def _loader(dataset: Dataset, recipe: Recipe, device: torch.device, workers: int, *,
+            persistent: bool = True, **kwargs: Any) -> DataLoader:
     return DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
                       persistent_workers=persistent and workers > 0, **kwargs)
 
@@ -248,12 +251,14 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
     optimizer = build_optimizer(recipe.optim, (p for p in student.parameters() if p.requires_grad))
     scaler, autocast = _mixed_precision(recipe, device)
 
-    train_set, cached, views = training_views(recipe, splits.train_samples, pre, objective,
+    workers = loader_workers(recipe.data.num_workers, device.type)
+    views_set, cached, views = training_views(recipe, splits.train_samples, pre, objective,
                                               log=lambda line: print(line, file=sys.stderr))
+    train_set = TimedBatches(views_set)
     per_epoch = len(train_set) // recipe.train.batch_size
     total = recipe.train.steps or recipe.train.epochs * per_epoch
     eval_every = recipe.train.eval_every or per_epoch
-    eval_sets, eval_loaders = _eval_loaders(recipe, splits, pre, device, dist)
+    eval_sets, eval_loaders = _eval_loaders(recipe, splits, pre, device, dist, workers)
 
     step, best = 0, {"val_mean": -1.0, "step": -1}
     if resume:
@@ -266,12 +271,13 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
     bar = tqdm(total=total, initial=step, unit="step", desc=f"train {path.name}", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     window: dict[str, float] = defaultdict(float)
-    window_steps, window_start, seen = 0, time.perf_counter(), 0
+    rates = _Rates(workers, dist.world_size, time.perf_counter())
     while step < total:
         epoch, position = divmod(step, per_epoch)
         batches.set_epoch(epoch, position)
-        loader = _loader(train_set, recipe, device, batch_sampler=batches)
-        for images, labels, index, k in loader:
+        loader = _loader(train_set, recipe, device, workers, batch_sampler=batches,
+                         collate_fn=made_batch)
+        for images, labels, index, k, made_s in rates.batches(loader):
             model.train()
             images, labels = _to_device(images, labels, device, recipe.train.channels_last)
             for group in optimizer.param_groups:
@@ -285,20 +291,11 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
                 _diverged(float(terms["loss"].detach()), step, total, path, recipe, best)
             optimizer_step(terms["loss"], optimizer, scaler)
             step += 1
-            seen += images.shape[0] * dist.world_size
             for name, value in terms.items():
-                window[name] += float(value.detach())
-            window_steps += 1
+                window[name] += float(value.detach())  # float() waits for the device: the step is done
+            rates.stepped(images.shape[0], made_s)
             if step % recipe.train.log_every == 0 or step == total:
-                rate = seen / max(time.perf_counter() - window_start, 1e-9)
-                record = {"step": step, "epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                          **{k: v / window_steps for k, v in window.items()},
-                          "images_per_s": rate}
-                if log:
-                    log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", img_s=f"{rate:.0f}")
-                window.clear()
-                window_steps, window_start, seen = 0, time.perf_counter(), 0
+                _log_window(log, bar, window, rates, step, epoch, optimizer.param_groups[0]["lr"])
             bar.update(1)
             if step % eval_every == 0 or step == total:
                 best = _evaluate_and_select(
@@ -309,7 +306,81 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
     bar.close()
     views.update(teacher_s=round(getattr(objective, "teacher_seconds", 0.0), 3),  # distinct: K or epochs
                  distinct_views_per_image=min(recipe.teacher.cache_views or total, -(-total // per_epoch)))
-    return _finish(path, splits, eval_sets, best, total, started, device, dist, views)
+    return _finish(path, splits, eval_sets, best, total, started, device, dist, rates.run(), views)
+
+
+def _log_window(log: MetricsLog | None, bar: tqdm, window: dict[str, float], rates: _Rates,
+                step: int, epoch: int, lr: float) -> None:
+    """One metrics.jsonl line (the window's mean loss terms and images/s) and the bar's figures;
+    then a new window."""
+    record = {"step": step, "epoch": epoch, "lr": lr,
+              **{k: v / rates.window_steps for k, v in window.items()}, **rates.window()}
+    if log:
+        log.write(record)
+    bar.set_postfix({"loss": f"{record['loss']:.3f}",  # img/s: end to end, step, loader
+                     "img_s": f"{record['images_per_s']:.0f}",
+                     "step": f"{record['step_images_per_s']:.0f}",
+                     "loader": f"{record['loader_images_per_s']:.0f}"})
+    window.clear()
+    rates.restart_window()
+
+
+class _Rates:
+    """Images per second of the training loop, over a logging window and over the run (global: every
+    process's images). images_per_s: end to end (waiting for batches and stepping); step: the training
+    step alone (forward, backward, optimizer, from a batch in hand to its loss read back); loader:
+    what the loader can deliver (batches made side by side in `workers` processes, each timed where
+    it was made: decode + augment + collate). The smaller of step and loader sets the pace."""
+
+    def __init__(self, workers: int, world_size: int, since: float):
+        self.workers, self.world, self.since = workers, world_size, since
+        self.run_totals = [0, 0.0, 0.0, 0.0]  # images, waiting s, step s, batch-making s
+        self.first_step_at: float | None = None
+        self.restart_window()
+
+    def restart_window(self) -> None:
+        self.window_steps, self.totals = 0, [0, 0.0, 0.0, 0.0]
+
+    def batches(self, loader: DataLoader):
+        """The loader's batches, the wait for each measured (the step's time starts when it comes)."""
+        iterator = iter(loader)
+        while True:
+            asked = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.batch_at = time.perf_counter()
+            self.waited = self.batch_at - asked
+            yield batch
+
+    def stepped(self, images: int, made_s: float) -> None:
+        now = time.perf_counter()
+        self.first_step_at = self.first_step_at or now
+        for totals in (self.totals, self.run_totals):
+            for i, value in enumerate((images, self.waited, now - self.batch_at, made_s)):
+                totals[i] += value
+        self.window_steps += 1
+
+    def _rates(self, totals: list[float]) -> dict[str, float]:
+        images, waited, stepping, making = totals
+        images *= self.world
+        return {"images_per_s": images / max(waited + stepping, 1e-9),
+                "step_images_per_s": images / max(stepping, 1e-9),
+                "loader_images_per_s": images * max(1, self.workers) / max(making, 1e-9)}
+
+    def window(self) -> dict[str, float]:
+        return self._rates(self.totals)
+
+    def run(self) -> dict[str, Any]:
+        rates = self._rates(self.run_totals)
+        _, waited, stepping, _ = self.run_totals
+        return {**rates, "loader_workers": self.workers,
+                "bottleneck": "loader" if rates["loader_images_per_s"] < rates["step_images_per_s"]
+                else "step",
+                "waiting_for_batches_fraction": waited / max(waited + stepping, 1e-9),
+                # from the start of training (after start-up and the image check) to step 1's end
+                "seconds_to_first_step": (self.first_step_at or self.since) - self.since}
 
 
 def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool
@@ -380,7 +451,7 @@ def _mixed_precision(recipe: Recipe, device: torch.device
 
 
 def _eval_loaders(recipe: Recipe, splits: DomainSplits, pre: Preprocessing, device: torch.device,
-                  dist: Distributed) -> tuple[dict[str, list], dict[str, DataLoader]]:
+                  dist: Distributed, workers: int) -> tuple[dict[str, list], dict[str, DataLoader]]:
     """Each source domain's validation images and the target domain's test images, with a loader each.
     The target is scored in DomainBed's two oracle parts (in, out) and as a whole from their counts."""
     target_in, target_out = splits.oracle_split()
@@ -391,7 +462,7 @@ def _eval_loaders(recipe: Recipe, splits: DomainSplits, pre: Preprocessing, devi
     # Evaluation workers live for one evaluation only: kept alive, every domain's workers (forks of a
     # process holding the model) stayed for the whole run, and two PACS runs ran out of 24 GiB.
     # Their own generator keeps the training's random stream untouched by when evaluations happen.
-    eval_loaders = {name: _loader(DomainImages(samples, eval_transform(pre)), recipe, device,
+    eval_loaders = {name: _loader(DomainImages(samples, eval_transform(pre)), recipe, device, workers,
                                   persistent=False, generator=torch.Generator().manual_seed(0),
                                   batch_size=eval_batch, sampler=_Shard(len(samples), dist))
                     for name, samples in eval_sets.items()}
@@ -409,12 +480,13 @@ def _diverged(loss: float, step: int, total: int, path: Path, recipe: Recipe,
 
 def _finish(path: Path, splits: DomainSplits, eval_sets: dict[str, list], best: dict[str, float],
             total: int, started: float, device: torch.device, dist: Distributed,
-            views: dict[str, Any]) -> TrainResult:
-    """The run's results.json (selected step, accuracies, cost; the views and teacher-view cache
-    it trained with) written; the resume state removed."""
+            rates: dict[str, Any], views: dict[str, Any]) -> TrainResult:
+    """The run's results.json (selected step, accuracies, cost, loader and step rates, the image
+    check, the views and teacher-view cache it trained with) written; the resume state removed."""
     stats = {"wall_time_s": time.perf_counter() - started, "steps": total, "views": views,
              "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-             "device": str(device), "world_size": dist.world_size}
+             "device": str(device), "world_size": dist.world_size, **rates,
+             "image_check": splits.image_check}
     if device.type == "cuda":
         stats["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     result = TrainResult(path, splits.source_domains, splits.target_domain, int(best["step"]),
