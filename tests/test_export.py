@@ -185,6 +185,13 @@ def test_calibration_methods_and_range_cache_keyed_on_data_method_and_model(tiny
         record = export_run(tiny_run, cfg, progress=False).artefacts["onnx-int8"]
         assert record["status"] == "ok" and record["calibration_method"] == method
         seen |= {p.name for p in cache.glob("ort-ranges-*.json")}
+    import inspect
+
+    from onnxruntime import quantization
+
+    if "calibration_cache_path" not in inspect.signature(quantization.quantize_static).parameters:
+        assert seen == set()  # onnxruntime < 1.28 keeps no ranges: each export calibrates again
+        return
     assert len(seen) == 2  # one range cache per method; the second entropy run reused its own
     export_run(tiny_run, ExportConfig(int8=True, calibration_size=12), progress=False)
     assert len(list(cache.glob("ort-ranges-*.json"))) == 3  # other images: other key

@@ -172,3 +172,30 @@ def test_the_old_plugin_paths_still_import_and_say_where_the_names_went() -> Non
             module = importlib.import_module(old)
         assert getattr(module, name) is new
         assert any("moved to rise_edge.train." in str(w.message) for w in caught)
+
+
+def test_the_lowest_versions_ci_installs_are_the_floors_pyproject_declares() -> None:
+    """.ci/run tests the lowest versions of the packages whose floors matter for export and bench;
+    its constraints file must name exactly pyproject.toml's floors, or the step tests other ones."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = [Requirement(r) for r in project["dependencies"]] + [
+        Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    floors = {}
+    for req in requirements:
+        for spec in req.specifier:
+            if spec.operator == ">=":
+                floors.setdefault(req.name.lower().replace("_", "-"), set()).add(Version(spec.version))
+    pins = {}
+    for line in (REPO / ".ci" / "lowest-versions.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.strip().lower().replace("_", "-")] = Version(version.strip())
+    assert {"onnx", "onnxruntime", "openvino", "nncf", "timm", "open-clip-torch"} <= set(pins)
+    for name, pin in pins.items():
+        assert floors.get(name) == {pin}, (name, floors.get(name), pin)
+    assert "lowest-versions.txt" in (REPO / ".ci" / "run").read_text()
