@@ -47,19 +47,24 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 def save_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         metadata: dict[str, Any]) -> None:
-    """Model, optimizer and CPU RNG in one safetensors file (no pickles), with JSON `metadata`."""
+    """Model, optimizer and RNG (CPU, and every CUDA device's once CUDA is in use) in one
+    safetensors file (no pickles), with JSON `metadata`."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     for index, state in opt["state"].items():
         for name, value in state.items():
             tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
     tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # GPU resume is exact too
+        for index, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{index}"] = rng
     save_tensors(path, tensors, {**metadata, "param_groups": opt["param_groups"]})
 
 
 def load_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                         device: torch.device | None = None) -> dict[str, Any]:
-    """Restore what save_training_state wrote (model, optimizer, CPU RNG); returns its metadata."""
+    """Restore what save_training_state wrote (model, optimizer, CPU and CUDA RNG: the CUDA states
+    when this machine has as many devices); returns its metadata."""
     tensors, metadata = load_tensors(path)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -70,6 +75,9 @@ def load_training_state(path: Path, model: torch.nn.Module, optimizer: torch.opt
                                                       and value.dim() else value)
     optimizer.load_state_dict({"state": state, "param_groups": metadata["param_groups"]})
     torch.set_rng_state(tensors["rng.cpu"])
+    cuda = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items() if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([v for _, v in cuda])
     return metadata
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from rise_edge.backend_table import artefacts, backends, register_backend, runner_for
@@ -164,3 +165,60 @@ def test_python_m_rise_edge_cli_has_the_plugins_commands() -> None:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "demo world" in result.stdout
+
+
+@pytest.mark.parametrize("fields, precision, expected", [
+    (("use_explicit_typing", "enable_autocast"), "fp16",
+     {"use_explicit_typing": True, "enable_autocast": True}),
+    (("use_explicit_typing", "enable_autocast"), "fp32", {"use_explicit_typing": True}),
+    (("use_explicit_typing",), "fp16", {"use_explicit_typing": False}),
+    ((), "fp16", {}),
+])
+def test_torch_tensorrt_fp16_is_asked_for_the_way_its_release_makes_it(fields, precision, expected,
+                                                                       monkeypatch) -> None:
+    """Where explicit typing is the default, enabled_precisions alone leaves the model FP32: FP16
+    must come from autocast there, and from weak typing (enabled_precisions) only before it."""
+    import dataclasses
+    import sys
+    import types
+
+    from rise_edge.backends.torch_tensorrt import _precision_options
+
+    settings = types.ModuleType("torch_tensorrt.dynamo._settings")
+    settings.CompilationSettings = dataclasses.make_dataclass("CompilationSettings", list(fields))
+    for name, module in (("torch_tensorrt", types.ModuleType("torch_tensorrt")),
+                         ("torch_tensorrt.dynamo", types.ModuleType("torch_tensorrt.dynamo")),
+                         ("torch_tensorrt.dynamo._settings", settings)):
+        monkeypatch.setitem(sys.modules, name, module)
+    options, mode = _precision_options(sys.modules["torch_tensorrt"], precision)
+    assert expected.items() <= options.items()
+    if "enable_autocast" in fields:
+        assert "enabled_precisions" not in options
+        assert options.get("low_precision_type") == (torch.float16 if precision == "fp16" else None)
+    else:
+        assert torch.float16 in options["enabled_precisions"] and "weak typing" in mode
+
+
+def test_a_timed_tensorrt_run_is_the_enqueue_alone(monkeypatch) -> None:
+    """Binding shapes and addresses is host work done when a batch is staged: run_staged, the part
+    bench times with CUDA events, only enqueues (and binds again only for another staged batch)."""
+    import types
+
+    from rise_edge.backends.tensorrt import TensorRTRunner
+
+    calls: list[str] = []
+    context = types.SimpleNamespace(
+        set_input_shape=lambda *a: calls.append("shape"),
+        set_tensor_address=lambda *a: calls.append("address"),
+        execute_async_v3=lambda stream: calls.append("enqueue") or True)
+    runner = object.__new__(TensorRTRunner)
+    runner.context, runner.input_name, runner.output_name, runner.path = context, "images", "logits", "x"
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: types.SimpleNamespace(cuda_stream=0))
+    staged = (torch.zeros(2, 3), torch.zeros(2, 4))
+    runner._bind(*staged)
+    calls.clear()
+    for _ in range(3):
+        runner.run_staged(staged)
+    assert calls == ["enqueue"] * 3
+    runner.run_staged((torch.zeros(4, 3), torch.zeros(4, 4)))  # another batch: bound first
+    assert calls[3:] == ["shape", "address", "address", "enqueue"]

@@ -394,3 +394,12 @@ def test_torch_tensorrt_program(tiny_run: Path) -> None:
     assert record["status"] == "ok", record
     runner = runner_for(record, tiny_run / EXPORT_DIR)
     assert runner(np.zeros((4, 3, 32, 32), np.float32)).shape == (4, 3)
+
+
+def test_calibration_tensors_kept_for_the_device_are_float32(tiny_run: Path) -> None:
+    """The images a device without the data set calibrates TensorRT from are the very float32
+    tensors calibration used here (float16 rounded them)."""
+    export_run(tiny_run, ExportConfig(formats=("onnx", "tensorrt"), int8=True, calibration_size=12),
+               progress=False)
+    files = list((tiny_run / EXPORT_DIR).glob("calibration-*.npy"))
+    assert len(files) == 1 and np.load(files[0]).dtype == np.float32

@@ -69,8 +69,8 @@ def compile_torch_tensorrt(student: Any, out_path: Path, *, precision: str, inpu
     model = student.eval().cuda()
     spec = torch_tensorrt.Input(min_shape=(low, *shape), opt_shape=(opt, *shape),
                                 max_shape=(high, *shape), dtype=torch.float32)
-    dtypes = {torch.float16, torch.float32} if precision == "fp16" else {torch.float32}
-    compiled = torch_tensorrt.compile(model, ir="dynamo", inputs=[spec], enabled_precisions=dtypes)
+    options, typing_mode = _precision_options(torch_tensorrt, precision)
+    compiled = torch_tensorrt.compile(model, ir="dynamo", inputs=[spec], **options)
     example = torch.randn(opt, *shape, device="cuda")
     try:
         torch_tensorrt.save(compiled, str(out_path), output_format="exported_program",
@@ -78,7 +78,31 @@ def compile_torch_tensorrt(student: Any, out_path: Path, *, precision: str, inpu
     except TypeError:  # releases before 2.5 name the example inputs `inputs`
         torch_tensorrt.save(compiled, str(out_path), output_format="exported_program", inputs=[example])
     return {"torch_tensorrt": torch_tensorrt.__version__, "ir": "dynamo",
-            "batch_profile": list(batch_profile)}
+            "batch_profile": list(batch_profile), "precision_mode": typing_mode}
+
+
+def _precision_options(torch_tensorrt: Any, precision: str) -> tuple[dict[str, Any], str]:
+    """compile() options that really give `precision`, and how. Releases with rule-based autocast
+    default to explicit typing, where `enabled_precisions` alone leaves an FP32 model FP32: FP16
+    then comes from autocast (use_explicit_typing + enable_autocast, low_precision_type fp16).
+    Older releases only have TensorRT's weak typing, asked for through enabled_precisions."""
+    import dataclasses
+
+    import torch
+
+    try:
+        from torch_tensorrt.dynamo._settings import CompilationSettings
+        fields = {f.name for f in dataclasses.fields(CompilationSettings)}
+    except (ImportError, TypeError):
+        fields = set()
+    if "enable_autocast" in fields:
+        if precision == "fp16":
+            return ({"use_explicit_typing": True, "enable_autocast": True,
+                     "low_precision_type": torch.float16}, "explicit typing, rule-based autocast to fp16")
+        return {"use_explicit_typing": True}, "explicit typing, fp32"
+    dtypes = {torch.float16, torch.float32} if precision == "fp16" else {torch.float32}
+    weak = {"use_explicit_typing": False} if "use_explicit_typing" in fields else {}
+    return {**weak, "enabled_precisions": dtypes}, "weak typing (enabled_precisions)"
 
 
 def make_torch_tensorrt(s: ExportSession, tmp: Path, name: str) -> dict[str, Any]:

@@ -273,11 +273,12 @@ def resolve_export_config(run: TrainedRun, overrides: Sequence[str] = (), **flag
 
 
 def _write_calibration_tensors(s: ExportSession) -> None:
-    """The preprocessed calibration images as float16 .npy, named by the calibration hash, so a
+    """The preprocessed calibration images as float32 .npy (what the calibrator is fed: float16
+    would round the images the ranges are taken from), named by the calibration hash, so a
     device without the data set can still run TensorRT's legacy calibrator from them."""
     path = s.dir / f"calibration-{s.calibration.sha256[:16]}.npy"
     if path.is_file():
         return
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, s.calibration_images.astype(np.float16))
+            np.save(f, s.calibration_images.astype(np.float32))

@@ -24,7 +24,11 @@ from torch import nn
 
 from rise_edge.export.graph_form import fold_batchnorm, replace_module, with_static_padding
 
-QMAX = 127  # symmetric int8: values in [-127, 127] * scale (TensorRT's narrow range)
+# Symmetric int8: scale = amax / 127, values clamped to [-128, 127] * scale, as the exported
+# QuantizeLinear clamps them (ONNX and TensorRT alike): the fake-quant model computes what the
+# Q/DQ graph computes. -128 is reached only below -amax, e.g. an activation past its range.
+QMAX = 127
+QMIN = -128
 
 
 def _scale(amax: torch.Tensor) -> torch.Tensor:
@@ -37,7 +41,7 @@ def fake_quantize_weight(weight: torch.Tensor) -> torch.Tensor:
     amax = weight.detach().abs().flatten(1).amax(dim=1)
     scale = _scale(amax).float()
     zero = torch.zeros_like(scale, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -128, QMAX)
+    return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, QMIN, QMAX)
 
 
 class ActivationQuantizer(nn.Module):
@@ -55,7 +59,7 @@ class ActivationQuantizer(nn.Module):
             return x
         scale = _scale(self.amax).float()
         return torch.fake_quantize_per_tensor_affine(x, scale, torch.zeros((), dtype=torch.int32),
-                                                     -128, QMAX)
+                                                     QMIN, QMAX)
 
 
 class QuantConv2d(nn.Module):

@@ -64,9 +64,17 @@ def modelopt_qdq(fp32_path: Path, out_path: Path, calibration: np.ndarray, metho
     note = None
     if used is None:  # percentile: modelopt's int8 offers max and entropy only
         used, note = "entropy", f"modelopt has no '{method}' int8 calibration; used entropy"
+    # The layers left unquantized stay FP32: modelopt's default (high_precision_dtype='fp16' where
+    # the argument exists) would make this "INT8" engine an INT8 + FP16 one, and its accuracy
+    # against FP32 would mix two roundings. Releases without the argument keep FP32 already.
+    import inspect
+
+    keep = ({"high_precision_dtype": "fp32"}
+            if "high_precision_dtype" in inspect.signature(quantize).parameters else {})
     quantize(str(fp32_path), quantize_mode="int8", calibration_data={input_name: calibration},
-             calibration_method=used, calibration_eps=["cpu"], output_path=str(out_path))
-    return {"tool": "nvidia-modelopt", "calibration_method": used, "note": note}
+             calibration_method=used, calibration_eps=["cpu"], output_path=str(out_path), **keep)
+    return {"tool": "nvidia-modelopt", "calibration_method": used, "note": note,
+            "unquantized_layers": keep.get("high_precision_dtype", "fp32 (this modelopt's only)")}
 
 
 def autocast_fp16(fp32_path: Path, out_path: Path) -> None:
