@@ -26,6 +26,7 @@ from rise_edge.data.domains import build_splits
 from rise_edge.errors import UserError
 from rise_edge.export.calibration import select_calibration_set
 from rise_edge.export.driver import export_run, plan_artefacts
+from rise_edge.export.judge import RULE
 from rise_edge.run_dir import EXPORT_DIR, EXPORT_JSON, open_run, save_student
 
 CPU_ALL = ExportConfig(formats=("onnx",), int8=True, fold_preprocessing=True, calibration_size=24)
@@ -380,6 +381,8 @@ def test_tensorrt_engines_fp32_fp16_int8(tiny_run: Path) -> None:
         record = result.artefacts[name]
         assert record["status"] == "ok", record
         assert record["parity"]["top1_agreement"] >= 0.9
+        if name == "tensorrt-int8":  # judged like every INT8 artefact, on the same images
+            assert record["accuracy_budget"]["judge"]["rule"] == RULE
         runner = runner_for(record, tiny_run / EXPORT_DIR)
         for batch in (1, 8, 32):  # the dynamic-batch profile
             assert runner(np.zeros((batch, 3, 32, 32), np.float32)).shape == (batch, 3)

@@ -390,9 +390,9 @@ def int8_judge(record: dict[str, Any]) -> dict[str, Any]:
     judged = record.get("accuracy_budget", {}).get("judge") or record.get("judge")
     if judged:
         return {"judged": True, **judged}
-    return {"judged": False, "reason": "export judged this INT8 artefact against no budget (a "
-                                       "TensorRT engine or Q/DQ graph for the device): its accuracy "
-                                       "per domain is in this report"}
+    why = record.get("accuracy_budget", {}).get("not_judged") or (
+        "export judges the engine built from this Q/DQ graph, not the graph itself")
+    return {"judged": False, "reason": f"{why}: its accuracy per domain is in this report"}
 
 
 def _load(spec: EngineSpec, ctx: _Context) -> Runner:

@@ -144,7 +144,32 @@ def make_engine(s: ExportSession, tmp: Path, name: str) -> dict[str, Any]:
     # Recorded, not enforced: even FP32 engines may use TF32 tactics on Ampere and later GPUs.
     parity = s.check_parity(TensorRTRunner(tmp, precision=precision), f"the {name} engine", None,
                             needs_data=False)
-    return {**info, "built_from": how, "parity": parity}
+    judged = {"accuracy_budget": _judge_engine(s, tmp)} if precision == "int8" else {}
+    return {**info, "built_from": how, "parity": parity, **judged}
+
+
+def _judge_engine(s: ExportSession, engine: Path) -> dict[str, Any]:
+    """An INT8 engine judged as every INT8 artefact is (rise_edge.export.judge), on the same judge
+    images against the same FP32 reference, when the data set is on this machine; said plainly when
+    it is not (an engine built on a device from the calibration tensors alone)."""
+    from rise_edge.backends.onnxruntime import fidelity_reference
+    from rise_edge.export.fidelity import measure_fidelity
+    from rise_edge.export.judge import JUDGE_IMAGES, verdict
+
+    budget = s.cfg.accuracy_budget
+    if not s.data_reachable():
+        return {"budget_points": budget, "met": None, "judged_on": None,
+                "not_judged": "the data set is not reachable on this machine, so the engine was not "
+                              "judged against FP32; run `rise-edge bench` here for its accuracy per "
+                              "domain, or export where the data is"}
+    fidelity = measure_fidelity(fidelity_reference(s), TensorRTRunner(engine, precision="int8"),
+                                s.fidelity)
+    judged = verdict(fidelity, budget)
+    if not judged.met:
+        s.log(f"the TensorRT INT8 engine misses the accuracy budget (drop 95 % upper bound "
+              f"{judged.upper95:.2f} > {budget:g} points on the source validation images)")
+    return {"budget_points": budget, "met": judged.met, "judge": judged.to_record(),
+            "judged_on": JUDGE_IMAGES, "fidelity": fidelity.to_record()}
 
 
 def plan(cfg: ExportConfig) -> list[str]:
