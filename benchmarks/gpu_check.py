@@ -12,7 +12,9 @@
 4. Quantization-aware fine-tuning throughput (INT8 fake quantization) of the same students.
 5. Inference latency with CUDA events (rise_edge.backends.latency.time_runner): PyTorch FP32 and FP16 at batch 1
    and 32, p50 / p90 ms and images/s, H2D / compute / D2H split.
-5. JPEG decoding, images/s: PIL (the training loader's decoder, per worker), torchvision's
+6. A TensorRT INT8 engine of a tiny student trained here: build, batch 1 and 32 latency, and the
+   INT8 judge's verdict on it (where TensorRT is importable).
+7. JPEG decoding, images/s: PIL (the training loader's decoder, per worker), torchvision's
    decode_jpeg on the CPU, and decode_jpeg(device='cuda') (nvjpeg) on lists of 128 files, with its
    pixel differences from the CPU decode: whether GPU decoding would feed the GPU faster.
 Each section is fenced: one that fails prints its error and the others still run. Prints one Markdown
@@ -242,6 +244,76 @@ def inference_latency(device: torch.device, size: int, iterations: int) -> list[
     return rows
 
 
+def _shapes_data(root: Path, per_cell: int = 12) -> Path:
+    """A tiny labelled data set in the DomainBed layout (3 styles x 3 shapes), made here."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    backgrounds = {"cartoon": (250, 240, 200), "photo": (120, 110, 100), "sketch": (255, 255, 255)}
+    colours = {"circle": (220, 40, 40), "square": (40, 180, 40), "triangle": (40, 60, 220)}
+    for domain, background in backgrounds.items():
+        for shape, colour in colours.items():
+            folder = root / "shapes" / domain / shape
+            folder.mkdir(parents=True, exist_ok=True)
+            for n in range(per_cell):
+                image = Image.new("RGB", (40, 40), background)
+                draw = ImageDraw.Draw(image)
+                r, cx, cy = int(rng.integers(9, 15)), int(rng.integers(16, 24)), int(rng.integers(16, 24))
+                box = (cx - r, cy - r, cx + r, cy + r)
+                fill = None if domain == "sketch" else colour
+                if shape == "circle":
+                    draw.ellipse(box, fill=fill, outline=colour, width=2)
+                elif shape == "square":
+                    draw.rectangle(box, fill=fill, outline=colour, width=2)
+                else:
+                    draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill,
+                                 outline=colour)
+                image.save(folder / f"{n:03d}.png")
+    return root
+
+
+def tensorrt_int8_engine(device: torch.device, iterations: int) -> dict[str, Any]:
+    """A tiny student trained here, exported as a TensorRT INT8 engine: build, latency (CUDA
+    events), and the INT8 judge's verdict on it (rise_edge.export.judge), as export records it."""
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("tensorrt") is None or device.type != "cuda":
+        return {"skipped": "TensorRT is not importable here" if device.type == "cuda"
+                else "a TensorRT engine needs the CUDA device"}
+    from rise_edge.backend_table import runner_for
+    from rise_edge.backends.latency import TimingPlan, time_runner
+    from rise_edge.config import ExportConfig, load_recipe
+    from rise_edge.export.driver import export_run
+    from rise_edge.train.loop import train_run
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = _shapes_data(Path(folder) / "data")
+        recipe = load_recipe(None, [f"data.root={root}", "data.dataset=shapes",
+                                    "data.target_domain=sketch", "data.val_fraction=0.25",
+                                    "student.model=test_resnet", "student.pretrained=none",
+                                    "student.image_size=32", "train.steps=60", "train.batch_size=16",
+                                    "train.device=cuda", "loss.method=erm"])
+        run = Path(folder) / "run"
+        train_run(recipe, run_dir=run, progress=False)
+        started = time.perf_counter()
+        result = export_run(run, ExportConfig(formats=("tensorrt",), int8=True, calibration_size=24),
+                            progress=False)
+        record = result.artefacts["tensorrt-int8"]
+        out = {"export_seconds": round(time.perf_counter() - started, 1), "status": record["status"],
+               "built_from": record.get("built_from"), "reason": record.get("reason"),
+               "judge": record.get("accuracy_budget", {}).get("judge")
+               or record.get("accuracy_budget", {}).get("not_judged")}
+        if record["status"] == "ok":
+            runner = runner_for(record, run / "export", device="cuda")
+            for batch in (1, 32):
+                images = np.zeros((batch, 3, 32, 32), np.float32)
+                timed = time_runner(runner, images, TimingPlan(warmup=10, iterations=iterations))
+                out[f"batch{batch}"] = {k: round(float(timed[k]), 3) for k in ("p50_ms", "p90_ms",
+                                                                               "images_per_s")}
+        return out
+
+
 def _jpegs(count: int, size: int) -> list[bytes]:
     """`count` distinct JPEG files of `size` px, in memory: smooth colour fields with detail, so
     that they compress like photos (pure noise would not)."""
@@ -378,6 +450,8 @@ def main() -> None:
             lambda: qat_throughput(device, min(batch, 64), size, max(2, steps // 2)))
     _fenced("inference latency (CUDA events on GPU)", sections,
             lambda: inference_latency(device, size, iters))
+    _fenced("TensorRT INT8 engine: built, timed, judged", sections,
+            lambda: tensorrt_int8_engine(device, iters))
     _fenced("JPEG decoding: PIL vs torchvision on the CPU vs nvjpeg", sections,
             lambda: jpeg_decoding(device, 32 if args.quick else 1024, size))
     text = to_markdown(report)
