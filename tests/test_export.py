@@ -122,6 +122,10 @@ def test_int8_artefact_and_budget_record(exported: Path) -> None:
         assert 0 <= low <= domain["agreement"] <= high <= 100
         assert domain["images"] > 0
     assert budget["budget_points"] == 1.0 and budget["met"] is True
+    stress = budget["stress"]  # the same judge images, shifted: reported beside, deciding nothing
+    assert stress["decides"] is False and set(stress["fidelity"]["per_domain"]) == {"cartoon", "photo"}
+    assert [d["images"] for d in stress["fidelity"]["per_domain"].values()] == [
+        d["images"] for d in fidelity.values()]
     assert set(budget["edge_policy"]) >= {"first", "last", "rule"}
     assert record["calibration_method"] == "minmax"
     assert record["quantization"]["per_channel"] is True

@@ -442,3 +442,21 @@ def test_judge_calibration_and_qat_image_lists_are_disjoint(tiny_run: Path, monk
     record = session.image_sets_record()
     assert record["judge"]["per_domain"] == {d: len(v) for d, v in session.fidelity_samples.items()}
     assert record["judge"]["sha256"] != record["qat_selection"]["sha256"]
+
+
+def test_the_stress_set_shifts_every_judge_image_one_way_in_turn(tiny_run: Path) -> None:
+    from rise_edge.export.calibration import load_images
+    from rise_edge.export.session import ExportSession
+    from rise_edge.export.stress import SHIFTS, shift_of
+    from rise_edge.run_dir import open_run
+
+    session = ExportSession(open_run(tiny_run), ExportConfig(), lambda _: None)
+    stress, clean = session.stress, session.fidelity
+    assert set(stress.domains) == set(clean.domains)  # source domains only, as the judge's
+    for domain, (images, labels) in stress.domains.items():
+        plain, plain_labels = clean.domains[domain]
+        assert images.shape == plain.shape and (labels == plain_labels).all()
+        assert all(not np.allclose(images[i], plain[i]) for i in range(len(images)))
+    assert [shift_of(i) for i in range(5)] == [*(name for name, _ in SHIFTS), SHIFTS[0][0]]
+    paths = [p for p, _ in session.fidelity_samples["cartoon"]][:1]
+    assert np.allclose(load_images(paths, session.pre), clean.domains["cartoon"][0][:1])

@@ -90,7 +90,7 @@ def make_openvino_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
         raise missing_extra("nncf", "openvino", "OpenVINO INT8") from None
     import openvino as ov
 
-    from rise_edge.backends.onnxruntime import fidelity_reference
+    from rise_edge.backends.onnxruntime import fidelity_reference, stress_judgement
     from rise_edge.export.fidelity import measure_fidelity
     from rise_edge.export.judge import JUDGE_IMAGES, order_key, verdict
 
@@ -138,6 +138,7 @@ def make_openvino_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
                 chosen, chosen_fidelity, chosen_path = ("nncf.quantize_with_accuracy_control",
                                                         fidelity_c, path_c)
         parity = s.check_parity(OpenVinoRunner(chosen_path), "the OpenVINO INT8 IR", None)
+        stress = stress_judgement(s, OpenVinoRunner(chosen_path))
         files = _publish(chosen_path, tmp, final)
     judged = verdict(chosen_fidelity, budget)
     met = judged.met
@@ -148,7 +149,8 @@ def make_openvino_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
             "calibration_sha256": s.calibration.sha256, "files": files,
             "accuracy_budget": {"budget_points": budget, "met": met, "judge": judged.to_record(),
                                 "judged_on": JUDGE_IMAGES,
-                                "fidelity": chosen_fidelity.to_record(), "tried": tried},
+                                "fidelity": chosen_fidelity.to_record(), "tried": tried,
+                                "stress": stress},
             "parity": parity}
 
 

@@ -388,8 +388,10 @@ def int8_judge(record: dict[str, Any]) -> dict[str, Any]:
     """The judge's verdict export recorded for an INT8 artefact (rise_edge.export.judge: budget,
     bound, rule), or a plain statement that it has none."""
     judged = record.get("accuracy_budget", {}).get("judge") or record.get("judge")
+    stress = record.get("accuracy_budget", {}).get("stress") or record.get("stress")
     if judged:
-        return {"judged": True, **judged}
+        return {"judged": True, **judged, **({"stress": {k: v for k, v in stress.items()
+                                                         if k != "fidelity"}} if stress else {})}
     why = record.get("accuracy_budget", {}).get("not_judged") or (
         "export judges the engine built from this Q/DQ graph, not the graph itself")
     return {"judged": False, "reason": f"{why}: its accuracy per domain is in this report"}

@@ -163,12 +163,16 @@ def _int8_judge_section(data: dict[str, Any]) -> list[str]:
             table.append([row["engine"], "-", "-", "-", "-", "not judged", v.get("reason", "")])
             continue
         rule = v.get("rule", rule)
+        stress = v.get("stress") or {}
         table.append([row["engine"], _num(v.get("budget_points")), _num(v.get("drop_points")),
                       _num(v.get("drop_upper95")), v.get("images", "-"),
-                      "met" if v.get("met") else "NOT met", v.get("decided_by", "")])
+                      "met" if v.get("met") else "NOT met", v.get("decided_by", ""),
+                      _num(stress.get("drop_points")), _num(stress.get("drop_upper95"))])
     return ["## INT8 judge (export)", "", f"Rule: {rule}." if rule else "",
+            "Stress: the same images shifted (grayscale, line drawing, posterised, blurred); "
+            "reported, deciding nothing yet.",
             "", *_md_table(["engine", "budget (points)", "drop", "95 % upper bound", "judge images",
-                            "verdict", "decided by"], table), ""]
+                            "verdict", "decided by", "stress drop", "stress upper bound"], table), ""]
 
 
 def _latency_section(data: dict[str, Any]) -> list[str]:

@@ -159,6 +159,17 @@ class ExportSession:
         return self._once("fidelity", load)
 
     @property
+    def stress(self) -> FidelitySet:
+        """The judge's images under the stress set's shifts (rise_edge.export.stress)."""
+        from rise_edge.export.stress import load_stressed
+
+        def load() -> FidelitySet:
+            chosen = self.fidelity_samples
+            return FidelitySet({d: (load_stressed([p for p, _ in v], self.pre),
+                                    np.array([y for _, y in v])) for d, v in chosen.items()})
+        return self._once("stress", load)
+
+    @property
     def qat_selection(self) -> dict[str, list[tuple[str, int]]]:
         """The training images QAT selects its step on (and does not train on)."""
         return self._once("qat_selection", lambda: select_qat_selection_samples(

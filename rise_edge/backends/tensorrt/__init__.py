@@ -152,7 +152,7 @@ def _judge_engine(s: ExportSession, engine: Path) -> dict[str, Any]:
     """An INT8 engine judged as every INT8 artefact is (rise_edge.export.judge), on the same judge
     images against the same FP32 reference, when the data set is on this machine; said plainly when
     it is not (an engine built on a device from the calibration tensors alone)."""
-    from rise_edge.backends.onnxruntime import fidelity_reference
+    from rise_edge.backends.onnxruntime import fidelity_reference, stress_judgement
     from rise_edge.export.fidelity import measure_fidelity
     from rise_edge.export.judge import JUDGE_IMAGES, verdict
 
@@ -169,7 +169,8 @@ def _judge_engine(s: ExportSession, engine: Path) -> dict[str, Any]:
         s.log(f"the TensorRT INT8 engine misses the accuracy budget (drop 95 % upper bound "
               f"{judged.upper95:.2f} > {budget:g} points on the source validation images)")
     return {"budget_points": budget, "met": judged.met, "judge": judged.to_record(),
-            "judged_on": JUDGE_IMAGES, "fidelity": fidelity.to_record()}
+            "judged_on": JUDGE_IMAGES, "fidelity": fidelity.to_record(),
+            "stress": stress_judgement(s, TensorRTRunner(engine, precision="int8"))}
 
 
 def plan(cfg: ExportConfig) -> list[str]:
