@@ -347,7 +347,9 @@ def test_a_sweep_interrupted_at_many_moments_stops_at_once_and_resumes(tiny_data
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             pytest.fail(f"interrupted {moment} s in, the sweep had not stopped 60 s later")
-        assert process.returncode in (0, 130), err.decode()
+        # 130, or killed by the SIGINT itself when it lands before Python's handler is in place:
+        # a shell reports both as status 130.
+        assert process.returncode in (0, 130, -signal.SIGINT), (moment, err.decode())
         assert b"Traceback" not in err, err.decode()
         with pytest.raises(ProcessLookupError):  # nothing of the sweep's process group lives on
             os.killpg(process.pid, 0)
