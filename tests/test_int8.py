@@ -460,3 +460,17 @@ def test_the_stress_set_shifts_every_judge_image_one_way_in_turn(tiny_run: Path)
     assert [shift_of(i) for i in range(5)] == [*(name for name, _ in SHIFTS), SHIFTS[0][0]]
     paths = [p for p, _ in session.fidelity_samples["cartoon"]][:1]
     assert np.allclose(load_images(paths, session.pre), clean.domains["cartoon"][0][:1])
+
+
+def test_a_domain_too_small_to_see_the_budget_counts_only_in_the_pooled_figure() -> None:
+    """On 84 images one flip is 1.19 points: such a domain is not held to a 1-point budget alone
+    (a single flip would decide), while a domain of 300 images is."""
+    def fidelity(per_domain: dict[str, tuple[int, int]]) -> Fidelity:
+        domains = {name: {"images": n, "agreement": 100 * (1 - b / n), **drop_record(b, 0, n)}
+                   for name, (n, b) in per_domain.items()}
+        return Fidelity(domains, logit_sqnr_db=30.0)
+
+    small = verdict(fidelity({"a": (84, 1), "b": (84, 0), "c": (84, 0)}), 1.0)
+    assert small.worst_domain_drop > 1.0 and small.drop < 1.0 and small.met
+    large = verdict(fidelity({"a": (300, 4), "b": (300, 0), "c": (300, 0)}), 1.0)
+    assert large.worst_domain_drop > 1.0 and not large.met

@@ -8,7 +8,9 @@ a QAT step), never the target domain.
 
 The rule, and why:
 - met: the one-sided 95 % upper bound of the paired accuracy drop over the judge images of all source
-  domains together is within the budget, and no source domain's point drop exceeds it. A bound, not a
+  domains together is within the budget, and no source domain's point drop exceeds it (a domain
+  whose one image is worth more than the budget is judged only in the pooled figure: there a single
+  flip would decide). A bound, not a
   point estimate, because a point estimate within the budget says nothing when a handful of images
   decide it. Pooled over domains because one domain's validation split is too small to bound a
   1-point budget at all (PACS's official splits hold 167 to 393 validation images per domain: with no
@@ -32,8 +34,9 @@ from rise_edge.export.fidelity import Fidelity, paired_drop_bound
 
 RULE = ("met when the one-sided 95 % upper bound (Tango's score interval) of the paired accuracy drop "
         "against FP32, over the judge images of all source domains together, is within the budget "
-        "and no source domain's point drop exceeds it (the pooled point drop stands in for the bound "
-        "when too few images could ever meet it); best: met first, then the smallest such upper "
+        "and no source domain's point drop exceeds it (domains where one image is worth more than the "
+        "budget count in the pooled figure only; the pooled point drop stands in for the bound when "
+        "too few images could ever meet it); best: met first, then the smallest such upper "
         "bound, then the highest agreement with FP32, then the fewest layers in higher precision")
 JUDGE_IMAGES = ("source-domain validation images (never trained on, calibrated on or used to select "
                 "a QAT step); the target domain plays no part")
@@ -73,7 +76,12 @@ def verdict(fidelity: Fidelity, budget: float) -> Verdict:
     worst = float(fidelity.worst_drop)
     can = certifiable(n, budget)
     bound = upper if can else float(pooled["drop_points"])
-    return Verdict(budget, bound <= budget and worst <= budget, round(upper, 3),
+    # A domain is held to the budget on its own only where one image is worth less than the
+    # budget: on 84 images one flip is 1.19 points, noise that the pooled figure already counts.
+    judged_alone = [float(d["drop_points"]) for d in fidelity.per_domain.values()
+                    if float(d.get("points_per_image", 100.0)) < budget]
+    per_domain_ok = all(drop <= budget for drop in judged_alone)
+    return Verdict(budget, bound <= budget and per_domain_ok, round(upper, 3),
                    float(pooled["drop_points"]), round(worst, 3), n, can)
 
 

@@ -136,7 +136,7 @@ def make_onnx_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
     if not budget.met:
         judged = verdict(budget.final, s.cfg.accuracy_budget)
         s.log(f"INT8 misses the accuracy budget (drop {judged.drop:.2f} points, 95 % upper bound "
-              f"{judged.upper95:.2f} > {s.cfg.accuracy_budget:g}) with {len(budget.kept_fp32)} "
+              f"{judged.upper95:.2f}; budget {s.cfg.accuracy_budget:g}) with {len(budget.kept_fp32)} "
               "layer(s) in FP32: quantization-aware fine-tuning usually recovers it: "
               "rise-edge export RUN --int8 --qat (or set export.qat: auto)")
     return {"tool": "onnxruntime.quantization.quantize_static", "format_detail": "QDQ",

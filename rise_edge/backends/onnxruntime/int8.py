@@ -449,8 +449,7 @@ def quantize_within_budget(quantizer: CpuQuantizer, out_path: Path, fidelity: Fi
         quantizer.quantize(edge_path, exclude=kept)
         tried.append(Tried(list(kept), onnx_fidelity(reference, edge_path, fidelity)))
         paths[tuple(kept)] = edge_path
-        log(f"first/last layer policy: {', '.join(kept)} in FP32: drop upper bound "
-            f"{verdict(tried[-1].fidelity, budget).upper95:.2f} points")
+        log(f"first/last layer policy: {', '.join(kept)} in FP32: {_judged(tried[-1].fidelity, budget)}")
     best = min(tried, key=lambda t: t.order(budget))
     ranking: list[tuple[str, float]] = []
     if not verdict(best.fidelity, budget).met and max_fallback > 0:
@@ -468,8 +467,7 @@ def quantize_within_budget(quantizer: CpuQuantizer, out_path: Path, fidelity: Fi
             trial = Tried(exclude, onnx_fidelity(reference, trial_path, fidelity))
             tried.append(trial)
             paths[tuple(exclude)] = trial_path
-            log(f"kept {layer} in FP32: drop upper bound {verdict(trial.fidelity, budget).upper95:.2f}"
-                " points")
+            log(f"kept {layer} in FP32: {_judged(trial.fidelity, budget)}")
             if trial.order(budget) < best.order(budget):
                 best = trial
             if verdict(best.fidelity, budget).met:
@@ -483,6 +481,14 @@ def quantize_within_budget(quantizer: CpuQuantizer, out_path: Path, fidelity: Fi
               + (f"; {len(best.kept_fp32)} layer(s) in FP32" if best.kept_fp32 else "; all layers INT8"))
     return BudgetResult(budget, met, list(best.kept_fp32), edge_record, all_int8, best.fidelity, tried,
                         ranking, reason)
+
+
+def _judged(fidelity: Fidelity, budget: float) -> str:
+    """One log line's worth of the judge's verdict."""
+    v = verdict(fidelity, budget)
+    return (f"drop {v.drop:.2f} points, 95 % upper bound {v.upper95:.2f}: "
+            + ("within" if v.met else "misses") + f" the {budget:g}-point budget"
+            + ("" if v.certifiable else " (decided on the point drops: too few judge images for the bound)"))
 
 
 def _balanced_prefix(fidelity: FidelitySet, count: int) -> np.ndarray:
