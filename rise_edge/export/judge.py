@@ -26,9 +26,8 @@ The rule, and why:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from rise_edge.export.fidelity import Fidelity, paired_drop_bound
 
@@ -40,9 +39,6 @@ RULE = ("met when the one-sided 95 % upper bound (Tango's score interval) of the
         "bound, then the highest agreement with FP32, then the fewest layers in higher precision")
 JUDGE_IMAGES = ("source-domain validation images (never trained on, calibrated on or used to select "
                 "a QAT step); the target domain plays no part")
-
-T = TypeVar("T")
-
 
 @dataclass(frozen=True)
 class Verdict:
@@ -95,9 +91,3 @@ def order_key(fidelity: Fidelity, budget: float, higher_precision_layers: int = 
     """Smaller is better (the rule's 'best')."""
     v = verdict(fidelity, budget)
     return (not v.met, v.upper95, -round(fidelity.mean_agreement, 6), higher_precision_layers)
-
-
-def best_of(candidates: Sequence[T], fidelity_of: Callable[[T], Fidelity], budget: float,
-            layers_of: Callable[[T], int] = lambda _: 0) -> T:
-    """The best candidate by the rule; ties go to the first."""
-    return min(candidates, key=lambda c: order_key(fidelity_of(c), budget, layers_of(c)))
