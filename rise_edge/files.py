@@ -3,12 +3,13 @@ file's bytes, the cache folder with its content keys, and the lock a command hol
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,28 @@ def is_run_directory(folder: Path) -> bool:
 
 
 @contextmanager
+def exclusive_lock(path: Path, *, busy: Callable[[int], None] | None = None) -> Iterator[int]:
+    """An exclusive flock on the file `path` (made, with its folder, when missing) for the block;
+    yields the lock file's descriptor. The kernel releases it when the process ends, kill -9
+    included. When another process holds it, `busy(fd)` is called first: it raises to refuse, or
+    returns (after saying so) to wait for the holder."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if busy is not None:
+                busy(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextmanager
 def run_lock(run_dir: Path, command: str, *, noun: str = "run directory", clean: bool = True
              ) -> Iterator[None]:
     """Own a run directory for the duration of one command: a second train, export or bench on the
@@ -86,33 +109,29 @@ def run_lock(run_dir: Path, command: str, *, noun: str = "run directory", clean:
     the run directory are removed once the lock is held (a folder holding other lockable run
     directories, like the demo's, passes clean=False: their own locks clean them).
     """
-    import fcntl
-
     # Absolute, so that the lock of '.' (or of 'runs/..') lies beside the folder, never inside it.
     run_dir = Path(os.path.abspath(run_dir))
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file, not a {noun}; choose another path")
     parent = run_dir.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(parent / f".{run_dir.name}.rise-edge.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise UserError(f"cannot use {run_dir}: {exc.strerror or exc} ({exc.filename or parent}); "
-                        "choose a writable folder") from None
-    try:
+
+    def refuse(fd: int) -> None:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        raise UserError(f"{run_dir} is in use by {holder}; wait for it to finish or use another "
+                        f"{noun}")
+
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise UserError(f"{run_dir} is in use by {holder}; wait for it to finish or use another "
-                            f"{noun}") from None
+            fd = stack.enter_context(exclusive_lock(parent / f".{run_dir.name}.rise-edge.lock",
+                                                    busy=refuse))
+        except OSError as exc:
+            raise UserError(f"cannot use {run_dir}: {exc.strerror or exc} "
+                            f"({exc.filename or parent}); choose a writable folder") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"rise-edge {command} (pid {os.getpid()})".encode(), 0)
         if clean and is_run_directory(run_dir):  # never in a folder of the user's own
             remove_leftovers(run_dir)
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 # What a command killed with -9 leaves behind: atomic_path's temporaries, export's work folders,

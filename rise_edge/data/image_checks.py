@@ -32,8 +32,7 @@ import os
 import stat as stat_module
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ import PIL
 from PIL import Image
 from tqdm import tqdm
 
-from rise_edge.files import atomic_path, cache_root
+from rise_edge.files import atomic_path, cache_root, exclusive_lock
 
 RECORDS_ENV = "RISE_EDGE_IMAGE_CHECKS"
 SCHEMA = 1
@@ -169,19 +168,10 @@ def _write_record(path: Path, dataset_dir: Path, entries: dict[str, list]) -> No
         tmp.write_bytes(json.dumps(header).encode() + b"\n" + body)
 
 
-@contextmanager
-def _record_lock(path: Path) -> Iterator[None]:
-    """An flock beside the record for the read-merge-write of an update (the kernel releases it when
-    the process ends, kill -9 included)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # a writer holds it for one merge: well under a second
-        yield
-    finally:
-        os.close(fd)
+def _record_lock(path: Path) -> Any:
+    """An flock beside the record for the read-merge-write of an update (a writer holds it for one
+    merge: well under a second, so others wait)."""
+    return exclusive_lock(path.with_name(path.name + ".lock"))
 
 
 def _decode(path: str, before: Identity) -> tuple[str, bool]:

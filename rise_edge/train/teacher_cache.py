@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -43,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from rise_edge.data.transforms import Preprocessing
 from rise_edge.data.views import PARAMS, ViewImages, ViewSpec, apply_view, read_image, sample_view
 from rise_edge.errors import UserError
-from rise_edge.files import atomic_path, cache_key, cache_root, write_json_atomic
+from rise_edge.files import atomic_path, cache_key, cache_root, exclusive_lock, write_json_atomic
 from rise_edge.train.teacher import ClipTeacher
 
 FORMAT = 1
@@ -236,23 +234,19 @@ class TeacherViewCache:
 
     @contextlib.contextmanager
     def _fill_lock(self, log: Log) -> Iterator[None]:
-        """An flock on the key's folder: one filler at a time; the kernel releases it at exit, kill
-        -9 included."""
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.folder / ".fill.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise UserError(f"cannot fill teacher-view cache {self.folder}: {exc.strerror or exc}; "
-                            "set teacher.cache_dir to a writable folder, or teacher.cache=off") from None
-        try:
+        """An flock on the key's folder: one filler at a time (a second waits, saying so); the
+        kernel releases it at exit, kill -9 included."""
+        def wait(_: int) -> None:
+            log(f"teacher-view cache {self.folder}: another process is filling it; waiting")
+
+        with contextlib.ExitStack() as stack:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log(f"teacher-view cache {self.folder}: another process is filling it; waiting")
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                stack.enter_context(exclusive_lock(self.folder / ".fill.lock", busy=wait))
+            except OSError as exc:
+                raise UserError(f"cannot fill teacher-view cache {self.folder}: "
+                                f"{exc.strerror or exc}; set teacher.cache_dir to a writable "
+                                "folder, or teacher.cache=off") from None
             yield
-        finally:
-            os.close(fd)
 
     def estimate_bytes(self, images: int, dim: int) -> int:
         """Bytes `images` more entries take on disk (safetensors header aside)."""
