@@ -239,11 +239,17 @@ def _check_classes(path: Path, domains: Sequence[str], known: KnownDataset | Non
     return tuple(sorted(union))
 
 
+def seeded_shuffle(items: list[Any], seed: int, key: str) -> None:
+    """Shuffle `items` in place by (seed, key): the key (a domain, a domain/class cell) enters the
+    seed, so each list shuffles on its own and adding another leaves the rest as they were."""
+    random.Random(seed * 1_000_003 + zlib.crc32(key.encode())).shuffle(items)
+
+
 def _holdout(samples: list[Sample], fraction: float, seed: int, domain: str
              ) -> tuple[list[Sample], list[Sample]]:
     """Seeded per-domain holdout; the domain name enters the seed so domains split independently."""
     order = list(range(len(samples)))
-    random.Random(seed * 1_000_003 + zlib.crc32(domain.encode())).shuffle(order)
+    seeded_shuffle(order, seed, domain)
     n_val = max(1, round(fraction * len(samples)))
     val_idx = set(order[:n_val])
     return ([s for i, s in enumerate(samples) if i not in val_idx],

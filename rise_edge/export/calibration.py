@@ -13,8 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
-import random
-import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from rise_edge.data.domains import DomainSplits, Sample, load_rgb
+from rise_edge.data.domains import DomainSplits, Sample, load_rgb, seeded_shuffle
 from rise_edge.data.transforms import Preprocessing, eval_transform
 from rise_edge.files import file_sha256
 
@@ -74,7 +72,7 @@ def select_calibration_set(splits: DomainSplits, size: int, seed: int = 0) -> Ca
             by_class.setdefault(sample[1], []).append(sample)
         for label in sorted(by_class):
             cell = sorted(by_class[label])
-            random.Random(seed * 1_000_003 + zlib.crc32(f"{domain}/{label}".encode())).shuffle(cell)
+            seeded_shuffle(cell, seed, f"{domain}/{label}")
             cells.append(cell)
     chosen = _round_robin(cells, size)
     files = tuple(_relative(p, splits.dataset_dir) for p, _ in chosen)
@@ -95,7 +93,7 @@ def select_fidelity_samples(splits: DomainSplits, per_domain: int, seed: int = 0
     chosen = {}
     for domain in splits.source_domains:
         val = sorted(splits.val[domain])
-        random.Random(seed * 1_000_003 + zlib.crc32(domain.encode())).shuffle(val)
+        seeded_shuffle(val, seed, domain)
         chosen[domain] = val[:per_domain]
     return chosen
 
@@ -110,7 +108,7 @@ def select_qat_selection_samples(splits: DomainSplits, per_domain: int, calibrat
     for domain in splits.source_domains:
         train = [s for s in sorted(splits.train[domain])
                  if _relative(s[0], splits.dataset_dir) not in calibration_files]
-        random.Random(seed * 1_000_003 + zlib.crc32(f"qat/{domain}".encode())).shuffle(train)
+        seeded_shuffle(train, seed, f"qat/{domain}")
         size = min(per_domain, max(1, len(splits.val[domain])))
         chosen[domain] = train[:size]
     return chosen
