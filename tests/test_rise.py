@@ -119,8 +119,12 @@ def test_rise_objective_terms_weights_and_no_teacher_gradient(tiny_teacher) -> N
     assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     # The teacher logits are exactly the zero-shot ones on the same view.
     z, logits = student(images, with_embedding=True)
-    q = tiny_teacher.zero_shot_logits(images, PRE, text.prototypes)
+    # the teacher's embedding at the teacher-view cache's precision (fp16), in both of its paths
+    e = tiny_teacher.encode_images(images, PRE).to(torch.float16).float()
+    q = tiny_teacher.logit_scale * e @ text.prototypes.t()
     assert terms["kd"].item() == pytest.approx(kd_loss(logits, q, 3.0).item(), rel=1e-6)
+    exact = tiny_teacher.zero_shot_logits(images, PRE, text.prototypes)
+    assert terms["kd"].item() == pytest.approx(kd_loss(logits, exact, 3.0).item(), rel=1e-3)
     terms["loss"].backward()
     assert all(p.grad is None for p in tiny_teacher.parameters())
     assert all(not p.requires_grad for p in tiny_teacher.parameters())
@@ -148,7 +152,8 @@ def test_kd_objective_is_ce_plus_hinton_kd_from_zero_shot_logits(tiny_teacher) -
     cfg = LossConfig(w_ce=0.3, w_kd=0.7, w_dist=5.0, tau=2.0)  # w_dist is RISE's: KD ignores it
     terms = KdObjective(cfg, tiny_teacher, text, PRE)(student, images, labels)
     assert terms.keys() == {"loss", "ce", "kd"}
-    q = tiny_teacher.zero_shot_logits(images, PRE, text.prototypes)
+    e = tiny_teacher.encode_images(images, PRE).to(torch.float16).float()  # the cache's precision
+    q = tiny_teacher.logit_scale * e @ text.prototypes.t()
     assert terms["kd"].item() == pytest.approx(kd_loss(student(images), q, 2.0).item(), rel=1e-6)
     assert terms["loss"].item() == pytest.approx(0.3 * terms["ce"].item() + 0.7 * terms["kd"].item(),
                                                  rel=1e-6)
@@ -283,7 +288,9 @@ def test_teacher_runs_outside_the_students_autocast(tiny_teacher) -> None:
     text = tiny_teacher.text_embeddings(["a", "b", "c"], ["a photo of a {}."], ["sketch"])
     objective = KdObjective(LossConfig(w_kd=1.0), tiny_teacher, text, PRE)
     images = torch.randn(4, 3, 32, 32)
-    plain = tiny_teacher.zero_shot_logits(images, PRE, text.prototypes)
+    # its own precision, then rounded to the teacher-view cache's fp16 as in both of its paths
+    plain = tiny_teacher.logit_scale * tiny_teacher.encode_images(images, PRE).to(
+        torch.float16).float() @ text.prototypes.t()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = objective.teacher_logits(images)
         # ...where the teacher called directly would run in the student's bf16

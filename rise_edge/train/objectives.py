@@ -87,11 +87,13 @@ class TeacherObjective(nn.Module):
         """
         started = time.perf_counter()
         with torch.autocast(images.device.type, enabled=False):
-            if embeddings is not None:
-                logits = self.teacher.logit_scale * embeddings.float() @ self.text.prototypes.t()
-            else:
-                logits = self.teacher.zero_shot_logits(images, self.student_preprocessing,
-                                                       self.text.prototypes)
+            if embeddings is None:
+                # At the cache's storage precision (fp16), so that a cached run and its on-the-fly
+                # twin see the same teacher: rounded in one path and not the other, the 1e-4
+                # differences grew over a run into several images' worth of top-1 on the demo.
+                embeddings = self.teacher.encode_images(images, self.student_preprocessing)
+                embeddings = embeddings.to(torch.float16)
+            logits = self.teacher.logit_scale * embeddings.float() @ self.text.prototypes.t()
         self.teacher_seconds += time.perf_counter() - started
         return logits
 
