@@ -328,13 +328,22 @@ def list_backends() -> None:
               help="Score at most this many images per domain (a seeded subset; 0: all).")
 @click.option("--set", "overrides", multiple=True, metavar="data.root=PATH",
               help="The data set's new root, when it moved since training.")
+@click.option("--site", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="A folder of unlabelled site images (any layout): label-free accuracy "
+                   "estimates, predicted classes and confidence for every artefact.")
+@click.option("--skip-bad-images", is_flag=True, default=False,
+              help="With --site: leave unreadable site images out (listed) instead of refusing.")
 @click.option("--quiet", is_flag=True, help="No progress lines or bars.")
 @_user_errors
 def bench(run_dir: Path, domains: tuple[str, ...], engines: tuple[str, ...],
           batch_sizes: tuple[int, ...], iterations: int | None, duration: float | None,
           warmup: int | None, cuda_graphs: bool, max_images: int | None,
-          overrides: tuple[str, ...], quiet: bool) -> None:
-    """Accuracy per domain and latency of every artefact of RUN_DIR; report in RUN_DIR/bench/."""
+          overrides: tuple[str, ...], site: Path | None, skip_bad_images: bool, quiet: bool) -> None:
+    """Accuracy per domain and latency of every artefact of RUN_DIR; report in RUN_DIR/bench/.
+
+    With --site DIR, also what each artefact would do at a site whose images have no labels:
+    estimates of its accuracy there (ATC, difference of confidences, teacher agreement), each
+    with an interval, and a flag when the site looks unlike every source domain."""
     from rise_edge.bench.driver import bench_run, resolve_bench_config
     from rise_edge.run_dir import open_run
 
@@ -353,13 +362,77 @@ def bench(run_dir: Path, domains: tuple[str, ...], engines: tuple[str, ...],
     if duration is not None:
         flags["duration_s"] = duration
     cfg = resolve_bench_config(open_run(run_dir), **flags)
-    report = bench_run(run_dir, cfg, progress=not quiet, data_root=data_root)
+    if skip_bad_images and site is None:
+        raise UserError("--skip-bad-images applies to --site images; give --site DIR")
+    report = bench_run(run_dir, cfg, progress=not quiet, data_root=data_root, site=site,
+                       skip_bad_site=skip_bad_images)
     click.echo(report.table())
     click.echo(f"report: {report.path / report.data['files']['markdown']} "
                f"(+ {', '.join(f for k, f in report.data['files'].items() if k != 'markdown')})")
     if report.failed:
         click.echo(f"error: {len(report.failed)} engine(s) failed: {', '.join(report.failed)}", err=True)
         sys.exit(1)
+
+
+# -- adapt command --
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--site", type=click.Path(path_type=Path), required=True, metavar="DIR",
+              help="The folder of the site's unlabelled images (any layout).")
+@click.option("--method", type=click.Choice(["adabn", "t3a", "none"]), default="adabn",
+              show_default=True,
+              help="adabn: BatchNorm statistics re-estimated on the site; t3a: the classifier "
+                   "re-fit from the site's pseudo-prototypes; none: unchanged (with "
+                   "--int8-calibration site: INT8 calibrated on the site only).")
+@click.option("--int8-calibration", type=click.Choice(["sources", "site"]), default="sources",
+              show_default=True, help="Calibrate the child's INT8 on the source images or the site's.")
+@click.option("--run-dir", "child_dir", type=click.Path(path_type=Path), default=None,
+              help="Where the adapted run goes (default: beside RUN_DIR, named by method and site).")
+@click.option("--no-export", is_flag=True, default=False, help="Adapt only; export later.")
+@click.option("--skip-bad-images", is_flag=True, default=False,
+              help="Leave unreadable site images out (listed) instead of refusing.")
+@click.option("--set", "overrides", multiple=True, metavar="data.root=PATH",
+              help="The data set's new root, when it moved since training.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@_user_errors
+def adapt(run_dir: Path, site: Path, method: str, int8_calibration: str, child_dir: Path | None,
+          no_export: bool, skip_bad_images: bool, overrides: tuple[str, ...], quiet: bool) -> None:
+    """Adapt RUN_DIR to a site's unlabelled images into a new child run, then export it.
+
+    RUN_DIR is never changed. The child names its parent and the site images' hash (adapt.json);
+    `rise-edge bench CHILD --site DIR` shows it beside its parent (before-adapt)."""
+    import shlex
+
+    from rise_edge.site.child import adapt_run
+
+    if method == "none" and int8_calibration == "sources":
+        raise UserError("--method none with --int8-calibration sources would copy the run "
+                        "unchanged; give --method adabn|t3a, or --int8-calibration site")
+    data_root, rest = _data_root(overrides)
+    if rest:
+        raise UserError(f"--set {rest[0]}: adapt takes only --set data.root=PATH")
+    child, record = adapt_run(run_dir, site, method, child_dir=child_dir,
+                              int8_calibration=int8_calibration, skip_bad=skip_bad_images,
+                              data_root=data_root, command=shlex.join(["rise-edge", *sys.argv[1:]]),
+                              log=(lambda line: None) if quiet else
+                              (lambda line: click.echo(line, err=True)))
+    before, after = (record["estimates"][k] for k in ("before", "after"))
+    if before and after:
+        click.echo("label-free estimates on the site (top-1 %, [95 % interval]):")
+        for b, a in zip(before["estimates"], after["estimates"]):
+            click.echo(f"  {b['method']:<18} before {b['estimate']:5.1f} "
+                       f"[{b['interval'][0]:.1f}, {b['interval'][1]:.1f}]  after {a['estimate']:5.1f} "
+                       f"[{a['interval'][0]:.1f}, {a['interval'][1]:.1f}]")
+    else:
+        click.echo("note: no estimates: the run's source validation images are not readable here "
+                   "(--set data.root=PATH)", err=True)
+    click.echo(f"adapted run: {child}")
+    if not no_export:
+        _export_artefacts(child, [], quiet, (f"data.root={data_root}",) if data_root else (),
+                          int8=True if int8_calibration == "site" else None)
+    click.echo(f"next: rise-edge bench {child} --site {site}")
 
 
 # -- sweep commands --

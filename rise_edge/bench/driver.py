@@ -59,6 +59,7 @@ from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun
 
 BENCH_DIR = "bench"
 REFERENCE = "pytorch"
+BEFORE_ADAPT = "before-adapt"  # an adapted run's parent student, benched beside it
 ACCURACY_BATCH = 32
 SCHEMA = 1
 
@@ -147,6 +148,7 @@ class EngineSpec:
     status: str = "pending"        # "pending": to be run
     reason: str = ""
     warnings: list[str] = field(default_factory=list)
+    student: Any = None            # a PyTorch row's own student (the parent's, for before-adapt)
 
 
 def _ort_has(provider: str) -> bool:
@@ -362,6 +364,8 @@ class _Context:
     progress: bool
     host: HostMemory
     gpu: GpuMemory
+    site: Any = None  # rise_edge.site.assess.SiteInputs when --site was given
+    site_logits: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def _row(spec: EngineSpec, run_dir: Path) -> dict[str, Any]:
@@ -399,7 +403,7 @@ def int8_judge(record: dict[str, Any]) -> dict[str, Any]:
 
 def _load(spec: EngineSpec, ctx: _Context) -> Runner:
     if spec.record is None:
-        return TorchRunner(module=ctx.run.student, device="auto")
+        return TorchRunner(module=spec.student or ctx.run.student, device="auto")
     return runner_for(spec.record, ctx.run.path / EXPORT_DIR, device=spec.device)
 
 
@@ -477,8 +481,15 @@ def bench_engine(spec: EngineSpec, ctx: _Context, predictions: dict[str, dict[st
     try:
         with tqdm(total=total, desc=f"{spec.name} accuracy", unit="img", file=sys.stderr,
                   disable=not ctx.progress, leave=False) as bar:
-            predictions[spec.name] = predict(runner, ctx.domains, ctx.decode if spec.record is None
+            predictions[spec.name] = predict(runner, ctx.domains, ctx.decode if spec.name == REFERENCE
                                              else _untimed(ctx.decode), batch, bar)
+        if ctx.site is not None:
+            with tqdm(total=len(ctx.site.source) + len(ctx.site.site_paths), file=sys.stderr,
+                      desc=f"{spec.name} site", unit="img", disable=not ctx.progress,
+                      leave=False) as bar:
+                ctx.site_logits[spec.name] = ctx.site.logits(
+                    runner, lambda paths: ctx.decode([(p, 0) for p in paths], None), batch,
+                    bar.update)
         row["latency"] = _latency_entries(runner, spec, ctx)
         row["status"] = "ok" if all(e["status"] == "ok" for e in row["latency"]) else "partial"
         if row["status"] == "partial":
@@ -566,7 +577,8 @@ def default_command(run_dir: Path, cfg: BenchConfig) -> str:
 
 
 def bench_run(run_dir: str | Path, cfg: BenchConfig, *, progress: bool = True,
-              command: str | None = None, data_root: str | None = None) -> BenchReport:
+              command: str | None = None, data_root: str | None = None,
+              site: str | Path | None = None, skip_bad_site: bool = False) -> BenchReport:
     """Bench every chosen engine of a run on the chosen domains; write RUN_DIR/bench/ and return it."""
     run_dir = Path(run_dir)
     log = _log(progress)
@@ -574,11 +586,64 @@ def bench_run(run_dir: str | Path, cfg: BenchConfig, *, progress: bool = True,
         raise UserError(f"batch sizes must be positive integers, got {list(cfg.batch_sizes)}")
     run = open_run(run_dir)
     with run_lock(run_dir, "bench"):
-        return _bench(run, cfg, log, progress, command, data_root)
+        return _bench(run, cfg, log, progress, command, data_root, site, skip_bad_site)
+
+
+def _before_adapt(run: TrainedRun, notes: list[str]) -> list[EngineSpec]:
+    """For an adapted run (rise-edge adapt), its parent's student as a row: the 'before'."""
+    from rise_edge.files import file_sha256
+    from rise_edge.site.child import read_adapt_record
+
+    record = read_adapt_record(run.path)
+    if record is None:
+        return []
+    parent = Path(record["parent"]["run_dir"])
+    weights = parent / STUDENT_FILE
+    if not weights.is_file() or file_sha256(weights) != record["parent"].get("student_sha256"):
+        notes.append(f"this run was adapted from {parent}, whose student is gone or has changed "
+                     "since: no before-adapt row")
+        return []
+    return [EngineSpec(BEFORE_ADAPT, "pytorch", "fp32", "the parent run's student", None, weights,
+                       student=open_run(parent).student)]
+
+
+def _site_inputs(run: TrainedRun, splits: DomainSplits, site: str | Path, skip_bad: bool,
+                 progress: bool, notes: list[str]) -> Any:
+    from rise_edge.site.assess import SiteInputs, source_validation
+    from rise_edge.site.images import find_site_images
+
+    images = find_site_images(site, runs=(run.path,), skip_bad=skip_bad, progress=progress)
+    notes.extend(images.notes)
+    source = source_validation(splits)
+    if not source:
+        raise UserError("--site: the run's source domains have no validation images, and the "
+                        "estimators are calibrated on them")
+    return images, SiteInputs(source, images.paths)
+
+
+def _site_record(ctx: _Context, images: Any, splits: DomainSplits, rows: list[dict[str, Any]]
+                 ) -> dict[str, Any]:
+    """report.json's "site": the images, the teacher's view, and each engine's estimates."""
+    from rise_edge.site.assess import assess, teacher_view
+
+    decode = lambda paths: ctx.decode([(p, 0) for p in paths], None)  # noqa: E731
+    teacher = teacher_view(ctx.run.recipe, splits, ctx.site, decode, ctx.run.meta.preprocessing,
+                           [ctx.run.path / "text_embeddings"], log=ctx.log)
+    for row in rows:
+        if row["engine"] in ctx.site_logits and row["status"] != "run-failed":
+            row["site"] = assess(ctx.site, *ctx.site_logits[row["engine"]], ctx.run.meta.classes,
+                                 teacher)
+    return {**images.to_record(),
+            "teacher": None if teacher is None else {
+                "model": teacher["model"], "source_error": round(100 * teacher["source_error"], 2)},
+            "calibration": f"{len(ctx.site.source)} source validation images",
+            "what": "estimates from unlabelled images, not measurements; each estimator's measured "
+                    "error is in docs/site.md"}
 
 
 def _bench(run: TrainedRun, cfg: BenchConfig, log: Callable[[str], None], progress: bool,
-           command: str | None, data_root: str | None) -> BenchReport:
+           command: str | None, data_root: str | None, site: str | Path | None = None,
+           skip_bad_site: bool = False) -> BenchReport:
     from rise_edge.bench.report import write_report
     from rise_edge.files import file_sha256
 
@@ -587,6 +652,8 @@ def _bench(run: TrainedRun, cfg: BenchConfig, log: Callable[[str], None], progre
     export = read_export_record(run_dir, advice=f"re-run `rise-edge export {run_dir}`")
     student_sha256 = file_sha256(run_dir / STUDENT_FILE)
     specs = plan_engines(run, export, cfg.engines, student_sha256)
+    notes: list[str] = []
+    specs[1:1] = _before_adapt(run, notes)
     splits = run_splits(run, data_root)
     if tuple(splits.classes) != tuple(run.meta.classes):
         raise UserError(f"the data set's classes ({', '.join(splits.classes)}) differ from the student's "
@@ -599,7 +666,9 @@ def _bench(run: TrainedRun, cfg: BenchConfig, log: Callable[[str], None], progre
     wanted = min(max(cfg.batch_sizes), len(first.samples))
     latency_images = decode(first.samples[:wanted])
     ctx = _Context(run, cfg, domains, latency_images, decode, log, progress, HostMemory(), GpuMemory())
-    notes = []
+    site_images = None
+    if site is not None:
+        site_images, ctx.site = _site_inputs(run, splits, site, skip_bad_site, progress, notes)
     if not export:
         notes.append(f"no {EXPORT_DIR}/{EXPORT_JSON}: only the PyTorch student was benched; make artefacts "
                      f"with `rise-edge export {run_dir}`")
@@ -610,12 +679,14 @@ def _bench(run: TrainedRun, cfg: BenchConfig, log: Callable[[str], None], progre
     predictions: dict[str, dict[str, np.ndarray]] = {}
     rows = [bench_engine(spec, ctx, predictions) for spec in specs]
     _finish_accuracy(rows, predictions, domains, len(run.meta.classes))
+    site_record = None if site_images is None else _site_record(ctx, site_images, splits, rows)
 
     data = {
         "schema": SCHEMA,
         "created": started.isoformat(timespec="seconds"),
         "seconds": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
-        "command": command or default_command(run_dir, cfg),
+        "command": command or default_command(run_dir, cfg) + (
+            f" --site {shlex.quote(str(site))}" if site is not None else ""),
         "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],  # the program by name, not its install path
         "run_dir": str(run_dir),
         "student": {"model": run.meta.model, "classes": list(run.meta.classes),
@@ -643,6 +714,7 @@ def _bench(run: TrainedRun, cfg: BenchConfig, log: Callable[[str], None], progre
         },
         "notes": notes,
         "rows": rows,
+        **({"site": site_record} if site_record is not None else {}),
     }
     out_dir = run_dir / BENCH_DIR
     write_report(data, out_dir)  # adds data["files"]

@@ -82,7 +82,32 @@ def format_table(data: dict[str, Any]) -> str:
         text.append(f"decode + preprocess (one thread): {figure['images_per_s']:.1f} images/s "
                     f"({figure['ms_per_image']:.2f} ms/image)")
     text += [f"note: {n}" for n in data.get("notes", [])]
+    text += site_lines(data)
     return "\n".join(text)
+
+
+def _estimate_cell(entry: dict[str, Any]) -> str:
+    low, high = entry["interval"]
+    return f"{entry['estimate']:.1f} [{low:.1f}, {high:.1f}]"
+
+
+def _site_rows(data: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    return [(r, r["site"]) for r in data["rows"] if r.get("site")]
+
+
+def site_lines(data: dict[str, Any]) -> list[str]:
+    """The site's estimates for the terminal: one line per engine."""
+    site = data.get("site")
+    if not site:
+        return []
+    lines = [f"site {site['folder']}: {site['images']} unlabelled image(s); label-free ESTIMATES "
+             "of top-1 %, [95 % interval], not measurements (docs/site.md says how far to trust "
+             "each)"]
+    for row, found in _site_rows(data):
+        cells = ", ".join(f"{e['method']} {_estimate_cell(e)}" for e in found["estimates"])
+        flag = "; looks unlike every source domain" if found["shift"]["unlike_every_source"] else ""
+        lines.append(f"  {row['engine']:<22} {cells}{flag}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,6 +163,7 @@ def to_markdown(data: dict[str, Any], plots: Sequence[str] = ()) -> str:
                           "agrees with PyTorch %"], table), ""]
 
     lines += _int8_judge_section(data)
+    lines += _site_section(data)
     lines += _latency_section(data)
 
     figure = data["preprocess"]
@@ -148,6 +174,41 @@ def to_markdown(data: dict[str, Any], plots: Sequence[str] = ()) -> str:
     if plots:
         lines += ["", "## Plots", "", *(f"![{Path(p).stem}]({Path(p).name})" for p in plots)]
     return "\n".join(lines) + "\n"
+
+
+def _site_section(data: dict[str, Any]) -> list[str]:
+    site = data.get("site")
+    if not site:
+        return []
+    methods = list(dict.fromkeys(e["method"] for _, f in _site_rows(data) for e in f["estimates"]))
+    teacher = site.get("teacher")
+    lines = ["## Site: label-free estimates", "",
+             f"{site['images']} unlabelled image(s) under `{site['folder']}` (sha256 "
+             f"{site['sha256'][:16]}; {len(site['skipped_unreadable'])} unreadable skipped, "
+             f"{site['ignored_not_images']} other files left out). These are ESTIMATES made without "
+             "labels, calibrated on the run's " + site["calibration"] + "; the intervals cover "
+             "sampling noise only, not an estimator's bias under shift, whose measured size is in "
+             "docs/site.md.",
+             ""]
+    if teacher:
+        lines += [f"Teacher agreement uses {teacher['model']}, whose error on source validation is "
+                  f"{teacher['source_error']:.1f} %: the bound is as wide as that.", ""]
+    header = ["engine", "precision", *(f"{m} % [95 %]" for m in methods), "mean confidence",
+              "unlike every source"]
+    body = []
+    for row, found in _site_rows(data):
+        by = {e["method"]: e for e in found["estimates"]}
+        body.append([row["engine"], row.get("precision", ""),
+                     *(_estimate_cell(by[m]) if m in by else "-" for m in methods),
+                     f"{found['confidence']['mean']:.3f}",
+                     "yes" if found["shift"]["unlike_every_source"] else "no"])
+    lines += [*_md_table(header, body), ""]
+    first = next((f for _, f in _site_rows(data)), None)
+    if first:
+        share = ", ".join(f"{c} {100 * v['share']:.1f} %" for c, v in first["predicted_classes"].items())
+        lines += [f"Predicted classes ({_site_rows(data)[0][0]['engine']}): {share}.", "",
+                  f"Shift check: {first['shift']['rule']}.", ""]
+    return lines
 
 
 def _int8_judge_section(data: dict[str, Any]) -> list[str]:

@@ -23,6 +23,7 @@ import numpy as np
 
 from rise_edge.data.domains import DomainSplits, Sample, load_rgb, seeded_shuffle
 from rise_edge.data.transforms import Preprocessing, eval_transform
+from rise_edge.errors import UserError
 from rise_edge.files import file_sha256
 
 
@@ -36,6 +37,7 @@ class CalibrationSet:
     sha256: str
     requested: int
     seed: int
+    source: str = "source-domain training splits"  # or an adapted run's site images (no labels)
 
     @property
     def paths(self) -> list[Path]:
@@ -48,10 +50,12 @@ class CalibrationSet:
 
     def to_record(self, classes: Sequence[str]) -> dict[str, Any]:
         counts = self.counts()
+        labelled = all(y >= 0 for y in self.labels)
         return {"sha256": self.sha256, "size": len(self.files), "requested": self.requested,
-                "seed": self.seed, "source": "source-domain training splits",
-                "per_domain": counts["per_domain"],
-                "per_class": {classes[int(k)]: v for k, v in counts["per_class"].items()},
+                "seed": self.seed, "source": self.source,
+                **({"per_domain": counts["per_domain"],
+                    "per_class": {classes[int(k)]: v for k, v in counts["per_class"].items()}}
+                   if labelled else {}),
                 "files": list(self.files)}
 
 
@@ -146,3 +150,28 @@ def load_images(paths: Sequence[str | Path], preprocessing: Preprocessing, worke
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # PIL decodes without the GIL
         return np.stack(list(pool.map(one, paths))).astype(np.float32, copy=False)
 
+
+def site_calibration_set(record: dict[str, Any], size: int, seed: int) -> CalibrationSet:
+    """The child's INT8 calibration set drawn from its site images (adapt --int8-calibration site):
+    up to `size` of them in a seeded order; no labels."""
+    from rise_edge.site.images import find_site_images
+
+    site = record["site"]
+    folder = Path(site["folder"])
+    try:
+        found = find_site_images(folder, progress=False)
+    except UserError as exc:
+        raise UserError(f"this run was adapted to the site images under {folder}, and INT8 is "
+                        f"calibrated on them: {exc}") from None
+    if found.sha256 != site["sha256"]:
+        raise UserError(f"the site images under {folder} changed since adapt (sha256 "
+                        f"{found.sha256[:12]} against {site['sha256'][:12]}); adapt again, or "
+                        "export with the sources' calibration")
+    files = sorted(os.path.relpath(p, folder) for p in found.paths)
+    seeded_shuffle(files, seed, "site")
+    files = files[:size]
+    digest = hashlib.sha256()
+    for rel in files:
+        digest.update(f"{rel}\t{file_sha256(folder / rel)}\n".encode())
+    return CalibrationSet(folder, tuple(files), tuple(-1 for _ in files), digest.hexdigest(), size,
+                          seed, source="site images (unlabelled)")

@@ -131,8 +131,19 @@ class ExportSession:
 
     @property
     def calibration(self) -> CalibrationSet:
-        return self._once("calibration", lambda: select_calibration_set(
-            self.splits, self.cfg.calibration_size, self.cfg.calibration_seed))
+        """The source training images that set the INT8 ranges; for a run adapted with
+        `--int8-calibration site`, its site's images instead (rise_edge.site.child)."""
+        from rise_edge.export.calibration import site_calibration_set
+        from rise_edge.site.child import read_adapt_record
+
+        def choose() -> CalibrationSet:
+            adapted = read_adapt_record(self.run.path)
+            if adapted is not None and adapted.get("int8_calibration") == "site":
+                return site_calibration_set(adapted, self.cfg.calibration_size,
+                                        self.cfg.calibration_seed)
+            return select_calibration_set(self.splits, self.cfg.calibration_size,
+                                          self.cfg.calibration_seed)
+        return self._once("calibration", choose)
 
     @property
     def calibration_images(self) -> np.ndarray:

@@ -1,0 +1,192 @@
+"""`rise-edge adapt`: a child run adapted to a site, beside its parent, which is never changed.
+
+    <child>/adapt.json           the parent (path, student sha256), the site (folder, images, sha256),
+                                 the method and what it did, INT8 calibration source, the estimates
+                                 before and after
+    <child>/student.safetensors  the adapted student (header: the parent's metadata, its recipe)
+    <child>/recipe.yaml, splits.json, text_embeddings/   copied from the parent byte for byte
+
+The child is assembled in a work folder beside it and renamed into place at the end, so a kill at
+any moment leaves either no child or a whole one; it is then exported through the normal export
+path (INT8 calibrated on the site's images when asked), and bench treats it like any run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rise_edge.errors import UserError
+from rise_edge.files import RUN_MARKER, file_sha256, run_lock, write_json_atomic, write_text_atomic
+from rise_edge.run_dir import STUDENT_FILE, TrainedRun, open_run, run_splits, save_student
+from rise_edge.site.images import SiteImages, find_site_images
+
+ADAPT_FILE = "adapt.json"
+CALIBRATION_SOURCES = ("sources", "site")
+HARM_POINTS = 1.0  # adapt warns when ATC predicts a fall of more than this many points
+COPIED = ("recipe.yaml", "splits.json")
+
+
+def read_adapt_record(run_dir: Path) -> dict[str, Any] | None:
+    """The child's adapt.json, or None for a run that was trained (not adapted)."""
+    path = Path(run_dir) / ADAPT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("site"), dict):
+            raise ValueError("not an adapt record")
+        return record
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is damaged ({exc}); adapt the parent again into a new folder"
+                        ) from None
+
+
+def default_child_dir(parent: Path, method: str, site: SiteImages, calibration: str) -> Path:
+    suffix = "" if calibration == "sources" else "-int8site"
+    return parent.parent / f"{parent.name}-{method}{suffix}-{site.sha256[:8]}"
+
+
+def _decoder(preprocessing: Any) -> Callable[[Any], Any]:
+    """Image paths -> (N, 3, S, S) float32, preprocessed exactly as at inference."""
+    import numpy as np
+
+    from rise_edge.data.domains import load_rgb
+    from rise_edge.data.transforms import eval_transform
+
+    transform = eval_transform(preprocessing)
+    return lambda paths: np.stack([transform(load_rgb(p)).numpy() for p in paths])
+
+
+def _estimates(run: TrainedRun, student: Any, site: SiteImages, data_root: str | None,
+               keep: dict[str, Any] | None = None, key: str = "") -> dict[str, Any] | None:
+    """The site record (rise_edge.site.assess) of `student`, or None when the sources' validation
+    images cannot be read here (the estimators are calibrated on them). `keep`, when given,
+    receives the site logits under `key` (for benchmarks that score them against held-out labels)."""
+    import torch
+
+    from rise_edge.site.assess import SiteInputs, assess, source_validation
+
+    try:
+        splits = run_splits(run, data_root)
+        source = source_validation(splits)
+        if not source or not all(os.path.isfile(p) for p, _, _ in source[:1]):
+            return None
+    except UserError:
+        return None
+    inputs = SiteInputs(source, site.paths)
+    decode = _decoder(run.meta.preprocessing)
+
+    def model(images: Any) -> Any:
+        with torch.no_grad():
+            return student(torch.from_numpy(images)).numpy()
+
+    src, at_site = inputs.logits(model, decode)
+    if keep is not None:
+        keep[key] = at_site
+    return assess(inputs, src, at_site, run.meta.classes)
+
+
+def _atc(record: dict[str, Any] | None) -> float | None:
+    if not record:
+        return None
+    return next((e["estimate"] for e in record["estimates"] if e["method"] == "ATC"), None)
+
+
+def _write_child(child: Path, parent: Path, run: TrainedRun, student: Any,
+                 record: dict[str, Any]) -> None:
+    """Assemble the child in a work folder beside it and rename it into place: all or nothing."""
+    with run_lock(child, "adapt", clean=False):
+        if child.exists():
+            raise UserError(f"{child} already exists; adapt never overwrites")
+        work = child.parent / f".{child.name}.work-adapt"
+        shutil.rmtree(work, ignore_errors=True)  # a killed adapt's leftovers: we hold the lock
+        try:
+            work.mkdir(parents=True)
+            (work / RUN_MARKER).write_text("rise-edge run directory (adapted)\n")
+            for name in COPIED:
+                if (parent / name).is_file():
+                    shutil.copy2(parent / name, work / name)
+            if (parent / "text_embeddings").is_dir():
+                shutil.copytree(parent / "text_embeddings", work / "text_embeddings")
+            save_student(work, student, run.meta, run.recipe)
+            write_json_atomic(work / ADAPT_FILE, record)
+            site = record["site"]
+            write_text_atomic(work / "README.txt",
+                              f"Adapted from {parent} with {record['method']} on {site['images']} "
+                              f"images of {site['folder']} (sha256 {site['sha256'][:16]}).\n")
+            os.rename(work, child)
+        except OSError as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            raise UserError(f"cannot write the adapted run {child}: {exc.strerror or exc}; "
+                            "nothing was kept (free space, or choose a writable --run-dir)"
+                            ) from None
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+
+
+def adapt_run(parent_dir: str | Path, site_dir: str | Path, method: str, *,
+              child_dir: str | Path | None = None, int8_calibration: str = "sources",
+              skip_bad: bool = False, data_root: str | None = None, command: str = "",
+              log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+              keep: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Make the adapted child run of `parent_dir` for the images of `site_dir`; returns its path and
+    adapt.json's content. The parent is only read. `keep`: see _estimates ("before", "after")."""
+    import copy
+
+    from rise_edge.site.adapt import METHODS, adapt, path_batches
+
+    if method not in METHODS:
+        raise UserError(f"--method {method}: choose one of {', '.join(METHODS)}")
+    if int8_calibration not in CALIBRATION_SOURCES:
+        raise UserError(f"--int8-calibration {int8_calibration}: choose one of "
+                        f"{', '.join(CALIBRATION_SOURCES)}")
+    parent = Path(os.path.abspath(parent_dir))
+    with run_lock(parent, "adapt (reading)", clean=False):
+        run = open_run(parent)
+        parent_sha = file_sha256(parent / STUDENT_FILE)
+        if read_adapt_record(parent) is not None:
+            log(f"note: {parent} is itself an adapted run; its child adapts it further")
+        site = find_site_images(site_dir, runs=(parent,) + ((Path(child_dir),) if child_dir else ()),
+                                skip_bad=skip_bad)
+        for note in site.notes:
+            log(f"note: {note}")
+        child = Path(os.path.abspath(child_dir)) if child_dir else \
+            default_child_dir(parent, method, site, int8_calibration)
+        if child.exists():
+            raise UserError(f"{child} already exists; adapt never overwrites: remove it or choose "
+                            "another --run-dir")
+        log(f"adapting {parent.name} with {method} on {len(site.paths)} site image(s)")
+        student = copy.deepcopy(run.student)
+        decode = _decoder(run.meta.preprocessing)
+        done = adapt(student, method, path_batches(list(site.paths), decode))
+        student.eval()
+        before = _estimates(run, run.student, site, data_root, keep, "before")
+        after = before if method == "none" else _estimates(run, student, site, data_root, keep,
+                                                            "after")
+        if keep is not None and method == "none" and "before" in keep:
+            keep["after"] = keep["before"]
+        record = {"schema": 1, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                      timespec="seconds"),
+                  "command": command, "parent": {"run_dir": str(parent), "student_sha256": parent_sha},
+                  "site": site.to_record(), "method": method, "adaptation": done,
+                  "int8_calibration": int8_calibration,
+                  "estimates": {"before": before, "after": after}}
+        warning = None
+        a, b = _atc(before), _atc(after)
+        if a is not None and b is not None and b < a - HARM_POINTS:
+            warning = (f"the estimates predict that {method} hurts on this site (ATC {a:.1f} % "
+                       f"before, {b:.1f} % after); keep the parent, or check with labelled site "
+                       "images")
+        record["warning"] = warning
+        _write_child(child, parent, run, student, record)
+    if warning:
+        log(f"warning: {warning}")
+    return child, record
