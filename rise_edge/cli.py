@@ -419,15 +419,17 @@ def adapt(run_dir: Path, site: Path, method: str, int8_calibration: str, child_d
                               log=(lambda line: None) if quiet else
                               (lambda line: click.echo(line, err=True)))
     before, after = (record["estimates"][k] for k in ("before", "after"))
-    if before and after:
+    if before and after and "error" not in before and "error" not in after:
         click.echo("label-free estimates on the site (top-1 %, [95 % interval]):")
         for b, a in zip(before["estimates"], after["estimates"]):
             click.echo(f"  {b['method']:<18} before {b['estimate']:5.1f} "
                        f"[{b['interval'][0]:.1f}, {b['interval'][1]:.1f}]  after {a['estimate']:5.1f} "
                        f"[{a['interval'][0]:.1f}, {a['interval'][1]:.1f}]")
-    else:
+    elif before is None or after is None:
         click.echo("note: no estimates: the run's source validation images are not readable here "
                    "(--set data.root=PATH)", err=True)
+    else:
+        click.echo(f"note: no estimates: {(before.get('error') or after.get('error'))}", err=True)
     click.echo(f"adapted run: {child}")
     if not no_export:
         _export_artefacts(child, [], quiet, (f"data.root={data_root}",) if data_root else (),

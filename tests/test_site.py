@@ -283,3 +283,31 @@ def test_a_single_image_of_another_size_is_resized_and_estimated(tiny_run: Path,
     result = CliRunner().invoke(main, ["bench", str(tiny_run), "--site", str(one), *QUICK])
     assert result.exit_code == 0, result.output
     assert "only 1 site image(s)" in result.output
+
+
+def test_adapt_on_a_single_image(tiny_run: Path, tmp_path: Path) -> None:
+    one = tmp_path / "one"
+    one.mkdir()
+    Image.new("RGB", (50, 70), (10, 200, 30)).save(one / "only.png")
+    assert "holds 1; give at least 2" in _bad(["adapt", str(tiny_run), "--site", str(one),
+                                               "--no-export"])
+    result = CliRunner().invoke(main, ["adapt", str(tiny_run), "--site", str(one), "--method",
+                                       "t3a", "--no-export", "--run-dir", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+
+
+def test_adabn_on_a_site_whose_last_chunk_would_be_one_image() -> None:
+    from rise_edge.site.adapt import path_batches
+
+    sizes = [b.shape[0] for b in path_batches([str(i) for i in range(65)],
+                                               lambda p: np.zeros((len(p), 3, 4, 4), np.float32))()]
+    assert sum(sizes) == 65 and min(sizes) > 1
+
+
+def test_non_finite_logits_give_an_error_not_estimates() -> None:
+    from rise_edge.site.assess import SiteInputs, assess
+
+    inputs = SiteInputs([("a.png", 0, "d")] * 4, ("s.png",) * 3)
+    bad = np.array([[np.nan, 1.0]] * 3)
+    record = assess(inputs, np.ones((4, 2)), bad, ["x", "y"])
+    assert "non-finite logits" in record["error"] and "estimates" not in record

@@ -91,8 +91,11 @@ def _estimate_cell(entry: dict[str, Any]) -> str:
     return f"{entry['estimate']:.1f} [{low:.1f}, {high:.1f}]"
 
 
-def _site_rows(data: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    return [(r, r["site"]) for r in data["rows"] if r.get("site")]
+def _site_rows(data: dict[str, Any], errors: bool = False
+               ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(row, its site record) of every engine that has one; with `errors`, those in error too."""
+    return [(r, r["site"]) for r in data["rows"]
+            if r.get("site") and (errors or "error" not in r["site"])]
 
 
 def site_lines(data: dict[str, Any]) -> list[str]:
@@ -103,7 +106,10 @@ def site_lines(data: dict[str, Any]) -> list[str]:
     lines = [f"site {site['folder']}: {site['images']} unlabelled image(s); label-free ESTIMATES "
              "of top-1 %, [95 % interval], not measurements (docs/site.md says how far to trust "
              "each)"]
-    for row, found in _site_rows(data):
+    for row, found in _site_rows(data, errors=True):
+        if "error" in found:
+            lines.append(f"  {row['engine']:<22} {found['error']}")
+            continue
         cells = ", ".join(f"{e['method']} {_estimate_cell(e)}" for e in found["estimates"])
         flag = "; looks unlike every source domain" if found["shift"]["unlike_every_source"] else ""
         lines.append(f"  {row['engine']:<22} {cells}{flag}")
@@ -203,6 +209,8 @@ def _site_section(data: dict[str, Any]) -> list[str]:
                      f"{found['confidence']['mean']:.3f}",
                      "yes" if found["shift"]["unlike_every_source"] else "no"])
     lines += [*_md_table(header, body), ""]
+    lines += [f"- {row['engine']}: {found['error']}" for row, found in _site_rows(data, errors=True)
+              if "error" in found]
     first = next((f for _, f in _site_rows(data)), None)
     if first:
         share = ", ".join(f"{c} {100 * v['share']:.1f} %" for c, v in first["predicted_classes"].items())

@@ -110,9 +110,13 @@ def adapt(student: Student, method: str, batches: Callable[[], object]) -> dict[
 
 def path_batches(paths: Sequence[str], decode: Callable[[Sequence[str]], np.ndarray],
                  batch: int = 64) -> Callable[[], object]:
-    """A re-iterable of (B, 3, S, S) float tensors decoded `batch` images at a time (a site of any
-    size is never held in memory whole)."""
+    """A re-iterable of (B, 3, S, S) float tensors decoded about `batch` images at a time (a site of
+    any size is never held in memory whole). The chunks are balanced, so none is a single image
+    unless the site is: BatchNorm cannot take the statistics of one value per channel."""
+    chunks = max(1, -(-len(paths) // batch))
+    size = -(-len(paths) // chunks)
+
     def make():
-        for start in range(0, len(paths), batch):
-            yield torch.from_numpy(decode(paths[start:start + batch]))
+        for start in range(0, len(paths), size):
+            yield torch.from_numpy(decode(paths[start:start + size]))
     return make

@@ -57,7 +57,13 @@ class SiteInputs:
 def assess(inputs: SiteInputs, source_logits: np.ndarray, site_logits: np.ndarray,
            classes: Sequence[str], teacher: dict[str, Any] | None = None, seed: int = 0
            ) -> dict[str, Any]:
-    """One model's site record: predictions, confidence, estimates with intervals, shift flag."""
+    """One model's site record: predictions, confidence, estimates with intervals, shift flag; or,
+    when the model's logits are not finite (NaN, inf), only an error saying so."""
+    bad = int((~np.isfinite(site_logits)).any(axis=1).sum() + (~np.isfinite(source_logits)).any(
+        axis=1).sum())
+    if bad:
+        return {"error": f"non-finite logits (NaN or inf) on {bad} image(s): no estimate can be "
+                         "made from them; re-export the artefact or check its inputs"}
     calibration = Calibration.from_logits(source_logits, np.array([y for _, y, _ in inputs.source]),
                                           [d for _, _, d in inputs.source])
     return {**describe_predictions(site_logits, classes),

@@ -96,7 +96,7 @@ def _estimates(run: TrainedRun, student: Any, site: SiteImages, data_root: str |
 def _atc(record: dict[str, Any] | None) -> float | None:
     if not record:
         return None
-    return next((e["estimate"] for e in record["estimates"] if e["method"] == "ATC"), None)
+    return next((e["estimate"] for e in record.get("estimates", []) if e["method"] == "ATC"), None)
 
 
 def _write_child(child: Path, parent: Path, run: TrainedRun, student: Any,
@@ -163,6 +163,10 @@ def adapt_run(parent_dir: str | Path, site_dir: str | Path, method: str, *,
         if child.exists():
             raise UserError(f"{child} already exists; adapt never overwrites: remove it or choose "
                             "another --run-dir")
+        if method == "adabn" and len(site.paths) < 2:
+            raise UserError("--method adabn estimates BatchNorm statistics from the site's images "
+                            f"and --site {site_dir} holds {len(site.paths)}; give at least 2 (a "
+                            "few hundred for stable statistics), or use --method t3a")
         log(f"adapting {parent.name} with {method} on {len(site.paths)} site image(s)")
         student = copy.deepcopy(run.student)
         decode = _decoder(run.meta.preprocessing)
