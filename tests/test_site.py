@@ -311,3 +311,15 @@ def test_non_finite_logits_give_an_error_not_estimates() -> None:
     bad = np.array([[np.nan, 1.0]] * 3)
     record = assess(inputs, np.ones((4, 2)), bad, ["x", "y"])
     assert "non-finite logits" in record["error"] and "estimates" not in record
+
+
+def test_adabn_on_a_run_without_batchnorm_is_one_line(tiny_data_root: Path, site: Path,
+                                                       tmp_path: Path) -> None:
+    from conftest import build_tiny_run
+
+    run = build_tiny_run(tmp_path / "convnext", tiny_data_root, ["student.model=test_convnext",
+                                                                 "train.steps=2"])
+    before = _tree_hash(run)
+    assert "no BatchNorm layer; use --method t3a" in _bad(
+        ["adapt", str(run), "--site", str(site), "--no-export"])
+    assert _tree_hash(run) == before and not list(tmp_path.glob("convnext-*"))

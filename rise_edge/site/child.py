@@ -141,7 +141,7 @@ def adapt_run(parent_dir: str | Path, site_dir: str | Path, method: str, *,
     adapt.json's content. The parent is only read. `keep`: see _estimates ("before", "after")."""
     import copy
 
-    from rise_edge.site.adapt import METHODS, adapt, path_batches
+    from rise_edge.site.adapt import METHODS, adapt, batchnorm_layers, path_batches
 
     if method not in METHODS:
         raise UserError(f"--method {method}: choose one of {', '.join(METHODS)}")
@@ -152,6 +152,9 @@ def adapt_run(parent_dir: str | Path, site_dir: str | Path, method: str, *,
     with run_lock(parent, "adapt (reading)", clean=False):
         run = open_run(parent)
         parent_sha = file_sha256(parent / STUDENT_FILE)
+        if method == "adabn" and not batchnorm_layers(run.student):
+            raise UserError(f"--method adabn re-estimates BatchNorm statistics, and {parent}'s "
+                            f"student ({run.meta.model}) has no BatchNorm layer; use --method t3a")
         if read_adapt_record(parent) is not None:
             log(f"note: {parent} is itself an adapted run; its child adapts it further")
         site = find_site_images(site_dir, runs=(parent,) + ((Path(child_dir),) if child_dir else ()),
