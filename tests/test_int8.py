@@ -279,6 +279,11 @@ def test_qat_export_records_and_never_reads_a_target_image(tiny_run: Path, monke
     assert qat["qat"]["selected_step"] in (0, 2, 4)
     cpu = result.artefacts["onnx-int8-qat-cpu"]
     assert cpu["status"] == "ok" and set(cpu["fidelity_vs_fp32"]["per_domain"]) == {"cartoon", "photo"}
+    # ...through the same budget loop as post-training INT8: the edge policy measured, the
+    # all-INT8 model a candidate, the shipped one the judge's best
+    loop = cpu["accuracy_budget"]
+    assert loop["tried"][0]["kept_fp32"] == [] and "edge_policy" in loop
+    assert loop["judge"] == cpu["judge"]
 
     from rise_edge.bench.driver import bench_run
     from rise_edge.config import BenchConfig

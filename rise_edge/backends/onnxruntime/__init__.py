@@ -218,8 +218,10 @@ def make_onnx_int8_qat_cpu(s: ExportSession, tmp: Path) -> dict[str, Any]:
     """QAT's fine-tuned weights quantized with ONNX Runtime's CPU placement (uint8 activations on this
     x86 CPU, Q/DQ around whole Conv+activation groups): the Q/DQ graph of make_onnx_int8_qat is
     symmetric INT8 for TensorRT, which ONNX Runtime's x86 kernels cannot fuse (measured slower than
-    FP32), so the CPU gets its own placement of the same weights."""
-    from rise_edge.backends.onnxruntime.int8 import onnx_fidelity
+    FP32), so the CPU gets its own placement of the same weights. It goes through the same budget
+    loop as post-training INT8 (the first/last-layer policy decided by measurement, fallbacks grown
+    from the best model, the judge's rule), on the same judge images, against the FP32 student."""
+    from rise_edge.backends.onnxruntime.int8 import quantize_within_budget
     from rise_edge.export.qat import without_fake_quant
 
     qat = _qat(s)
@@ -229,14 +231,18 @@ def make_onnx_int8_qat_cpu(s: ExportSession, tmp: Path) -> dict[str, Any]:
         export_graph(without_fake_quant(qat.model), torch.randn(2, 3, size, size), float_path,
                      s.cfg.opset)
         quantizer = cpu_quantizer(s, float_path, Path(work))
-        quantizer.quantize(tmp)
+        budget = quantize_within_budget(quantizer, tmp, s.fidelity, fidelity_reference(s),
+                                        s.cfg.accuracy_budget, s.cfg.max_fallback_layers,
+                                        Path(work), s.log)
     settings = quantizer.settings
-    fidelity = onnx_fidelity(fidelity_reference(s), tmp, s.fidelity)
-    stamp_metadata(tmp, {**s.metadata("int8", "float32-nchw"), "quantization": "qat-cpu"})
+    fidelity = budget.final
+    stamp_metadata(tmp, {**s.metadata("int8", "float32-nchw"), "quantization": "qat-cpu",
+                         "kept_fp32_layers": budget.kept_fp32})
     parity = s.check_parity(OnnxRuntimeRunner(tmp), "the QAT CPU INT8 ONNX", None)
     return {"tool": "onnxruntime.quantization.quantize_static on the QAT weights",
             "format_detail": "QDQ", "quantization": settings.to_record(),
             "fidelity_vs_fp32": fidelity.to_record(),
+            "accuracy_budget": budget.to_record(),
             "judge": verdict(fidelity, s.cfg.accuracy_budget).to_record(),
             "stress": stress_judgement(s, OnnxRuntimeRunner(tmp)),
             "calibration_sha256": s.calibration.sha256, "parity": parity}
