@@ -1,0 +1,230 @@
+"""Does INT8's drop on shifted source images predict its drop on the unseen domain better than its
+drop on clean source images?
+
+    RISE_EDGE_DATA=<data root> OMP_NUM_THREADS=2 python benchmarks/int8_shift.py \
+        --group pacs_lite0=runs/sweeps/pacs_erm_lite0 --group demo_rise=runs/sweeps/demo_rise
+
+Every run of every group must already be exported (export.json with onnx-fp32 and INT8
+artefacts: benchmarks/site_estimates.py exports them with `--format onnx --int8 --no-qat`). For
+every INT8 artefact of a run (ONNX Runtime post-training INT8, QAT's CPU form, OpenVINO's where
+present), against the run's FP32 ONNX, on:
+  clean   the judge's images: the source validation images export judged the artefact on;
+  stress  the same images under each of rise_edge.export.stress's shifts (every image under every
+          shift here, four times the clean set, so that each shift is measured on its own);
+  unseen  every image of the held-out domain (reported only: export never saw it).
+the top-1 drop (FP32 minus INT8, points) and the disagreement (% of images whose class changes).
+Across all (run, artefact) cases: how well each clean and stress figure predicts the unseen drop
+(Pearson and Spearman correlation, mean absolute error as a direct estimate), and whether the INT8
+model export ships keeps the unseen drop within 1 point. Writes benchmarks/results/int8_shift.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+INT8 = ("onnx-int8", "onnx-int8-qat-cpu", "openvino-int8")
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def predictions(runner: Any, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    return np.concatenate([np.asarray(runner(images[i:i + batch])).argmax(axis=1)
+                           for i in range(0, len(images), batch)])
+
+
+def _figures(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    return {"drop_points": round(100 * (float(np.mean(fp32 == labels)) - float(np.mean(int8 == labels))), 3),
+            "disagreement_pct": round(100 * float(np.mean(fp32 != int8)), 3),
+            "images": int(labels.size)}
+
+
+def measure_run(run_dir: Path, data_root: str | None) -> dict[str, Any]:
+    from rise_edge.backend_table import runner_for
+    from rise_edge.data.domains import load_rgb
+    from rise_edge.data.transforms import eval_transform
+    from rise_edge.export.calibration import load_images, select_fidelity_samples
+    from rise_edge.export.stress import SHIFTS
+    from rise_edge.run_dir import open_run, run_splits
+    from rise_edge.site.child import _decoder
+
+    run = open_run(run_dir)
+    splits = run_splits(run, data_root)
+    export = json.loads((run_dir / "export" / "export.json").read_text())
+    cfg, arts = export["export_config"], export["artefacts"]
+    pre = run.meta.preprocessing
+    judge = select_fidelity_samples(splits, cfg["fidelity_images"], cfg["calibration_seed"])
+    clean_samples = [s for d in splits.source_domains for s in judge[d]]
+    labels = {"clean": np.array([y for _, y in clean_samples]),
+              "unseen": np.array([y for _, y in splits.test])}
+    images = {"clean": load_images([p for p, _ in clean_samples], pre)}
+    decode = _decoder(pre)
+    transform = eval_transform(pre)
+    for name, shift in SHIFTS:
+        images[f"stress/{name}"] = np.stack([transform(shift(load_rgb(p))).numpy()
+                                             for p, _ in clean_samples])
+        labels[f"stress/{name}"] = labels["clean"]
+    target_paths = [p for p, _ in splits.test]
+
+    def run_all(runner: Any) -> dict[str, np.ndarray]:
+        found = {k: predictions(runner, v) for k, v in images.items()}
+        found["unseen"] = np.concatenate([np.asarray(runner(decode(target_paths[i:i + 64]))).argmax(1)
+                                          for i in range(0, len(target_paths), 64)])
+        return found
+
+    fp32 = run_all(runner_for(arts["onnx-fp32"], run_dir / "export"))
+    found: dict[str, Any] = {"run": str(run_dir), "target": splits.target_domain,
+                             "seed": run.recipe.train.seed, "model": run.meta.model,
+                             "fp32_unseen_top1": round(100 * float(np.mean(fp32["unseen"] == labels["unseen"])), 2),
+                             "judge_images": len(clean_samples), "artefacts": {}}
+    recommended = export_recommendation(arts)
+    for name in INT8:
+        if arts.get(name, {}).get("status") != "ok":
+            continue
+        started = time.perf_counter()
+        int8 = run_all(runner_for(arts[name], run_dir / "export"))
+        sets = {k: _figures(fp32[k], int8[k], labels[k]) for k in fp32}
+        stress = [sets[k] for k in sets if k.startswith("stress/")]
+        sets["stress"] = {"drop_points": round(statistics.fmean(s["drop_points"] for s in stress), 3),
+                          "disagreement_pct": round(statistics.fmean(s["disagreement_pct"]
+                                                                     for s in stress), 3),
+                          "images": sum(s["images"] for s in stress)}
+        found["artefacts"][name] = {"sets": sets, "shipped": name == recommended,
+                                    "seconds": round(time.perf_counter() - started, 1)}
+        log(f"{run_dir} {name}: clean {sets['clean']['drop_points']:+.2f}, stress "
+            f"{sets['stress']['drop_points']:+.2f}, unseen {sets['unseen']['drop_points']:+.2f}")
+    return found
+
+
+def export_recommendation(arts: dict[str, Any]) -> str | None:
+    from rise_edge.export.driver import recommended_int8
+
+    return recommended_int8(arts)
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    for value in np.unique(x):  # ties share their mean rank
+        ranks[x == value] = ranks[x == value].mean()
+    return ranks
+
+
+def _corr(x: np.ndarray, y: np.ndarray) -> float | None:
+    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
+        return None
+    return round(float(np.corrcoef(x, y)[0, 1]), 3)
+
+
+def predictiveness(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each clean/stress figure against the unseen drop, over the cases."""
+    unseen = np.array([c["sets"]["unseen"]["drop_points"] for c in cases])
+    keys = ["clean", "stress", *sorted({k for c in cases for k in c["sets"] if k.startswith("stress/")})]
+    rows = []
+    for key in keys:
+        for figure in ("drop_points", "disagreement_pct"):
+            x = np.array([c["sets"][key][figure] for c in cases])
+            row = {"predictor": f"{key} {figure.replace('_pct', ' %').replace('_points', '')}",
+                   "pearson": _corr(x, unseen), "spearman": _corr(_rank(x), _rank(unseen))}
+            if figure == "drop_points":
+                row["mae_as_estimate"] = round(float(np.mean(np.abs(x - unseen))), 2)
+                flagged, bad = x > 1.0, unseen > 1.0
+                row["unseen_over_1_caught"] = f"{int((flagged & bad).sum())} of {int(bad.sum())}"
+                row["false_alarms"] = int((flagged & ~bad).sum())
+            rows.append(row)
+    return rows
+
+
+def to_markdown(record: dict[str, Any]) -> str:
+    m, v = record["machine"], record["versions"]
+    lines = ["# INT8 and shift: do shifted source images predict the unseen domain's drop?", "",
+             f"Command: `{record['command']}`  ",
+             f"Machine: {m.get('cpu')}, {m.get('logical_cores')} logical cores, no GPU; "
+             + ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "onnxruntime", "openvino",
+                                                 "rise_edge") if k in v) + ".  ",
+             f"Wall time: {record['seconds'] / 60:.1f} min.", "",
+             "Drop = FP32 top-1 minus INT8 top-1 (points, positive: INT8 worse); disagreement = % of "
+             "images whose class INT8 changes. Clean: the judge's source validation images; stress: "
+             "the same images under each shift (every image under every shift); unseen: every image "
+             "of the held-out domain, reported only.", ""]
+    for group, rows in record["predictiveness"].items():
+        lines += [f"## How well each figure predicts the unseen drop: {group}", "",
+                  f"{record['cases'][group]} cases (run x INT8 artefact).", "",
+                  "| predictor | Pearson r | Spearman rho | MAE as an estimate (points) | unseen "
+                  "drops > 1 caught (figure > 1) | false alarms |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['predictor']} | {r['pearson'] if r['pearson'] is not None else '-'} | "
+                         f"{r['spearman'] if r['spearman'] is not None else '-'} | "
+                         f"{r.get('mae_as_estimate', '-')} | {r.get('unseen_over_1_caught', '-')} | "
+                         f"{r.get('false_alarms', '-')} |")
+        lines.append("")
+    for group, runs in record["groups"].items():
+        lines += [f"## {group}", "", "| target | seed | artefact | shipped | clean drop | stress drop | "
+                  "unseen drop | clean disagr. % | stress disagr. % | unseen disagr. % |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in runs:
+            for name, a in r["artefacts"].items():
+                s = a["sets"]
+                lines.append(f"| {r['target']} | {r['seed']} | {name} | {'yes' if a['shipped'] else ''} | "
+                             f"{s['clean']['drop_points']:+.2f} | {s['stress']['drop_points']:+.2f} | "
+                             f"{s['unseen']['drop_points']:+.2f} | {s['clean']['disagreement_pct']:.1f} | "
+                             f"{s['stress']['disagreement_pct']:.1f} | {s['unseen']['disagreement_pct']:.1f} |")
+        shipped = [(r["target"], a["sets"]["unseen"]["drop_points"]) for r in runs
+                   for a in r["artefacts"].values() if a["shipped"]]
+        over = [t for t, d in shipped if d > 1.0]
+        lines += ["", f"The INT8 model export ships (its recommendation): unseen drop within 1.0 point "
+                  f"in {len(shipped) - len(over)} of {len(shipped)} runs"
+                  + (f"; over it: {', '.join(over)}." if over else "."), ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--group", action="append", required=True, metavar="NAME=SWEEP_DIR")
+    parser.add_argument("--data-root", default=os.environ.get("RISE_EDGE_DATA"))
+    parser.add_argument("--name", default="int8_shift")
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from site_estimates import run_dirs
+
+    from rise_edge.bench.resources import machine_info
+    from rise_edge.run_dir import software_versions
+
+    started = time.perf_counter()
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for item in args.group:
+        name, _, folder = item.partition("=")
+        runs = run_dirs(Path(folder))
+        if not runs:
+            raise SystemExit(f"--group {item}: no run directories under {folder}")
+        groups[name] = [measure_run(run, args.data_root) for run in runs]
+    cases = {g: [a for r in runs for a in r["artefacts"].values()] for g, runs in groups.items()}
+    everything = [a for c in cases.values() for a in c]
+    record = {"command": "python benchmarks/int8_shift.py " + shlex.join(
+                  a for item in args.group for a in ("--group", item)),
+              "machine": machine_info(), "versions": software_versions(),
+              "seconds": round(time.perf_counter() - started, 1), "groups": groups,
+              "cases": {**{g: len(c) for g, c in cases.items()}, "all": len(everything)},
+              "predictiveness": {**{g: predictiveness(c) for g, c in cases.items()},
+                                 "all": predictiveness(everything)}}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(to_markdown(record))
+    print(to_markdown(record))
+
+
+if __name__ == "__main__":
+    main()
