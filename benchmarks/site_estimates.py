@@ -76,7 +76,7 @@ def measure_run(run_dir: Path, data_root: str | None, work: Path) -> dict[str, A
     from rise_edge.run_dir import open_run, run_splits
     from rise_edge.site.assess import SiteInputs, assess, source_validation, teacher_view
     from rise_edge.site.child import _decoder
-    from rise_edge.site.images import find_site_images
+    from rise_edge.data.site_images import find_site_images
 
     export_s = ensure_export(run_dir, data_root)
     run = open_run(run_dir)

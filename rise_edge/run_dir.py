@@ -223,6 +223,24 @@ def rebuild_student(meta: StudentMeta, recipe: Recipe) -> Student:
     return Student(backbone, meta.head)
 
 
+ADAPT_FILE = "adapt.json"  # an adapted run's record of its parent and site (rise-edge adapt)
+
+
+def read_adapt_record(run_dir: Path) -> dict[str, Any] | None:
+    """The child's adapt.json, or None for a run that was trained (not adapted)."""
+    path = Path(run_dir) / ADAPT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("site"), dict):
+            raise ValueError("not an adapt record")
+        return record
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is damaged ({exc}); adapt the parent again into a new folder"
+                        ) from None
+
+
 EXPORT_DIR = "export"  # <run>/export/: the artefacts rise-edge export makes
 EXPORT_JSON = "export.json"  # their records; rise-edge bench reads them
 

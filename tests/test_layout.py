@@ -14,11 +14,12 @@ PACKAGE = REPO / "rise_edge"
 # The order data flows in (style.md): a module imports only from its own stage or a lower one.
 # The core's table-like modules sit at the bottom. The run directory (rise_edge.run_dir) is the
 # hand-off from train to export and bench: training writes it and it rebuilds the student, so it
-# ranks with train. A site (rise_edge.site) meets a trained run: it reads run directories, and
-# export calibrates on its images, so it ranks between train and export. Serving packages what
+# ranks with train. A site (rise_edge.site) meets a trained, exported run: it adapts students and
+# runs their artefacts, so it ranks above the backends; the site's image folder itself is data.
+# Serving packages what
 # export made and judged into bundles for the device. The command line is the top, and the demo a
 # plugin above everything.
-STAGES = ("core", "data", "train", "site", "export", "backends", "bench", "serving", "sweep", "cli", "demo")
+STAGES = ("core", "data", "train", "export", "backends", "site", "bench", "serving", "sweep", "cli", "demo")
 CORE = {"rise_edge", "rise_edge.errors", "rise_edge.files", "rise_edge.config", "rise_edge.plugins",
         "rise_edge.registry", "rise_edge.backend_table"}
 # Old flat paths kept so plugins written before the layout still import; they belong to train.

@@ -592,7 +592,7 @@ def bench_run(run_dir: str | Path, cfg: BenchConfig, *, progress: bool = True,
 def _before_adapt(run: TrainedRun, notes: list[str]) -> list[EngineSpec]:
     """For an adapted run (rise-edge adapt), its parent's student as a row: the 'before'."""
     from rise_edge.files import file_sha256
-    from rise_edge.site.child import read_adapt_record
+    from rise_edge.run_dir import read_adapt_record
 
     record = read_adapt_record(run.path)
     if record is None:
@@ -610,7 +610,7 @@ def _before_adapt(run: TrainedRun, notes: list[str]) -> list[EngineSpec]:
 def _site_inputs(run: TrainedRun, splits: DomainSplits, site: str | Path, skip_bad: bool,
                  progress: bool, notes: list[str]) -> Any:
     from rise_edge.site.assess import SiteInputs, source_validation
-    from rise_edge.site.images import find_site_images
+    from rise_edge.data.site_images import find_site_images
 
     images = find_site_images(site, runs=(run.path,), skip_bad=skip_bad, progress=progress)
     notes.extend(images.notes)

@@ -4,6 +4,7 @@
     transforms.py  the student's eval and train transforms, from its Preprocessing
     views.py       training views: RISE's augmentation as parameters seeded by (image bytes, k)
     download.py    `rise-edge download`: fetch and verify a known data set
+    site_images.py a deployment site's unlabelled images: listed in any layout, checked, hashed
 
 Plugins register data sets here, as before the layout (the registry itself has no torch in it, so
 `import rise_edge.data` stays light for the command line's start-up).

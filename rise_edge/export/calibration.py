@@ -154,7 +154,7 @@ def load_images(paths: Sequence[str | Path], preprocessing: Preprocessing, worke
 def site_calibration_set(record: dict[str, Any], size: int, seed: int) -> CalibrationSet:
     """The child's INT8 calibration set drawn from its site images (adapt --int8-calibration site):
     up to `size` of them in a seeded order; no labels."""
-    from rise_edge.site.images import find_site_images
+    from rise_edge.data.site_images import find_site_images
 
     site = record["site"]
     folder = Path(site["folder"])

@@ -134,7 +134,7 @@ class ExportSession:
         """The source training images that set the INT8 ranges; for a run adapted with
         `--int8-calibration site`, its site's images instead (rise_edge.site.child)."""
         from rise_edge.export.calibration import site_calibration_set
-        from rise_edge.site.child import read_adapt_record
+        from rise_edge.run_dir import read_adapt_record
 
         def choose() -> CalibrationSet:
             adapted = read_adapt_record(self.run.path)

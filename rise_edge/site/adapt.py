@@ -98,14 +98,23 @@ def t3a(student: Student, batches: Callable[[], object], filter_k: int = T3A_FIL
 
 
 def adapt(student: Student, method: str, batches: Callable[[], object]) -> dict[str, object]:
-    """Apply `method` (one of METHODS) to `student` in place; what it did, for adapt.json."""
-    if method == "adabn":
-        return {"method": method, **adabn(student, batches)}
-    if method == "t3a":
-        return {"method": method, **t3a(student, batches)}
+    """Apply `method` (one of METHODS) to `student` in place; what it did, for adapt.json. The pass
+    runs channels-last (several times faster on CPUs for these students); the student is left in
+    the contiguous layout it is saved in."""
+    if method not in METHODS:
+        raise UserError(f"--method {method}: choose one of {', '.join(METHODS)}")
     if method == "none":
         return {"method": method}
-    raise UserError(f"--method {method}: choose one of {', '.join(METHODS)}")
+
+    def channels_last() -> object:
+        return (b.contiguous(memory_format=torch.channels_last) for b in batches())
+
+    student.to(memory_format=torch.channels_last)
+    try:
+        done = adabn(student, channels_last) if method == "adabn" else t3a(student, channels_last)
+    finally:
+        student.to(memory_format=torch.contiguous_format)
+    return {"method": method, **done}
 
 
 def path_batches(paths: Sequence[str], decode: Callable[[Sequence[str]], np.ndarray],

@@ -24,28 +24,13 @@ from typing import Any
 
 from rise_edge.errors import UserError
 from rise_edge.files import RUN_MARKER, file_sha256, run_lock, write_json_atomic, write_text_atomic
-from rise_edge.run_dir import STUDENT_FILE, TrainedRun, open_run, run_splits, save_student
-from rise_edge.site.images import SiteImages, find_site_images
+from rise_edge.run_dir import (ADAPT_FILE, STUDENT_FILE, TrainedRun, open_run, read_adapt_record,
+                               run_splits, save_student)
+from rise_edge.data.site_images import SiteImages, find_site_images
 
-ADAPT_FILE = "adapt.json"
 CALIBRATION_SOURCES = ("sources", "site")
 HARM_POINTS = 1.0  # adapt warns when ATC predicts a fall of more than this many points
 COPIED = ("recipe.yaml", "splits.json")
-
-
-def read_adapt_record(run_dir: Path) -> dict[str, Any] | None:
-    """The child's adapt.json, or None for a run that was trained (not adapted)."""
-    path = Path(run_dir) / ADAPT_FILE
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-        if not isinstance(record, dict) or not isinstance(record.get("site"), dict):
-            raise ValueError("not an adapt record")
-        return record
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is damaged ({exc}); adapt the parent again into a new folder"
-                        ) from None
 
 
 def default_child_dir(parent: Path, method: str, site: SiteImages, calibration: str) -> Path:
@@ -69,8 +54,6 @@ def _estimates(run: TrainedRun, student: Any, site: SiteImages, data_root: str |
     """The site record (rise_edge.site.assess) of `student`, or None when the sources' validation
     images cannot be read here (the estimators are calibrated on them). `keep`, when given,
     receives the site logits under `key` (for benchmarks that score them against held-out labels)."""
-    import torch
-
     from rise_edge.site.assess import SiteInputs, assess, source_validation
 
     try:
@@ -80,14 +63,12 @@ def _estimates(run: TrainedRun, student: Any, site: SiteImages, data_root: str |
             return None
     except UserError:
         return None
+    from rise_edge.site.inference import fast_model
+
     inputs = SiteInputs(source, site.paths)
     decode = _decoder(run.meta.preprocessing)
-
-    def model(images: Any) -> Any:
-        with torch.no_grad():
-            return student(torch.from_numpy(images)).numpy()
-
-    src, at_site = inputs.logits(model, decode)
+    with fast_model(student, run.meta.preprocessing.input_size) as (model, _):
+        src, at_site = inputs.logits(model, decode)
     if keep is not None:
         keep[key] = at_site
     return assess(inputs, src, at_site, run.meta.classes)
