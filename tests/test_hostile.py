@@ -424,7 +424,10 @@ def test_ctrl_c_during_export_exits_130_and_leaves_no_temporary_files(tiny_run: 
         [sys.executable, "-m", "rise_edge.cli", "export", str(tiny_run), "--int8", "--qat",
          "--qat-steps", "400", "--set", "export.qat_eval_every=2", "--set", "export.qat_batch_size=8",
          "--set", "export.calibration_size=12", "--set", "export.fidelity_images=12"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C reaches the export whatever started pytest: a shell's background job (CI run as
+        # `... &`) hands its children SIGINT ignored, and Python then never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while not list((tiny_run / "export" / "qat").glob("*/state.safetensors")):
         assert process.poll() is None and time.time() < deadline, "QAT never started"
