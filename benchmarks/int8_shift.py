@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -58,7 +57,7 @@ def measure_run(run_dir: Path, data_root: str | None) -> dict[str, Any]:
     from rise_edge.export.calibration import load_images, select_fidelity_samples
     from rise_edge.export.stress import SHIFTS
     from rise_edge.run_dir import open_run, run_splits
-    from rise_edge.site.child import _decoder
+    from rise_edge.site.assess import decoder
 
     run = open_run(run_dir)
     splits = run_splits(run, data_root)
@@ -70,7 +69,7 @@ def measure_run(run_dir: Path, data_root: str | None) -> dict[str, Any]:
     labels = {"clean": np.array([y for _, y in clean_samples]),
               "unseen": np.array([y for _, y in splits.test])}
     images = {"clean": load_images([p for p, _ in clean_samples], pre)}
-    decode = _decoder(pre)
+    decode = decoder(pre)
     transform = eval_transform(pre)
     for name, shift in SHIFTS:
         images[f"stress/{name}"] = np.stack([transform(shift(load_rgb(p))).numpy()
@@ -149,12 +148,10 @@ def predictiveness(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def to_markdown(record: dict[str, Any]) -> str:
-    m, v = record["machine"], record["versions"]
-    lines = ["# INT8 and shift: do shifted source images predict the unseen domain's drop?", "",
-             f"Command: `{record['command']}`  ",
-             f"Machine: {m.get('cpu')}, {m.get('logical_cores')} logical cores, no GPU; "
-             + ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "onnxruntime", "openvino",
-                                                 "rise_edge") if k in v) + ".  ",
+    from site_estimates import header
+
+    lines = [*header("INT8 and shift: do shifted source images predict the unseen domain's drop?",
+                     record, ("python", "torch", "onnxruntime", "openvino", "rise_edge")),
              f"Wall time: {record['seconds'] / 60:.1f} min.", "",
              "Drop = FP32 top-1 minus INT8 top-1 (points, positive: INT8 worse); disagreement = % of "
              "images whose class INT8 changes. Clean: the judge's source validation images; stress: "
@@ -197,33 +194,19 @@ def main() -> None:
     parser.add_argument("--data-root", default=os.environ.get("RISE_EDGE_DATA"))
     parser.add_argument("--name", default="int8_shift")
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).parent))
-    from site_estimates import run_dirs
-
-    from rise_edge.bench.resources import machine_info
-    from rise_edge.run_dir import software_versions
+    from site_estimates import measure_groups, record_of, write
 
     started = time.perf_counter()
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for item in args.group:
-        name, _, folder = item.partition("=")
-        runs = run_dirs(Path(folder))
-        if not runs:
-            raise SystemExit(f"--group {item}: no run directories under {folder}")
-        groups[name] = [measure_run(run, args.data_root) for run in runs]
+    groups = measure_groups(args.group, lambda run, _: measure_run(run, args.data_root),
+                            temporary=False)
     cases = {g: [a for r in runs for a in r["artefacts"].values()] for g, runs in groups.items()}
     everything = [a for c in cases.values() for a in c]
-    record = {"command": "python benchmarks/int8_shift.py " + shlex.join(
-                  a for item in args.group for a in ("--group", item)),
-              "machine": machine_info(), "versions": software_versions(),
-              "seconds": round(time.perf_counter() - started, 1), "groups": groups,
+    record = {**record_of("int8_shift.py", [a for g in args.group for a in ("--group", g)],
+                          started, groups),
               "cases": {**{g: len(c) for g, c in cases.items()}, "all": len(everything)},
               "predictiveness": {**{g: predictiveness(c) for g, c in cases.items()},
                                  "all": predictiveness(everything)}}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(record, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(to_markdown(record))
-    print(to_markdown(record))
+    write(args.name, record, to_markdown(record))
 
 
 if __name__ == "__main__":

@@ -24,17 +24,16 @@ import argparse
 import hashlib
 import json
 import os
-import shlex
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from site_estimates import anonymous_site, ensure_export, run_dirs  # same folder
+from site_estimates import (anonymous_site, ensure_export, header, measure_groups,  # same folder
+                            record_of, write)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -59,22 +58,22 @@ def _atc_doc(record: dict[str, Any] | None) -> dict[str, float]:
 def int8_top1(run_dir: Path, paths: list[str], labels: np.ndarray, preprocessing: Any) -> float:
     from rise_edge.backend_table import runner_for
     from rise_edge.site.assess import logits_on
-    from rise_edge.site.child import _decoder
+    from rise_edge.site.assess import decoder
 
     record = json.loads((run_dir / "export" / "export.json").read_text())["artefacts"]["onnx-int8"]
     runner = runner_for(record, run_dir / "export")
-    logits = logits_on(runner, paths, _decoder(preprocessing))
+    logits = logits_on(runner, paths, decoder(preprocessing))
     return 100 * float(np.mean(logits.argmax(axis=1) == labels))
 
 
 def fp32_top1(student: Any, paths: list[str], labels: np.ndarray, preprocessing: Any) -> float:
     """True top-1 of a student on every image of the held-out domain (ONNX Runtime when it exports)."""
     from rise_edge.site.assess import logits_on
-    from rise_edge.site.child import _decoder
+    from rise_edge.site.assess import decoder
     from rise_edge.site.inference import fast_model
 
     with fast_model(student, preprocessing.input_size) as (model, _):
-        logits = logits_on(model, paths, _decoder(preprocessing))
+        logits = logits_on(model, paths, decoder(preprocessing))
     return 100 * float(np.mean(logits.argmax(axis=1) == labels))
 
 
@@ -167,12 +166,8 @@ def summarise(groups: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def to_markdown(record: dict[str, Any]) -> str:
-    m, v = record["machine"], record["versions"]
-    lines = ["# Site adaptation: the true change on the held-out domain", "",
-             f"Command: `{record['command']}`  ",
-             f"Machine: {m.get('cpu')}, {m.get('logical_cores')} logical cores, no GPU; "
-             + ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "onnxruntime", "rise_edge")
-                         if k in v) + ".  ",
+    lines = [*header("Site adaptation: the true change on the held-out domain", record,
+                     ("python", "torch", "onnxruntime", "rise_edge")),
              f"Wall time: {record['seconds'] / 60:.1f} min. Parents byte-identical afterwards: "
              f"{all(r['parent_unchanged'] for g in record['groups'].values() for r in g)}.", "",
              f"The site is each run's held-out domain: adapt sees a seeded sample of up to "
@@ -216,31 +211,14 @@ def main() -> None:
                         help="unlabelled images adapt sees (a seeded sample of the held-out domain); "
                              "accuracy is scored on all of its images")
     args = parser.parse_args()
-    from rise_edge.bench.resources import machine_info
-    from rise_edge.run_dir import software_versions
-
     started = time.perf_counter()
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for item in args.group:
-        name, _, folder = item.partition("=")
-        runs = run_dirs(Path(folder))
-        if not runs:
-            raise SystemExit(f"--group {item}: no run directories under {folder}")
-        for run in runs:
-            with tempfile.TemporaryDirectory() as tmp:
-                groups.setdefault(name, []).append(measure_run(run, args.data_root, Path(tmp),
-                                                               args.max_site_images))
-    record = {"command": "python benchmarks/site_adaptation.py " + shlex.join(
-                  [a for item in args.group for a in ("--group", item)]
-                  + ["--max-site-images", str(args.max_site_images)]),
-              "max_site_images": args.max_site_images,
-              "machine": machine_info(), "versions": software_versions(),
-              "seconds": round(time.perf_counter() - started, 1), "groups": groups,
-              "summary": summarise(groups)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(record, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(to_markdown(record))
-    print(to_markdown(record))
+    groups = measure_groups(args.group, lambda run, work: measure_run(run, args.data_root, work,
+                                                                       args.max_site_images))
+    command = [a for g in args.group for a in ("--group", g)] + ["--max-site-images",
+                                                                   str(args.max_site_images)]
+    record = {**record_of("site_adaptation.py", command, started, groups),
+              "max_site_images": args.max_site_images, "summary": summarise(groups)}
+    write(args.name, record, to_markdown(record))
 
 
 if __name__ == "__main__":

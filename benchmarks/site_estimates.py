@@ -75,7 +75,7 @@ def measure_run(run_dir: Path, data_root: str | None, work: Path) -> dict[str, A
     from rise_edge.backend_table import runner_for
     from rise_edge.run_dir import open_run, run_splits
     from rise_edge.site.assess import SiteInputs, assess, source_validation, teacher_view
-    from rise_edge.site.child import _decoder
+    from rise_edge.site.assess import decoder
     from rise_edge.data.site_images import find_site_images
 
     export_s = ensure_export(run_dir, data_root)
@@ -84,7 +84,7 @@ def measure_run(run_dir: Path, data_root: str | None, work: Path) -> dict[str, A
     links = anonymous_site(list(splits.test), work / "site")
     site = find_site_images(work / "site", progress=False)
     inputs = SiteInputs(source_validation(splits), site.paths)
-    decode = _decoder(run.meta.preprocessing)
+    decode = decoder(run.meta.preprocessing)
     started = time.perf_counter()
     teacher = teacher_view(run.recipe, splits, inputs, decode, run.meta.preprocessing,
                            [run_dir / "text_embeddings"], log=log)
@@ -143,13 +143,53 @@ def summarise(groups: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return rows
 
 
-def to_markdown(record: dict[str, Any]) -> str:
+def measure_groups(items: list[str], measure: Any, temporary: bool = True
+                   ) -> dict[str, list[dict[str, Any]]]:
+    """`measure(run_dir, work)` for every run of every NAME=SWEEP_DIR group (a fresh temporary work
+    folder per run when `temporary`, else None)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for item in items:
+        name, _, folder = item.partition("=")
+        runs = run_dirs(Path(folder))
+        if not runs:
+            raise SystemExit(f"--group {item}: no run directories under {folder}")
+        for run in runs:
+            if not temporary:
+                groups.setdefault(name, []).append(measure(run, None))
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                groups.setdefault(name, []).append(measure(run, Path(tmp)))
+    return groups
+
+
+def record_of(script: str, args: list[str], started: float, groups: dict[str, Any]) -> dict[str, Any]:
+    """The record's common part: command, machine, versions, wall time and the groups."""
+    from rise_edge.bench.resources import machine_info
+    from rise_edge.run_dir import software_versions
+
+    return {"command": f"python benchmarks/{script} " + shlex.join(args),
+            "machine": machine_info(), "versions": software_versions(),
+            "seconds": round(time.perf_counter() - started, 1), "groups": groups}
+
+
+def header(title: str, record: dict[str, Any], packages: tuple[str, ...]) -> list[str]:
+    """The Markdown record's title, command, machine and versions lines (the wall time follows)."""
     m, v = record["machine"], record["versions"]
-    lines = ["# Label-free site estimates against the truth", "",
-             f"Command: `{record['command']}`  ",
-             f"Machine: {m.get('cpu')}, {m.get('logical_cores')} logical cores, no GPU; "
-             + ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "onnxruntime", "rise_edge")
-                         if k in v) + ".  ",
+    return [f"# {title}", "", f"Command: `{record['command']}`  ",
+            f"Machine: {m.get('cpu')}, {m.get('logical_cores')} logical cores, no GPU; "
+            + ", ".join(f"{k} {v[k]}" for k in packages if k in v) + ".  "]
+
+
+def write(name: str, record: dict[str, Any], markdown: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown)
+    print(markdown)
+
+
+def to_markdown(record: dict[str, Any]) -> str:
+    lines = [*header("Label-free site estimates against the truth", record,
+                     ("python", "torch", "onnxruntime", "rise_edge")),
              f"Wall time: {record['seconds'] / 60:.1f} min.", "",
              "Each run's held-out domain is the site (its images behind anonymous links: the "
              "estimators get pixels only); estimators calibrated on the run's source validation "
@@ -188,28 +228,11 @@ def main() -> None:
     parser.add_argument("--data-root", default=os.environ.get("RISE_EDGE_DATA"))
     parser.add_argument("--name", default="site_estimates")
     args = parser.parse_args()
-    from rise_edge.bench.resources import machine_info
-    from rise_edge.run_dir import software_versions
-
     started = time.perf_counter()
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for item in args.group:
-        name, _, folder = item.partition("=")
-        runs = run_dirs(Path(folder))
-        if not runs:
-            raise SystemExit(f"--group {item}: no run directories under {folder}")
-        for run in runs:
-            with tempfile.TemporaryDirectory() as tmp:
-                groups.setdefault(name, []).append(measure_run(run, args.data_root, Path(tmp)))
-    record = {"command": "python benchmarks/site_estimates.py " + shlex.join(
-                  a for item in args.group for a in ("--group", item)),
-              "machine": machine_info(), "versions": software_versions(),
-              "seconds": round(time.perf_counter() - started, 1), "groups": groups,
-              "summary": summarise(groups)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(record, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(to_markdown(record))
-    print(to_markdown(record))
+    groups = measure_groups(args.group, lambda run, work: measure_run(run, args.data_root, work))
+    record = {**record_of("site_estimates.py", [a for g in args.group for a in ("--group", g)],
+                          started, groups), "summary": summarise(groups)}
+    write(args.name, record, to_markdown(record))
 
 
 if __name__ == "__main__":

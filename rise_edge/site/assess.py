@@ -23,6 +23,14 @@ Decode = Callable[[Sequence[str]], np.ndarray]  # image paths -> (N, 3, S, S) fl
 Model = Callable[[np.ndarray], Any]             # (N, 3, S, S) -> (N, C) logits
 
 
+def decoder(preprocessing: Any) -> Decode:
+    """Image paths -> (N, 3, S, S) float32, decoded and preprocessed exactly as at inference
+    (export's loader: the calibration images are read the same way)."""
+    from rise_edge.export.calibration import load_images
+
+    return lambda paths: load_images(list(paths), preprocessing)
+
+
 def source_validation(splits: DomainSplits) -> list[tuple[str, int, str]]:
     """Every source domain's validation images as (path, label, domain): the calibration set."""
     return [(p, y, d) for d in splits.source_domains for p, y in splits.val[d]]

@@ -14,7 +14,6 @@ path (INT8 calibrated on the site's images when asked), and bench treats it like
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import shutil
 import sys
@@ -27,6 +26,7 @@ from rise_edge.files import RUN_MARKER, file_sha256, run_lock, write_json_atomic
 from rise_edge.run_dir import (ADAPT_FILE, STUDENT_FILE, TrainedRun, open_run, read_adapt_record,
                                run_splits, save_student)
 from rise_edge.data.site_images import SiteImages, find_site_images
+from rise_edge.site.assess import decoder
 
 CALIBRATION_SOURCES = ("sources", "site")
 HARM_POINTS = 1.0  # adapt warns when ATC predicts a fall of more than this many points
@@ -36,17 +36,6 @@ COPIED = ("recipe.yaml", "splits.json")
 def default_child_dir(parent: Path, method: str, site: SiteImages, calibration: str) -> Path:
     suffix = "" if calibration == "sources" else "-int8site"
     return parent.parent / f"{parent.name}-{method}{suffix}-{site.sha256[:8]}"
-
-
-def _decoder(preprocessing: Any) -> Callable[[Any], Any]:
-    """Image paths -> (N, 3, S, S) float32, preprocessed exactly as at inference."""
-    import numpy as np
-
-    from rise_edge.data.domains import load_rgb
-    from rise_edge.data.transforms import eval_transform
-
-    transform = eval_transform(preprocessing)
-    return lambda paths: np.stack([transform(load_rgb(p)).numpy() for p in paths])
 
 
 def _estimates(run: TrainedRun, student: Any, site: SiteImages, data_root: str | None,
@@ -66,7 +55,7 @@ def _estimates(run: TrainedRun, student: Any, site: SiteImages, data_root: str |
     from rise_edge.site.inference import fast_model
 
     inputs = SiteInputs(source, site.paths)
-    decode = _decoder(run.meta.preprocessing)
+    decode = decoder(run.meta.preprocessing)
     with fast_model(student, run.meta.preprocessing.input_size) as (model, _):
         src, at_site = inputs.logits(model, decode)
     if keep is not None:
@@ -153,7 +142,7 @@ def adapt_run(parent_dir: str | Path, site_dir: str | Path, method: str, *,
                             "few hundred for stable statistics), or use --method t3a")
         log(f"adapting {parent.name} with {method} on {len(site.paths)} site image(s)")
         student = copy.deepcopy(run.student)
-        decode = _decoder(run.meta.preprocessing)
+        decode = decoder(run.meta.preprocessing)
         done = adapt(student, method, path_batches(list(site.paths), decode))
         student.eval()
         before = _estimates(run, run.student, site, data_root, keep, "before")
