@@ -119,14 +119,23 @@ def measure_run(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
                   "qat_cpu": folder / records["onnx-int8-qat-cpu"]["path"]}
         acc = accuracy(models, session.splits, session.pre)
         speed = latency(models, session.parity_images, args.rounds, args.iters)
+    from rise_edge.bench.driver import int8_judge
+    from rise_edge.export.driver import recommended_int8
+
     budget = records["onnx-int8"]["accuracy_budget"]
     qat = records["onnx-int8-qat"]["qat"]
+    document = json.loads(result.path.read_text())
     return {"run": str(run_dir), "model": run.meta.model, "source_domains": list(run.meta.source_domains),
             "target_domain": run.meta.target_domain, "export_wall_s": round(export_s, 1),
             "accuracy": acc, "latency": speed,
             "ptq": {"met": budget["met"], "kept_fp32_layers": budget["kept_fp32_layers"],
                     "edge_policy": budget["edge_policy"], "chosen": budget["chosen"],
                     "fidelity": budget["fidelity"], "tried": budget["tried"]},
+            "judge": {"ptq": int8_judge(records["onnx-int8"]),
+                      "qat_cpu": int8_judge(records["onnx-int8-qat-cpu"]),
+                      "qat_qdq": int8_judge(records["onnx-int8-qat"])},
+            "recommended": recommended_int8(records),
+            "judge_images": document.get("int8_images", {}),
             "qat": {"wall_time_s": qat["wall_time_s"], "steps": qat["steps"],
                     "batch_size": qat["batch_size"], "lr": qat["lr"], "selected_step": qat["selected_step"],
                     "history": qat["history"], "objective": records["onnx-int8-qat"]["objective"],
@@ -200,14 +209,26 @@ def write_table() -> None:
                 delta = run["accuracy"][key][run["target_domain"]]["accuracy"] - fp32_t
                 notes.append(f"{MODELS[key]} {delta:+.2f} points on {run['target_domain']}")
             speed = run["latency"]["fp32"]["batch1_p50_ms"] / run["latency"]["ptq"]["batch1_p50_ms"]
+            judged = []
+            for key in ("ptq", "qat_cpu"):
+                v = run.get("judge", {}).get(key) or {}
+                if v.get("judged"):
+                    judged.append(f"{MODELS[key]}: drop {v['drop_points']:+.2f}, 95 % upper bound "
+                                  f"{v['drop_upper95']:.2f}: {'met' if v['met'] else 'missed'}")
+            per_domain = run.get("judge_images", {}).get("judge", {}).get("per_domain")
             lines += ["", f"Against FP32 on the unseen domain: {'; '.join(notes)}. PTQ batch-1 speed-up "
                       f"{speed:.2f}x. PTQ: {run['ptq']['chosen']}; kept FP32: "
-                      f"{run['ptq']['kept_fp32_layers'] or 'none'}; worst source drop "
-                      f"{run['ptq']['fidelity']['worst_drop_points']:.2f} points on "
-                      f"{sum(d['images'] for d in run['ptq']['fidelity']['per_domain'].values())} "
-                      f"source images. QAT: {run['qat']['steps']} steps of {run['qat']['batch_size']} "
+                      f"{run['ptq']['kept_fp32_layers'] or 'none'}. "
+                      + (f"Judge ({run['judge']['ptq'].get('budget_points', 1.0):g}-point budget, on "
+                         + ", ".join(f"{d} {n}" for d, n in (per_domain or {}).items())
+                         + " source validation images): " + "; ".join(judged)
+                         + f"; export ships {run.get('recommended')}. " if judged else "")
+                      + f"QAT: {run['qat']['steps']} steps of {run['qat']['batch_size']} "
                       f"in {run['qat']['wall_time_s']:.0f} s, selected step {run['qat']['selected_step']}"
                       f" ({run['qat']['objective']}). Export took {run['export_wall_s']:.0f} s.", ""]
+    from rise_edge.export.judge import RULE
+
+    lines += [f"Judge's rule (rise_edge.export.judge): {RULE}."]
     (RESULTS / "int8_robustness.md").write_text("\n".join(lines) + "\n")
     (RESULTS / "int8_robustness.json").write_text(json.dumps(records, indent=2) + "\n")
     print("\n".join(lines))

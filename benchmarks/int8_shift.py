@@ -5,9 +5,10 @@ drop on clean source images?
         --group pacs_lite0=runs/sweeps/pacs_erm_lite0 --group demo_rise=runs/sweeps/demo_rise
 
 Every run of every group must already be exported (export.json with onnx-fp32 and INT8
-artefacts: benchmarks/site_estimates.py exports them with `--format onnx --int8 --no-qat`). For
-every INT8 artefact of a run (ONNX Runtime post-training INT8, QAT's CPU form, OpenVINO's where
-present), against the run's FP32 ONNX, on:
+artefacts, e.g. `rise-edge export RUN --format onnx --format openvino --int8 --qat`). For every
+INT8 artefact of a run that is there (ONNX Runtime post-training INT8, QAT's CPU form and its
+explicit Q/DQ form for TensorRT, run here by ONNX Runtime, and OpenVINO's), against the run's FP32
+ONNX, on:
   clean   the judge's images: the source validation images export judged the artefact on;
   stress  the same images under each of rise_edge.export.stress's shifts (every image under every
           shift here, four times the clean set, so that each shift is measured on its own);
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-INT8 = ("onnx-int8", "onnx-int8-qat-cpu", "openvino-int8")
+INT8 = ("onnx-int8", "onnx-int8-qat-cpu", "onnx-int8-qat", "openvino-int8")
 
 
 def log(line: str) -> None:

@@ -181,6 +181,10 @@ class ExportConfig:
         "minmax", "INT8 calibration method")
     calibration_size: int = _f(512, "calibration images, balanced over source domains and classes",
                                min=1, max=IMAGES_MAX)
+    calibration_shifted: float = _f(
+        0.0, "share of the calibration images given one of the stress set's shifts (grayscale, line "
+        "drawing, posterised, blurred: rise_edge.export.stress), so INT8's activation ranges also "
+        "cover inputs unlike the sources", min=0.0, max=1.0)
     accuracy_budget: float = _f(1.0, "largest INT8 accuracy drop (points) against FP32 before layers "
                                 "fall back to higher precision: met when the drop's 95 % upper "
                                 "bound over the source validation images, and every source "

@@ -182,6 +182,27 @@ def test_calibration_selection_is_balanced_seeded_and_content_hashed(tiny_data_r
     assert after.files == before.files and after.sha256 != before.sha256
 
 
+def test_shifted_calibration_share_spreads_loads_shifted_and_changes_the_hash(
+        tiny_data_root: Path) -> None:
+    from rise_edge.data.transforms import Preprocessing
+
+    recipe = load_recipe(None, tiny_recipe_overrides(tiny_data_root))
+    splits = build_splits(recipe.data, progress=False)
+    plain = select_calibration_set(splits, 12)
+    half = select_calibration_set(splits, 12, shifted_share=0.5)
+    assert half.files == plain.files and half.sha256 != plain.sha256  # never the same range cache
+    assert plain.shifted_indices() == [] and half.shifted_indices() == [1, 3, 5, 7, 9, 11]
+    assert select_calibration_set(splits, 12, shifted_share=1.0).shifted_indices() == list(range(12))
+    assert len(select_calibration_set(splits, 12, shifted_share=0.25).shifted_indices()) == 3
+    pre = Preprocessing(input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    clean, shifted = plain.load(pre), half.load(pre)
+    assert shifted.shape == clean.shape == (12, 3, 32, 32) and shifted.dtype == np.float32
+    same = [bool(np.array_equal(clean[i], shifted[i])) for i in range(12)]
+    assert same == [i % 2 == 0 for i in range(12)]  # the shifted half, and only it, differs
+    record = half.to_record(TINY_CLASSES)["shifted"]
+    assert record["share"] == 0.5 and record["images"] == 6
+
+
 def test_calibration_methods_and_range_cache_keyed_on_data_method_and_model(tiny_run: Path) -> None:
     cache = tiny_run / EXPORT_DIR / "cache"
     seen = set()

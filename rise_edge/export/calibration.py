@@ -38,10 +38,30 @@ class CalibrationSet:
     requested: int
     seed: int
     source: str = "source-domain training splits"  # or an adapted run's site images (no labels)
+    shifted_share: float = 0.0  # share of the images given a stress shift (shifted_indices)
 
     @property
     def paths(self) -> list[Path]:
         return [self.dataset_dir / f for f in self.files]
+
+    def shifted_indices(self) -> list[int]:
+        """The images calibrated on under a stress shift: spread evenly over the list (image i when
+        floor((i + 1) * share) > floor(i * share)), so every prefix holds its share of them and, the
+        list being round-robin over (domain, class) cells, they spread over the cells."""
+        share = self.shifted_share
+        return [i for i in range(len(self.files)) if int((i + 1) * share) > int(i * share)]
+
+    def load(self, preprocessing: Preprocessing) -> np.ndarray:
+        """The images decoded and preprocessed as at inference, the shifted share under
+        rise_edge.export.stress's shifts in turn -> (N, 3, S, S) float32."""
+        from rise_edge.export.stress import load_stressed
+
+        images = load_images(self.paths, preprocessing)
+        shifted = self.shifted_indices()
+        if shifted:
+            paths = self.paths
+            images[shifted] = load_stressed([paths[i] for i in shifted], preprocessing)
+        return images
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per source domain and per class index (as strings, for JSON)."""
@@ -53,6 +73,9 @@ class CalibrationSet:
         labelled = all(y >= 0 for y in self.labels)
         return {"sha256": self.sha256, "size": len(self.files), "requested": self.requested,
                 "seed": self.seed, "source": self.source,
+                "shifted": {"share": self.shifted_share, "images": len(self.shifted_indices()),
+                            "shifts": "grayscale, line drawing, posterised, blurred in turn "
+                                      "(rise_edge.export.stress)"},
                 **({"per_domain": counts["per_domain"],
                     "per_class": {classes[int(k)]: v for k, v in counts["per_class"].items()}}
                    if labelled else {}),
@@ -63,11 +86,14 @@ def _relative(path: str, dataset_dir: Path) -> str:
     return Path(os.path.relpath(path, dataset_dir)).as_posix()
 
 
-def select_calibration_set(splits: DomainSplits, size: int, seed: int = 0) -> CalibrationSet:
-    """Up to `size` source-domain training images, round-robin over (domain, class) cells.
+def select_calibration_set(splits: DomainSplits, size: int, seed: int = 0,
+                           shifted_share: float = 0.0) -> CalibrationSet:
+    """Up to `size` source-domain training images, round-robin over (domain, class) cells, of which
+    `shifted_share` are calibrated on under a stress shift (CalibrationSet.shifted_indices).
 
     Each cell is shuffled with a seed derived from (seed, domain, class), so adding a domain or class
-    does not reshuffle the others. Capped by the images that exist.
+    does not reshuffle the others. Capped by the images that exist. The share is part of the set's
+    sha256: ranges calibrated with another share are never reused.
     """
     cells: list[list[Sample]] = []
     for domain in splits.source_domains:  # never splits.target_domain, never splits.val
@@ -83,8 +109,10 @@ def select_calibration_set(splits: DomainSplits, size: int, seed: int = 0) -> Ca
     digest = hashlib.sha256()
     for rel, (path, _) in zip(files, chosen):
         digest.update(f"{rel}\t{file_sha256(path)}\n".encode())
+    if shifted_share:  # absent at 0, so sets (and caches) from before the option keep their sha256
+        digest.update(f"shifted share {shifted_share!r}\n".encode())
     return CalibrationSet(splits.dataset_dir, files, tuple(y for _, y in chosen), digest.hexdigest(),
-                          size, seed)
+                          size, seed, shifted_share=shifted_share)
 
 
 def select_fidelity_samples(splits: DomainSplits, per_domain: int, seed: int = 0

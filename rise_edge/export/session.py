@@ -142,14 +142,16 @@ class ExportSession:
                 return site_calibration_set(adapted, self.cfg.calibration_size,
                                         self.cfg.calibration_seed)
             return select_calibration_set(self.splits, self.cfg.calibration_size,
-                                          self.cfg.calibration_seed)
+                                          self.cfg.calibration_seed, self.cfg.calibration_shifted)
         return self._once("calibration", choose)
 
     @property
     def calibration_images(self) -> np.ndarray:
         def load() -> np.ndarray:
-            self.log(f"loading {len(self.calibration.files)} calibration images")
-            return load_images(self.calibration.paths, self.pre)
+            shifted = len(self.calibration.shifted_indices())
+            self.log(f"loading {len(self.calibration.files)} calibration images"
+                     + (f" ({shifted} of them shifted)" if shifted else ""))
+            return self.calibration.load(self.pre)
         return self._once("calibration_images", load)
 
     @property
