@@ -140,8 +140,9 @@ def to_markdown(record: dict[str, Any]) -> str:
              "ships (same quantizer, judge images and budget; only the calibration set differs). "
              "Drop = FP32 top-1 minus INT8 top-1, points (positive: INT8 worse). Judge: the source "
              "validation images, the same for every variant; unseen: every image of the held-out "
-             "domain, reported only. Shifted share: the part of the 512 calibration images given one "
-             "of the stress shifts (grayscale, line drawing, posterised, blurred) in turn.", ""]
+             "domain, reported only. Shifted share: the part of the run's calibration images "
+             "(export.calibration_size: 512 by default, 256 in the demo recipe) given one of the "
+             "stress shifts (grayscale, line drawing, posterised, blurred) in turn.", ""]
     for group, runs in record["groups"].items():
         lines += [f"## {group}", "", "| shifted share | calibration seed | runs | unseen drop, mean | "
                   "unseen drop, worst | runs within 1 point | judge met | judge drop, mean |",
