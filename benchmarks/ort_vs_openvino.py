@@ -65,7 +65,7 @@ def main() -> None:
               "32": latency(runners, probe, args.rounds, max(2, args.iterations // 4))}
     result = {
         "command": shlex.join(["python", "benchmarks/ort_vs_openvino.py", *sys.argv[1:]]),
-        "run": args.run.name, "model": run.meta.model, "target_domain": splits.target_domain,
+        "run": args.run.as_posix(), "model": run.meta.model, "target_domain": splits.target_domain,
         "source_domains": list(splits.source_domains),
         "images": {d: len(s) for d, s in domains.items()},
         "export_seconds": round(export_s, 1),
