@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -29,11 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from site_estimates import header, log, measure_groups, record_of, write  # same folder
+
 VARIANTS = ((0.0, 0), (0.0, 1), (0.5, 0), (0.5, 1))  # (share shifted, calibration seed)
-
-
-def log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def measure_run(run_dir: Path, data_root: str | None, variants: list[tuple[float, int]]
@@ -64,9 +61,10 @@ def measure_run(run_dir: Path, data_root: str | None, variants: list[tuple[float
         return np.concatenate([np.asarray(runner(x)).argmax(1) for x in unseen_images])
 
     fp32_pred = predict(fp32)
+    fp32_top1 = float(np.mean(fp32_pred == labels))
     found: dict[str, Any] = {"run": str(run_dir), "target": splits.target_domain,
                              "seed": run.recipe.train.seed, "model": run.meta.model,
-                             "fp32_unseen_top1": round(100 * float(np.mean(fp32_pred == labels)), 2),
+                             "fp32_unseen_top1": round(100 * fp32_top1, 2),
                              "unseen_images": int(labels.size), "variants": []}
     for share, seed in variants:
         started = time.perf_counter()
@@ -86,8 +84,7 @@ def measure_run(run_dir: Path, data_root: str | None, variants: list[tuple[float
         row = {"shifted_share": share, "calibration_seed": seed, "met": judged.met,
                "judge_drop": judged.drop, "judge_upper95": judged.upper95,
                "kept_fp32": budget.kept_fp32,
-               "unseen_drop": round(100 * (float(np.mean(fp32_pred == labels))
-                                           - float(np.mean(pred == labels))), 3),
+               "unseen_drop": round(100 * (fp32_top1 - float(np.mean(pred == labels))), 3),
                "unseen_disagreement_pct": round(100 * float(np.mean(pred != fp32_pred)), 3),
                "seconds": round(time.perf_counter() - started, 1)}
         found["variants"].append(row)
@@ -100,8 +97,8 @@ def measure_run(run_dir: Path, data_root: str | None, variants: list[tuple[float
 def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per variant, over the runs: mean and worst unseen drop, runs within 1 point, judge verdicts."""
     rows = []
-    for index, (share, seed) in enumerate(sorted({(v["shifted_share"], v["calibration_seed"])
-                                                  for r in runs for v in r["variants"]})):
+    for share, seed in sorted({(v["shifted_share"], v["calibration_seed"])
+                               for r in runs for v in r["variants"]}):
         got = [v for r in runs for v in r["variants"]
                if (v["shifted_share"], v["calibration_seed"]) == (share, seed)]
         drops = [v["unseen_drop"] for v in got]
@@ -131,8 +128,6 @@ def paired_effect(runs: list[dict[str, Any]], share: float) -> dict[str, Any] | 
 
 
 def to_markdown(record: dict[str, Any]) -> str:
-    from site_estimates import header
-
     lines = [*header("INT8 calibration: the sources as they are, or partly shifted", record,
                      ("python", "torch", "onnxruntime", "rise_edge")),
              f"Wall time: {record['seconds'] / 60:.1f} min.", "",
@@ -181,22 +176,19 @@ def main() -> None:
                         help=f"calibration variants (default: {' '.join(f'{a:g}:{b}' for a, b in VARIANTS)})")
     parser.add_argument("--name", default="int8_calibration")
     args = parser.parse_args()
-    from site_estimates import measure_groups, record_of, write
-
     variants = ([(float(v.split(":")[0]), int(v.split(":")[1])) for v in args.variant]
                 if args.variant else list(VARIANTS))
     started = time.perf_counter()
     groups = measure_groups(args.group, lambda run, _: measure_run(run, args.data_root, variants),
                             temporary=False)
     shares = sorted({s for s, _ in variants if s > 0})
+    effects = {g: paired_effect(runs, shares[-1]) if shares else None for g, runs in groups.items()}
     record = {**record_of("int8_calibration.py",
                           [a for g in args.group for a in ("--group", g)]
                           + [a for v in (args.variant or []) for a in ("--variant", v)],
                           started, groups),
               "summary": {g: summary(runs) for g, runs in groups.items()},
-              "effect": {g: ({"share": shares[-1], **paired_effect(runs, shares[-1])}
-                             if shares and paired_effect(runs, shares[-1]) else None)
-                         for g, runs in groups.items()}}
+              "effect": {g: {"share": shares[-1], **e} if e else None for g, e in effects.items()}}
     write(args.name, record, to_markdown(record))
 
 

@@ -91,7 +91,8 @@ def latency(models: dict[str, Path], image: np.ndarray, rounds: int, iters: int)
 
 
 def measure_run(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from rise_edge.export.driver import export_run, resolve_export_config
+    from rise_edge.bench.driver import int8_judge
+    from rise_edge.export.driver import export_run, recommended_int8, resolve_export_config
     from rise_edge.export.session import ExportSession
     from rise_edge.run_dir import EXPORT_DIR, open_run
 
@@ -119,9 +120,6 @@ def measure_run(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
                   "qat_cpu": folder / records["onnx-int8-qat-cpu"]["path"]}
         acc = accuracy(models, session.splits, session.pre)
         speed = latency(models, session.parity_images, args.rounds, args.iters)
-    from rise_edge.bench.driver import int8_judge
-    from rise_edge.export.driver import recommended_int8
-
     budget = records["onnx-int8"]["accuracy_budget"]
     qat = records["onnx-int8-qat"]["qat"]
     document = json.loads(result.path.read_text())

@@ -104,9 +104,14 @@ def to_markdown(r: dict) -> str:
              "|---|" + "---|" * (len(domains) + 5)]
     for name, label in ENGINES.items():
         a = r["artefacts"][name]
-        judge = a.get("judge") or {}
-        verdict = ("-" if not judge else f"{judge['drop_points']:.2f} ({judge['drop_upper95']:.2f}), "
-                   + ("met" if judge["met"] else "missed") if judge.get("judged") else "not judged")
+        judge = a.get("judge")
+        if judge is None:  # an FP32 engine
+            verdict = "-"
+        elif not judge["judged"]:
+            verdict = "not judged"
+        else:
+            verdict = (f"{judge['drop_points']:.2f} ({judge['drop_upper95']:.2f}), "
+                       + ("met" if judge["met"] else "missed"))
         b1, b32 = r["latency"]["1"][name], r["latency"]["32"][name]
         lines.append(f"| {label} | " + " | ".join(f"{r['top1'][d][name]:.2f}" for d in domains)
                      + f" | {verdict}"

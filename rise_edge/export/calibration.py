@@ -56,10 +56,10 @@ class CalibrationSet:
         rise_edge.export.stress's shifts in turn -> (N, 3, S, S) float32."""
         from rise_edge.export.stress import load_stressed
 
-        images = load_images(self.paths, preprocessing)
+        paths = self.paths
+        images = load_images(paths, preprocessing)
         shifted = self.shifted_indices()
         if shifted:
-            paths = self.paths
             images[shifted] = load_stressed([paths[i] for i in shifted], preprocessing)
         return images
 
