@@ -183,7 +183,9 @@ def recipes() -> None:
 @click.option("--calibration-size", type=click.IntRange(min=1, max=IMAGES_MAX), default=None,
               help="Calibration images, balanced over source domains and classes.")
 @click.option("--budget", type=float, default=None,
-              help="Largest INT8 accuracy drop (points) on any source domain before layers fall back.")
+              help="Largest INT8 accuracy drop (points) against FP32 before layers fall back: met "
+              "when the drop's 95 % upper bound over the source validation images, and each source "
+              "domain's point drop, are within it.")
 @click.option("--fold-preprocessing/--no-fold-preprocessing", default=None,
               help="Also export a graph that takes uint8 NHWC camera frames.")
 @click.option("--qat/--no-qat", default=None,
