@@ -222,3 +222,22 @@ def test_a_timed_tensorrt_run_is_the_enqueue_alone(monkeypatch) -> None:
     assert calls == ["enqueue"] * 3
     runner.run_staged((torch.zeros(4, 3), torch.zeros(4, 4)))  # another batch: bound first
     assert calls[3:] == ["shape", "address", "address", "enqueue"]
+
+
+def test_an_openvino_model_with_every_layer_reverted_to_fp32_counts_no_quantizers(tmp_path: Path
+                                                                                  ) -> None:
+    """NNCF's accuracy control can revert every layer; export must see that such a model is FP32
+    and not ship it as the INT8 artefact."""
+    ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (extra: openvino)")
+    nncf = pytest.importorskip("nncf", reason="NNCF is not installed (extra: openvino)")
+    from rise_edge.backends.openvino import quantizer_count
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    onnx_path = tmp_path / "tiny.onnx"
+    torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(onnx_path), dynamo=False)
+    fp32 = ov.convert_model(str(onnx_path))
+    images = np.random.default_rng(0).normal(size=(8, 1, 3, 16, 16)).astype(np.float32)
+    int8 = nncf.quantize(fp32, nncf.Dataset(list(images)), subset_size=8)
+    assert quantizer_count(fp32) == 0
+    assert quantizer_count(int8) > 0

@@ -79,6 +79,30 @@ def make_openvino_fp32(s: ExportSession, tmp: Path) -> dict[str, Any]:
             "from_sha256": file_sha256(s.path_of("onnx-fp32")), "files": files, "parity": parity}
 
 
+def quantizer_count(model: Any) -> int:
+    """FakeQuantize operations in an OpenVINO model: 0 means it runs wholly in floating point (NNCF's
+    accuracy control can revert every layer), and is no INT8 model at all."""
+    return sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
+
+
+def _accuracy_controlled(nncf: Any, s: ExportSession, fp32: Any, calibration: Any) -> Any:
+    """NNCF's accuracy-control proposal: the worst source domain's validation top-1 within the
+    budget, the most harmful layers reverted to floating point."""
+    items = [(x, y) for x, y in s.fidelity.domains.values()]
+
+    def worst_domain_accuracy(compiled: Any, data: Any) -> tuple[float, None]:
+        accuracy = []
+        for images, labels in data:
+            logits = np.concatenate([compiled(images[i:i + 32])[0] for i in range(0, len(images), 32)])
+            accuracy.append(float((logits.argmax(1) == labels).mean()))
+        return min(accuracy), None
+
+    return nncf.quantize_with_accuracy_control(
+        fp32, calibration, nncf.Dataset(items), worst_domain_accuracy,
+        max_drop=s.cfg.accuracy_budget / 100, drop_type=nncf.DropType.ABSOLUTE,
+        subset_size=len(s.calibration_images), target_device=nncf.TargetDevice.CPU)
+
+
 def make_openvino_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
     """NNCF post-training INT8 on the export's calibration images; when the judge
     (rise_edge.export.judge) says it misses the budget, NNCF's accuracy-control flow proposes a model
@@ -111,30 +135,25 @@ def make_openvino_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
         plain = nncf.quantize(fp32, calibration, subset_size=len(s.calibration_images),
                               target_device=nncf.TargetDevice.CPU)
         path, fidelity = judged(plain, "ptq")
-        tried = [{"method": "nncf.quantize", "fidelity": fidelity.to_record()}]
+        tried = [{"method": "nncf.quantize", "quantizers": quantizer_count(plain),
+                  "fidelity": fidelity.to_record()}]
         chosen, chosen_fidelity, chosen_path = "nncf.quantize", fidelity, path
         s.log(f"OpenVINO INT8: drop 95 % upper bound {verdict(fidelity, budget).upper95:.2f} points "
               "on the source validation images")
         if not verdict(fidelity, budget).met:
             s.log(f"over the {budget:g}-point budget: NNCF quantization with accuracy control")
-            items = [(x, y) for x, y in s.fidelity.domains.values()]
-
-            def worst_domain_accuracy(compiled: Any, data: Any) -> tuple[float, None]:
-                accuracy = []
-                for images, labels in data:
-                    logits = np.concatenate([compiled(images[i:i + 32])[0]
-                                             for i in range(0, len(images), 32)])
-                    accuracy.append(float((logits.argmax(1) == labels).mean()))
-                return min(accuracy), None
-
-            controlled = nncf.quantize_with_accuracy_control(
-                fp32, calibration, nncf.Dataset(items), worst_domain_accuracy,
-                max_drop=budget / 100, drop_type=nncf.DropType.ABSOLUTE,
-                subset_size=len(s.calibration_images), target_device=nncf.TargetDevice.CPU)
+            controlled = _accuracy_controlled(nncf, s, fp32, calibration)
             path_c, fidelity_c = judged(controlled, "controlled")
-            tried.append({"method": "nncf.quantize_with_accuracy_control", "fidelity": fidelity_c.to_record()})
+            quantizers = quantizer_count(controlled)
+            tried.append({"method": "nncf.quantize_with_accuracy_control", "quantizers": quantizers,
+                          "fidelity": fidelity_c.to_record()})
+            if not quantizers:
+                # It matches FP32 because it is FP32: shipping it as INT8 would promise a speed-up
+                # and a size that are not there.
+                s.log("NNCF's accuracy control kept every layer in floating point: that is no INT8 "
+                      "model, so NNCF's plain INT8 model stays")
             # NNCF proposes; the judge decides, by the rule every INT8 artefact is chosen by.
-            if order_key(fidelity_c, budget) < order_key(fidelity, budget):
+            elif order_key(fidelity_c, budget) < order_key(fidelity, budget):
                 chosen, chosen_fidelity, chosen_path = ("nncf.quantize_with_accuracy_control",
                                                         fidelity_c, path_c)
         parity = s.check_parity(OpenVinoRunner(chosen_path), "the OpenVINO INT8 IR", None)
