@@ -42,8 +42,9 @@ def log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def logits(runner: Any, images: np.ndarray, batch: int = 64) -> np.ndarray:
-    """(N, classes) float32 logits of an (N, 3, H, W) array."""
+def logits(runner: Any, images: Any, batch: int = 64) -> np.ndarray:
+    """(N, classes) float32 logits of N inputs: an (N, 3, H, W) array, or N paths for a runner that
+    decodes them."""
     return np.concatenate([np.asarray(runner(images[i:i + batch]), dtype=np.float32)
                            for i in range(0, len(images), batch)])
 
@@ -98,9 +99,7 @@ def measure_run(run_dir: Path, data_root: str | None) -> dict[str, Any]:
 
     def run_all(runner: Any) -> dict[str, np.ndarray]:
         found = {k: logits(runner, v) for k, v in images.items()}
-        found["unseen"] = np.concatenate([np.asarray(runner(decode(target_paths[i:i + 64])),
-                                                     dtype=np.float32)
-                                          for i in range(0, len(target_paths), 64)])
+        found["unseen"] = logits(lambda paths: runner(decode(paths)), target_paths)
         return found
 
     fp32 = run_all(runner_for(arts["onnx-fp32"], run_dir / "export"))

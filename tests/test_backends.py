@@ -226,8 +226,8 @@ def test_a_timed_tensorrt_run_is_the_enqueue_alone(monkeypatch) -> None:
 
 def test_an_openvino_model_with_every_layer_reverted_to_fp32_counts_no_quantizers(tmp_path: Path
                                                                                   ) -> None:
-    """NNCF's accuracy control can revert every layer; export must see that such a model is FP32
-    and not ship it as the INT8 artefact."""
+    """NNCF's accuracy control can revert every layer; this count is how export tells such a model
+    (FP32) from an INT8 one before it could ship it as the INT8 artefact."""
     ov = pytest.importorskip("openvino", reason="OpenVINO is not installed (extra: openvino)")
     nncf = pytest.importorskip("nncf", reason="NNCF is not installed (extra: openvino)")
     from rise_edge.backends.openvino import quantizer_count
