@@ -18,7 +18,8 @@ and what they are made of (flips to wrong and to right, INT8's logit noise-to-si
 top-1 margin), so that the record can say why an unseen drop was not seen on the sources.
 Across all (run, artefact) cases: how well each clean and stress figure predicts the unseen drop
 (Pearson and Spearman correlation, mean absolute error as a direct estimate), and whether the INT8
-model export ships keeps the unseen drop within 1 point. Writes benchmarks/results/int8_shift.{md,json}.
+model export ships keeps the unseen drop within 1 point. Writes benchmarks/results/int8_shift.{md,json}
+(--name): --carry an earlier record to add groups to it without re-measuring those it holds.
 """
 
 from __future__ import annotations
@@ -178,16 +179,28 @@ def anatomy(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for key in ("clean", "stress", "unseen")]
 
 
-def to_markdown(record: dict[str, Any]) -> str:
+def preamble(record: dict[str, Any]) -> list[str]:
+    """The record's title, command, machine, where carried groups came from, notes, definitions."""
     from site_estimates import header
 
     lines = [*header("INT8 and shift: do shifted source images predict the unseen domain's drop?",
                      record, ("python", "torch", "onnxruntime", "openvino", "rise_edge")),
-             f"Wall time: {record['seconds'] / 60:.1f} min.", "",
-             "Drop = FP32 top-1 minus INT8 top-1 (points, positive: INT8 worse); disagreement = % of "
-             "images whose class INT8 changes. Clean: the judge's source validation images; stress: "
-             "the same images under each shift (every image under every shift); unseen: every image "
-             "of the held-out domain, reported only.", ""]
+             f"Wall time: {record['seconds'] / 60:.1f} min.", ""]
+    for c in record.get("carried", []):
+        lines += [f"Carried unchanged from an earlier record: {', '.join(c['groups'])}, measured by "
+                  f"`{c['command']}` on {c['machine'].get('cpu')}, {c['machine'].get('logical_cores')} "
+                  f"logical cores ({c['seconds'] / 60:.1f} min; "
+                  + ", ".join(f"{k} {c['versions'][k]}" for k in ("onnxruntime", "openvino")
+                              if k in c["versions"]) + ").", ""]
+    lines += [f"Note: {n}" for n in record.get("notes", [])] + ([""] if record.get("notes") else [])
+    return lines + ["Drop = FP32 top-1 minus INT8 top-1 (points, positive: INT8 worse); disagreement "
+                    "= % of images whose class INT8 changes. Clean: the judge's source validation "
+                    "images; stress: the same images under each shift (every image under every "
+                    "shift); unseen: every image of the held-out domain, reported only.", ""]
+
+
+def to_markdown(record: dict[str, Any]) -> str:
+    lines = preamble(record)
     for group, rows in record["predictiveness"].items():
         lines += [f"## How well each figure predicts the unseen drop: {group}", "",
                   f"{record['cases'][group]} cases (run x INT8 artefact).", "",
@@ -233,21 +246,53 @@ def to_markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def carried(path: Path | None, measured: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The groups of an earlier record of this script, carried unchanged into this one (their runs
+    need not be on disk any more), and where each came from: the command, machine, versions and wall
+    time that measured it (the earlier record's own carried groups keep theirs)."""
+    if path is None:
+        return {}, []
+    try:
+        earlier = json.loads(path.read_text())
+        groups = earlier["groups"]
+        origin = {k: earlier[k] for k in ("command", "machine", "versions", "seconds")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        sys.exit(f"--carry {path}: not an int8_shift record ({e}); give the .json this script wrote")
+    sources = [dict(c) for c in earlier.get("carried", [])]
+    own = [g for g in groups if not any(g in c["groups"] for c in sources)]
+    if own:
+        sources.append({**origin, "groups": own})
+    clash = sorted(set(groups) & set(measured))
+    if clash:
+        sys.exit(f"--carry {path}: group(s) {', '.join(clash)} are also measured here; name the new "
+                 "ones differently or measure them without --carry")
+    return groups, sources
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--group", action="append", required=True, metavar="NAME=SWEEP_DIR")
     parser.add_argument("--data-root", default=os.environ.get("RISE_EDGE_DATA"))
     parser.add_argument("--name", default="int8_shift")
+    parser.add_argument("--carry", type=Path, metavar="RECORD.json",
+                        help="an earlier record of this script whose groups join this one unchanged "
+                             "(the tables across all groups are recomputed)")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a sentence the record must carry about what it measured (repeatable)")
     args = parser.parse_args()
     from site_estimates import measure_groups, record_of, write
 
     started = time.perf_counter()
-    groups = measure_groups(args.group, lambda run, _: measure_run(run, args.data_root),
-                            temporary=False)
+    earlier, sources = carried(args.carry, [g.partition("=")[0] for g in args.group])
+    groups = {**earlier, **measure_groups(args.group, lambda run, _: measure_run(run, args.data_root),
+                                          temporary=False)}
     cases = {g: [a for r in runs for a in r["artefacts"].values()] for g, runs in groups.items()}
     everything = [a for c in cases.values() for a in c]
-    record = {**record_of("int8_shift.py", [a for g in args.group for a in ("--group", g)],
+    argv = [a for g in args.group for a in ("--group", g)]
+    argv += ["--carry", str(args.carry)] if args.carry else []
+    record = {**record_of("int8_shift.py", argv + [a for n in args.note for a in ("--note", n)],
                           started, groups),
+              "carried": sources, "notes": args.note,
               "cases": {**{g: len(c) for g, c in cases.items()}, "all": len(everything)},
               "predictiveness": {**{g: predictiveness(c) for g, c in cases.items()},
                                  "all": predictiveness(everything)},
