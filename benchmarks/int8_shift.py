@@ -256,10 +256,10 @@ def carried(path: Path | None, measured: list[str]) -> tuple[dict[str, Any], lis
         earlier = json.loads(path.read_text())
         groups = earlier["groups"]
         origin = {k: earlier[k] for k in ("command", "machine", "versions", "seconds")}
+        sources = list(earlier.get("carried", []))
+        own = [g for g in groups if not any(g in c["groups"] for c in sources)]
     except (OSError, ValueError, KeyError, TypeError) as e:
         sys.exit(f"--carry {path}: not an int8_shift record ({e}); give the .json this script wrote")
-    sources = [dict(c) for c in earlier.get("carried", [])]
-    own = [g for g in groups if not any(g in c["groups"] for c in sources)]
     if own:
         sources.append({**origin, "groups": own})
     clash = sorted(set(groups) & set(measured))
