@@ -92,7 +92,8 @@ def latency(models: dict[str, Path], image: np.ndarray, rounds: int, iters: int)
 
 def measure_run(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     from rise_edge.bench.driver import int8_judge
-    from rise_edge.export.driver import export_run, recommended_int8, resolve_export_config
+    from rise_edge.export.driver import export_run, resolve_export_config
+    from rise_edge.export.recommend import recommended_int8
     from rise_edge.export.session import ExportSession
     from rise_edge.run_dir import EXPORT_DIR, open_run
 
@@ -132,7 +133,7 @@ def measure_run(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
             "judge": {"ptq": int8_judge(records["onnx-int8"]),
                       "qat_cpu": int8_judge(records["onnx-int8-qat-cpu"]),
                       "qat_qdq": int8_judge(records["onnx-int8-qat"])},
-            "recommended": recommended_int8(records),
+            "recommended": recommended_int8(document),
             "judge_images": document.get("int8_images", {}),
             "qat": {"wall_time_s": qat["wall_time_s"], "steps": qat["steps"],
                     "batch_size": qat["batch_size"], "lr": qat["lr"], "selected_step": qat["selected_step"],

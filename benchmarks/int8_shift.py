@@ -109,7 +109,7 @@ def measure_run(run_dir: Path, data_root: str | None) -> dict[str, Any]:
                              "fp32_unseen_top1": round(100 * float(np.mean(fp32["unseen"].argmax(1)
                                                                            == labels["unseen"])), 2),
                              "judge_images": len(clean_samples), "artefacts": {}}
-    recommended = export_recommendation(arts)
+    recommended = export_recommendation(export)
     for name in INT8:
         if arts.get(name, {}).get("status") != "ok":
             continue
@@ -127,10 +127,11 @@ def measure_run(run_dir: Path, data_root: str | None) -> dict[str, Any]:
     return found
 
 
-def export_recommendation(arts: dict[str, Any]) -> str | None:
-    from rise_edge.export.driver import recommended_int8
+def export_recommendation(export: dict[str, Any]) -> str | None:
+    """The INT8 artefact export.json recommends overall (rise_edge.export.recommend)."""
+    from rise_edge.export.recommend import recommended_int8
 
-    return recommended_int8(arts)
+    return recommended_int8(export, "int8")
 
 
 def _rank(x: np.ndarray) -> np.ndarray:

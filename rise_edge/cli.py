@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from rise_edge.config import BATCH_MAX, CALIBRATION_METHODS, IMAGES_MAX, STEPS_MAX
+from rise_edge.config import BATCH_MAX, CALIBRATION_METHODS, IMAGES_MAX, INT8_TARGETS, STEPS_MAX
 from rise_edge.errors import UserError
 
 EXIT_UNAVAILABLE = 3
@@ -178,6 +178,10 @@ def recipes() -> None:
 @click.option("--fp16/--no-fp16", default=None, help="Also make FP16 artefacts (GPU formats).")
 @click.option("--int8/--no-int8", default=None,
               help="Also make INT8 artefacts (ONNX Runtime CPU; TensorRT Q/DQ and engine).")
+@click.option("--int8-target", type=click.Choice(INT8_TARGETS), default=None,
+              help="The CPU the INT8 artefacts are built for: auto (this machine's kind), x86-vnni "
+                   "(8-bit weights), x86-avx2 (7-bit weights: AVX2's u8 x s8 multiply-add saturates "
+                   "with 8), arm64; recorded in export.json, checked by bench.")
 @click.option("--calibration-method", type=click.Choice(CALIBRATION_METHODS),
               default=None, help="How INT8 activation ranges are calibrated.")
 @click.option("--calibration-size", type=click.IntRange(min=1, max=IMAGES_MAX), default=None,
@@ -190,7 +194,8 @@ def recipes() -> None:
               help="Also export a graph that takes uint8 NHWC camera frames.")
 @click.option("--qat/--no-qat", default=None,
               help="With --int8: also fine-tune with INT8 fake quantization on the source domains "
-                   "(the run's objective) and export it as an explicit Q/DQ ONNX.")
+                   "(towards the FP32 student's logits; export.qat_objective=run: the run's "
+                   "objective) and export it as an explicit Q/DQ ONNX.")
 @click.option("--qat-steps", type=click.IntRange(min=1, max=STEPS_MAX), default=None,
               help="Quantization-aware fine-tuning steps (default: the recipe's export.qat_steps).")
 @click.option("--set", "overrides", multiple=True, metavar="export.KEY=VALUE",
@@ -213,6 +218,7 @@ def recipes() -> None:
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @_user_errors
 def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: bool | None,
+           int8_target: str | None,
            calibration_method: str | None, calibration_size: int | None, budget: float | None,
            fold_preprocessing: bool | None, qat: bool | None, qat_steps: int | None,
            overrides: tuple[str, ...], serve: tuple[str, ...], bundle_dir: Path | None,
@@ -229,12 +235,13 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
     unavailable: list[str] = []
     if artefact_formats or not bundle_formats:
         unavailable = _export_artefacts(
-            run_dir, artefact_formats, quiet, overrides, fp16=fp16, int8=int8,
+            run_dir, artefact_formats, quiet, overrides, fp16=fp16, int8=int8, int8_target=int8_target,
             calibration_method=calibration_method, calibration_size=calibration_size,
             accuracy_budget=budget, fold_preprocessing=fold_preprocessing,
             qat=None if qat is None else ("on" if qat else "off"), qat_steps=qat_steps)
-    elif overrides or any(v is not None for v in (fp16, int8, calibration_method, calibration_size,
-                                                  budget, fold_preprocessing, qat, qat_steps)):
+    elif overrides or any(v is not None for v in (fp16, int8, int8_target, calibration_method,
+                                                  calibration_size, budget, fold_preprocessing,
+                                                  qat, qat_steps)):
         raise UserError("export options make artefacts, and --format triton/deepstream only "
                         "packages what export made: add the artefact's format too (e.g. --format "
                         "onnx --format triton) or export first")
@@ -259,7 +266,7 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
 def _export_artefacts(run_dir: Path, formats: list[str], quiet: bool, overrides: tuple[str, ...],
                       **flags: Any) -> list[str]:
     """Run export as asked; exit 1 when an artefact failed; returns the unavailable ones."""
-    from rise_edge.export.driver import export_run, recommended_int8, resolve_export_config
+    from rise_edge.export.driver import export_run, resolve_export_config
     from rise_edge.run_dir import open_run
 
     data_root, overrides = _data_root(overrides)
@@ -267,10 +274,15 @@ def _export_artefacts(run_dir: Path, formats: list[str], quiet: bool, overrides:
     result = export_run(run_dir, cfg, progress=not quiet, data_root=data_root)
     click.echo(result.table())
     click.echo(f"artefacts and metadata: {result.path}")
-    recommended = recommended_int8(result.artefacts)
-    if recommended:
-        click.echo(f"INT8 for ONNX Runtime on the CPU: {recommended} (the judge's best against "
-                   "FP32 on source validation images)")
+    for name, judged in result.recommended.get("candidates", {}).items():
+        if name in result.attempted:
+            click.echo(f"{name}: {judged['verdict']}")
+    overall = result.recommended.get("int8")
+    if overall:
+        click.echo(f"recommended INT8: {overall} (export.json's `recommended`)")
+    elif result.recommended.get("candidates"):
+        click.echo("no INT8 artefact is recommended (the verdicts above say why); FP32 stays the "
+                   "one to ship", err=True)
     ptq = result.artefacts.get("onnx-int8", {})
     if ptq.get("status") == "ok" and not ptq["accuracy_budget"]["met"] and cfg.qat == "off":
         judged = ptq["accuracy_budget"].get("judge", {})

@@ -167,6 +167,9 @@ class TrainConfig:
 # INT8 activation-range calibration: the one list of names (quantizers map them to their own).
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
 CALIBRATION_METHODS: tuple[str, ...] = typing.get_args(CalibrationMethod)
+# The CPU kinds an INT8 artefact can be built for (rise_edge.export.int8_target says what each is).
+Int8Target = Literal["auto", "x86-vnni", "x86-avx2", "arm64"]
+INT8_TARGETS: tuple[str, ...] = typing.get_args(Int8Target)
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,14 @@ class ExportConfig:
     opset: int = _f(18, "ONNX opset (13 to 23: the TorchScript exporter writes up to 20, the dynamo "
                     "exporter the rest)", min=13, max=23)
     int8: bool = _f(False, "also produce INT8 artefacts")
+    int8_target: Int8Target = _f(
+        "auto", "the CPU the INT8 artefacts are built for (rise_edge.export.int8_target): auto (this "
+        "machine's kind), x86-vnni (8-bit weights), x86-avx2 (7-bit weights: AVX2's u8 x s8 "
+        "multiply-add saturates with 8), arm64 (int8 x int8)")
+    int8_min_speedup: float = _f(
+        1.1, "an INT8 artefact is recommended only when it runs at least this many times as fast as "
+             "its FP32 model at batch 1 on its target (measured at export when this machine is of "
+             "the target's kind; 0: speed does not count)", min=0.0, max=1000.0)
     fp16: bool = _f(False, "also produce FP16 artefacts (GPU formats)")
     calibration_method: CalibrationMethod = _f(
         "minmax", "INT8 calibration method")
@@ -192,6 +203,11 @@ class ExportConfig:
                                 min=0.0, max=100.0)
     max_fallback_layers: int = _f(8, "most layers kept in higher precision by the budget step", min=0,
                                   max=10_000)
+    min_agreement: float = _f(
+        98.0, "ONNX Runtime INT8 keeps layers in FP32 (up to max_fallback_layers) until every source "
+        "domain's top-1 agreement with FP32 on the judge images reaches this % as well as the "
+        "budget: agreement bounds what INT8 changes on images no source resembles (0: the budget "
+        "alone)", min=0.0, max=100.0)
     fidelity_images: int = _f(500, "most source validation images per domain on which INT8 is "
                               "judged against FP32 (QAT selects its step on as many training "
                               "images outside the calibration set)", min=1, max=IMAGES_MAX)
@@ -203,12 +219,16 @@ class ExportConfig:
     batch_profile: tuple[int, ...] = _f((1, 8, 32), "TensorRT dynamic-batch optimisation profile: "
                                         "min, opt, max batch", min=1, max=BATCH_MAX)
     qat: Literal["off", "on", "auto"] = _f(
-        "off", "quantization-aware fine-tuning with the run's objective (INT8 only): on, off, or auto "
-        "(only when post-training INT8 misses the accuracy budget)")
+        "off", "quantization-aware fine-tuning towards export.qat_objective (INT8 only): on, off, or "
+        "auto (only when post-training INT8 misses the accuracy budget)")
     # 200 by measurement (benchmarks/results/int8_robustness.md): the demo students' source-val
     # accuracy still rose at 200 (selected steps 200, 200, 100); PACS Lite0 peaked at 75 of 100.
     # Every eval step is a candidate, so a longer run costs time, not accuracy.
     qat_steps: int = _f(200, "QAT fine-tuning steps", min=1, max=STEPS_MAX)
+    qat_objective: Literal["fp32", "run"] = _f(
+        "fp32", "what QAT fine-tunes towards: fp32 (distil the FP32 student's logits and select the "
+        "step by agreement with it: the INT8 model learns to be its FP32 model) or run (the run's "
+        "own objective, selected by source accuracy)")
     qat_lr: float = _f(0.0, "QAT learning rate (0: a hundredth of the run's optim.lr)", min=0.0,
                        max=1000.0)
     qat_batch_size: int = _f(0, "QAT batch size (0: the run's train.batch_size)", min=0,

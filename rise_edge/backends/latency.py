@@ -294,3 +294,21 @@ def mlperf_style(latency: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"single_stream_p90_ms": single["p90_ms"] if single else None,
             "offline_images_per_s": best["images_per_s"] if best else None,
             "offline_batch_size": best["batch_size"] if best else None}
+
+
+def int8_speed(fp32: Any, int8: Any, image: np.ndarray, target: str, rounds: int = 5,
+               iterations: int = 20) -> dict[str, Any]:
+    """An INT8 model's batch-1 speed against its own backend's FP32 model, timed interleaved in this
+    process (`image`: (1, 3, S, S)), and whether this machine is of the kind it was built for
+    (rise_edge.export.int8_target): a speed-up measured on another kind says nothing of its own."""
+    import statistics
+
+    from rise_edge.export.int8_target import this_machine
+
+    times = interleaved_ms({"fp32": fp32, "int8": int8}, image, rounds, iterations)
+    fp32_ms, int8_ms = (statistics.median(times[k]) for k in ("fp32", "int8"))
+    here = this_machine()
+    return {"batch": 1, "fp32_ms": round(fp32_ms, 3), "int8_ms": round(int8_ms, 3),
+            "speedup": round(fp32_ms / max(int8_ms, 1e-9), 3), "measured_on": here,
+            "on_target": here == target,
+            "how": f"median of {rounds} x {iterations} interleaved calls each, in one process"}

@@ -149,6 +149,7 @@ class EngineSpec:
     reason: str = ""
     warnings: list[str] = field(default_factory=list)
     student: Any = None            # a PyTorch row's own student (the parent's, for before-adapt)
+    recommendation: dict[str, Any] | None = None  # export.json's verdict on an INT8 artefact
 
 
 def _ort_has(provider: str) -> bool:
@@ -221,6 +222,13 @@ def _check_record(spec: EngineSpec, explicit: bool, student_sha: str | None) -> 
                 f"build an engine from it on the device, or name it (--engines {spec.name}) to run it "
                 "on the CPU anyway")
             return
+    built_for = dict(record.get("int8_target") or {}).get("kind")
+    if built_for:
+        from rise_edge.export.int8_target import mismatch
+
+        warning = mismatch(str(built_for))
+        if warning:
+            spec.warnings.append(warning)
     if spec.path is None or not spec.path.is_file():
         spec.status = "missing"
         spec.reason = f"{EXPORT_DIR}/{record.get('path')} is listed in {EXPORT_JSON} but not on disk"
@@ -276,6 +284,7 @@ def plan_engines(run: TrainedRun, export: dict[str, Any], requested: Sequence[st
                           str(record.get("target", "")), record,
                           run.path / EXPORT_DIR / record["path"] if record.get("path") else None)
         _check_record(spec, explicit or any(n == name and e for n, e in chosen), student_sha)
+        spec.recommendation = dict(export.get("recommended") or {}).get("candidates", {}).get(name)
         specs.append(spec)
     return specs + [m for m in missing if m.name not in seen]
 
@@ -385,7 +394,10 @@ def _row(spec: EngineSpec, run_dir: Path) -> dict[str, Any]:
             "path": rel, "status": spec.status, "reason": spec.reason, "warnings": list(spec.warnings),
             "size_bytes": size, "sha256": record.get("sha256"), "accuracy": {}, "latency": [],
             "mlperf": None, "resources": {}, "seconds": 0.0,
-            **({"int8_judge": int8_judge(record)} if spec.precision == "int8" else {})}
+            **({"int8_judge": {**int8_judge(record), "recommendation": spec.recommendation or {
+                "recommended": False, "verdict": "export.json holds no recommendation for it "
+                                                 "(exported before recommendations): re-export"}}}
+               if spec.precision == "int8" else {})}
 
 
 def int8_judge(record: dict[str, Any]) -> dict[str, Any]:

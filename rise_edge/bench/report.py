@@ -229,19 +229,25 @@ def _int8_judge_section(data: dict[str, Any]) -> list[str]:
     for row in rows:
         v = row["int8_judge"]
         if not v.get("judged"):
-            table.append([row["engine"], "-", "-", "-", "-", "not judged", v.get("reason", "")])
+            table.append([row["engine"], "-", "-", "-", "-", "-", "-", "not judged",
+                          v.get("reason", ""), "-", "-", "-"])
             continue
         rule = v.get("rule", rule)
         stress = v.get("stress") or {}
+        recommended = v.get("recommendation") or {}
         table.append([row["engine"], _num(v.get("budget_points")), _num(v.get("drop_points")),
-                      _num(v.get("drop_upper95")), v.get("images", "-"),
+                      _num(v.get("drop_upper95")), _num(v.get("agreement_pct")),
+                      _num(v.get("worst_domain_agreement_pct")), v.get("images", "-"),
                       "met" if v.get("met") else "NOT met", v.get("decided_by", ""),
-                      _num(stress.get("drop_points")), _num(stress.get("drop_upper95"))])
+                      _num(stress.get("drop_points")), _num(stress.get("drop_upper95")),
+                      recommended.get("verdict", "-")])
     return ["## INT8 judge (export)", "", f"Rule: {rule}." if rule else "",
             "Stress: the same images shifted (grayscale, line drawing, posterised, blurred); "
             "reported, deciding nothing yet.",
-            "", *_md_table(["engine", "budget (points)", "drop", "95 % upper bound", "judge images",
-                            "verdict", "decided by", "stress drop", "stress upper bound"], table), ""]
+            "", *_md_table(["engine", "budget (points)", "drop", "95 % upper bound",
+                            "agreement with FP32 %", "worst source domain's agreement %",
+                            "judge images", "verdict", "decided by", "stress drop",
+                            "stress upper bound", "recommendation (export)"], table), ""]
 
 
 def _latency_section(data: dict[str, Any]) -> list[str]:

@@ -111,7 +111,7 @@ def _story(recipe: Recipe, out_dir: Path, started: float, progress: bool) -> Dem
     """The five steps and the summary, with the demo folder held."""
     from rise_edge.bench.driver import bench_run
     from rise_edge.data.domains import build_splits
-    from rise_edge.export.driver import export_run, recommended_int8
+    from rise_edge.export.driver import export_run
     from rise_edge.train.teacher import built_teacher
 
     _say(1, "demo world: shapes drawn in four styles")
@@ -138,19 +138,33 @@ def _story(recipe: Recipe, out_dir: Path, started: float, progress: bool) -> Dem
     bench_cfg = replace(recipe.bench, domains=("all",), batch_sizes=(1,))
     report = bench_run(rise_dir, bench_cfg, progress=progress)
 
-    chosen = recommended_int8(exported.artefacts)  # post-training INT8, or QAT's when it did better
+    chosen, int8_verdict = _int8_shown(exported)
     int8 = next((r for r in report.rows if r["engine"] == chosen and r["status"] == "ok"), None)
     domains = [*splits.source_domains, splits.target_domain]
     table = _table(domains, splits.target_domain, zero_shot, erm, rise, int8, report.rows)
+    if chosen:
+        table += f"\n\nINT8 shown ({chosen}): {int8_verdict or 'no verdict recorded'}"
     seconds = time.perf_counter() - started
     data = {"recipe": recipe_to_dict(recipe), "zero_shot": zero_shot, "erm": erm["accuracy"],
             "rise": rise["accuracy"], "int8": int8 and int8["accuracy"], "int8_artefact": chosen,
+            "int8_verdict": int8_verdict,
             "export": {k: v["status"] for k, v in exported.artefacts.items()},
             "bench_report": str(report.path), "seconds": seconds}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "demo.md").write_text(table + "\n")
     (out_dir / "demo.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     return DemoResult(out_dir, table, seconds, data)
+
+
+def _int8_shown(exported: Any) -> tuple[str | None, str]:
+    """The INT8 artefact the demo's table shows and export's verdict on it: the one export
+    recommends for ONNX Runtime, else its post-training INT8 (kept and benchable, not recommended)."""
+    recommended = exported.recommended
+    chosen = recommended.get("onnxruntime")
+    if chosen is None and exported.artefacts.get("onnx-int8", {}).get("status") == "ok":
+        chosen = "onnx-int8"
+    verdict = recommended.get("candidates", {}).get(chosen, {}).get("verdict", "") if chosen else ""
+    return chosen, verdict
 
 
 def _pct(value: float | None) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 from rise_edge.backend_table import artefacts, backends, plan_formats, why_unavailable
 from rise_edge.config import ExportConfig, parse_override, recipe_from_dict, recipe_to_dict
 from rise_edge.errors import UserError, missing_extra
+from rise_edge.export.recommend import recommendation
 from rise_edge.export.session import ExportSession
 from rise_edge.files import atomic_path, file_sha256, run_lock, write_json_atomic
 from rise_edge.run_dir import (EXPORT_JSON, STUDENT_FILE, TrainedRun, open_run, read_export_record,
@@ -56,6 +57,7 @@ class ExportResult:
     artefacts: dict[str, dict[str, Any]]
     path: Path
     attempted: list[str] = field(default_factory=list)
+    recommended: dict[str, Any] = field(default_factory=dict)  # export.json's `recommended`
 
     @property
     def failed(self) -> list[str]:
@@ -155,6 +157,15 @@ def export_run(run_dir: str | Path, cfg: ExportConfig, *, progress: bool = True,
         return _export(run, cfg, progress, data_root)
 
 
+def _marked_stale(records: dict[str, dict[str, Any]], student_sha256: str
+                  ) -> dict[str, dict[str, Any]]:
+    """Earlier records made from another student: said so, kept."""
+    for record in records.values():
+        if record.get("student_sha256") not in (None, student_sha256) and record.get("status") == "ok":
+            record.update(status="stale", reason="made from an earlier student.safetensors")
+    return records
+
+
 def _export(run: TrainedRun, cfg: ExportConfig, progress: bool, data_root: str | None
             ) -> ExportResult:
     def log(message: str) -> None:
@@ -175,11 +186,7 @@ def _export(run: TrainedRun, cfg: ExportConfig, progress: bool, data_root: str |
     session.dir.mkdir(parents=True, exist_ok=True)
     json_path = session.dir / EXPORT_JSON
     document = read_export_record(run.path, advice="move it aside to start a fresh export")
-    records: dict[str, dict[str, Any]] = dict(document.get("artefacts", {}))
-    for name, record in records.items():  # made from an earlier student: say so, keep the record
-        if record.get("student_sha256") not in (None, session.student_sha256) and \
-                record.get("status") == "ok":
-            record.update(status="stale", reason="made from an earlier student.safetensors")
+    records = _marked_stale(dict(document.get("artefacts", {})), session.student_sha256)
     session.records = records
     session.previous_calibration = dict(document.get("calibration", {}))
     # Prerequisites of the GPU formats are reused when intact (the device builds engines from what
@@ -194,7 +201,8 @@ def _export(run: TrainedRun, cfg: ExportConfig, progress: bool, data_root: str |
                         "classes": list(run.meta.classes), "source_domains": list(run.meta.source_domains),
                         "target_domain": run.meta.target_domain,
                         "preprocessing": run.meta.preprocessing.to_dict()},
-            "export_config": dataclasses.asdict(cfg), "artefacts": records})
+            "export_config": dataclasses.asdict(cfg), "artefacts": records, "recommended":
+            recommendation(records, cfg.int8_min_speedup)})
         if "calibration" in session._cache:
             document["calibration"] = {**session.calibration.to_record(run.meta.classes),
                                        "method": cfg.calibration_method,
@@ -234,27 +242,7 @@ def _export(run: TrainedRun, cfg: ExportConfig, progress: bool, data_root: str |
         save()
     if "calibration" in session._cache and cfg.int8 and "tensorrt" in plan_formats(cfg.formats):
         _write_calibration_tensors(session)
-    return ExportResult({**records, **outcomes}, json_path, names)
-
-
-def recommended_int8(records: dict[str, dict[str, Any]]) -> str | None:
-    """The INT8 artefact export recommends for ONNX Runtime on the CPU: of post-training INT8 and
-    QAT's CPU model, the better by rise_edge.export.judge's rule (both judged on the same source
-    validation images, which neither calibration nor QAT's step selection saw; the target domain
-    plays no part); None when neither was made. Ties go to post-training INT8 (no fine-tuning)."""
-    judged = {}
-    if records.get("onnx-int8", {}).get("status") == "ok":
-        judged["onnx-int8"] = records["onnx-int8"]["accuracy_budget"].get("judge")
-    if records.get("onnx-int8-qat-cpu", {}).get("status") == "ok":
-        judged["onnx-int8-qat-cpu"] = records["onnx-int8-qat-cpu"].get("judge")
-    if not judged:
-        return None
-
-    def key(name: str) -> tuple[bool, float, bool]:
-        v = judged[name] or {}
-        return (not v.get("met", False), float(v.get("drop_upper95", 100.0)), name != "onnx-int8")
-
-    return min(judged, key=key)
+    return ExportResult({**records, **outcomes}, json_path, names, document.get("recommended", {}))
 
 
 def resolve_export_config(run: TrainedRun, overrides: Sequence[str] = (), **flags: Any) -> ExportConfig:

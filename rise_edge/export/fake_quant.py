@@ -58,8 +58,9 @@ class ActivationQuantizer(nn.Module):
             self.amax = torch.maximum(self.amax, x.detach().abs().max().float())
             return x
         scale = _scale(self.amax).float()
-        return torch.fake_quantize_per_tensor_affine(x, scale, torch.zeros((), dtype=torch.int32),
-                                                     QMIN, QMAX)
+        # The zero point on the activation's device: a CPU scalar beside a CUDA activation fails.
+        return torch.fake_quantize_per_tensor_affine(
+            x, scale.to(x.device), torch.zeros((), dtype=torch.int32, device=x.device), QMIN, QMAX)
 
 
 class QuantConv2d(nn.Module):

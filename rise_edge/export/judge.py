@@ -51,6 +51,8 @@ class Verdict:
     worst_domain_drop: float    # largest per-domain point drop, points
     images: int
     certifiable: bool           # could any model meet the budget on this many images?
+    agreement: float = 100.0    # pooled top-1 agreement with FP32, % of the judge images
+    worst_domain_agreement: float = 100.0  # the lowest source domain's agreement, %
 
     def to_record(self) -> dict[str, Any]:
         return {"budget_points": self.budget, "met": self.met, "rule": RULE,
@@ -58,6 +60,7 @@ class Verdict:
                 "drop_points": self.drop, "drop_upper95": self.upper95,
                 "worst_domain_drop_points": self.worst_domain_drop,
                 "certifiable": self.certifiable,
+                "agreement_pct": self.agreement, "worst_domain_agreement_pct": self.worst_domain_agreement,
                 "decided_by": "the 95 % upper bound" if self.certifiable else (
                     f"the point drops: {self.images} judge images cannot bound the drop within "
                     f"{self.budget:g} points even with no disagreement at all (more source "
@@ -77,8 +80,12 @@ def verdict(fidelity: Fidelity, budget: float) -> Verdict:
     judged_alone = [float(d["drop_points"]) for d in fidelity.per_domain.values()
                     if float(d.get("points_per_image", 100.0)) < budget]
     per_domain_ok = all(drop <= budget for drop in judged_alone)
+    domains = fidelity.per_domain.values()
+    agreed = sum(float(d["agreement"]) * int(d.get("images", 0)) for d in domains)
     return Verdict(budget, bound <= budget and per_domain_ok, round(upper, 3),
-                   float(pooled["drop_points"]), round(worst, 3), n, can)
+                   float(pooled["drop_points"]), round(worst, 3), n, can,
+                   round(agreed / max(n, 1), 3),
+                   min((float(d["agreement"]) for d in domains), default=100.0))
 
 
 def certifiable(images: int, budget: float) -> bool:

@@ -2,12 +2,18 @@
 
     student (FP32, from the run)  ->  fake_quant.quantize_model (static pads, BN folded, INT8 fake quant)
     ->  activation ranges from the source-only calibration set  ->  `steps` of fine-tuning on the
-    SOURCE domains with the run's objective  ->  the step with the best source-validation accuracy
-    (step 0, plain fake-quant PTQ, included)  ->  explicit Q/DQ ONNX.
+    SOURCE domains  ->  the best step on the selection images (step 0, plain fake-quant PTQ,
+    included)  ->  explicit Q/DQ ONNX.
 
-The objective is the run's: for a RISE run the CLIP teacher keeps distilling (KD + AD + RD with the
-cached text embeddings, CE); for an ERM run, cross-entropy plus distillation from the FP32 student
-itself, which keeps the INT8 model close to what was selected. The target domain plays no part.
+What it fine-tunes towards (`export.qat_objective`):
+- fp32 (default): the FP32 student's own logits (KL divergence at tau = 2, no label term), and the
+  step is selected by top-1 agreement with the FP32 student. The INT8 model learns to be its FP32
+  model rather than to re-learn the task: a copy that agrees with FP32 on the sources keeps FP32's
+  behaviour where no source image reaches, which task-loss fine-tuning (it drifts) does not.
+- run: the run's own objective (for a RISE run the CLIP teacher keeps distilling, KD + AD + RD with
+  the cached text embeddings, CE; for an ERM run, cross-entropy plus distillation from the FP32
+  student), selected by source accuracy.
+The target domain plays no part.
 
 The steps run on the training loop's machinery (rise_edge.train.fit): its lr schedule (cosine at
 QAT's lr), optimizer and optimizer step, its top-1 evaluation, its selection rule and its resumable
@@ -49,6 +55,24 @@ from rise_edge.train.objectives import kd_loss
 STATE_FILE, BEST_FILE = "state.safetensors", "best.safetensors"
 
 
+class Fp32DistillObjective(nn.Module):
+    """export.qat_objective=fp32: KD (tau = 2) from the FP32 student's logits alone; labels unused."""
+
+    def __init__(self, reference: nn.Module, tau: float = 2.0):
+        super().__init__()
+        self.reference = reference.eval()
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
+        self.tau = tau
+
+    def forward(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            target = self.reference(images).float()
+        kd = kd_loss(student(images).float(), target, self.tau)
+        return {"loss": kd, "kd_fp32": kd}
+
+
 class SelfDistillObjective(nn.Module):
     """ERM runs: cross-entropy plus KD (tau = 2) from the FP32 student the run selected."""
 
@@ -68,11 +92,15 @@ class SelfDistillObjective(nn.Module):
         return {"loss": terms["ce"] + terms["kd"], **terms}
 
 
-def run_objective(run: TrainedRun, splits: DomainSplits, device: torch.device) -> nn.Module:
-    """The objective QAT fine-tunes with: the run's own method with its teacher (KD, RISE), or, for
-    a run trained without one, CE + self-distillation from the FP32 student."""
+def run_objective(run: TrainedRun, splits: DomainSplits, device: torch.device,
+                  objective: str = "run") -> nn.Module:
+    """The objective QAT fine-tunes with: `fp32`, distillation from the FP32 student alone; `run`,
+    the run's own method with its teacher (KD, RISE), or, for a run trained without one, CE +
+    self-distillation from the FP32 student."""
     from rise_edge.train.methods import method_of, teacher_and_text
 
+    if objective == "fp32":
+        return Fp32DistillObjective(copy.deepcopy(run.student).to(device))
     method = method_of(run.recipe)
     if not method.uses_teacher:
         return SelfDistillObjective(copy.deepcopy(run.student).to(device))
@@ -88,6 +116,7 @@ class QatSettings:
     batch_size: int
     eval_every: int
     seed: int
+    objective: str = "fp32"  # export.qat_objective
 
     @classmethod
     def resolve(cls, run: TrainedRun, cfg: ExportConfig) -> QatSettings:
@@ -96,11 +125,13 @@ class QatSettings:
         # source-val accuracy from 89.8 % to 57.7 % in 25 steps; a hundredth raised it to 90.5 %.
         return cls(steps=steps, lr=cfg.qat_lr or run.recipe.optim.lr / 100,
                    batch_size=cfg.qat_batch_size or run.recipe.train.batch_size,
-                   eval_every=cfg.qat_eval_every or max(1, steps // 4), seed=run.recipe.train.seed)
+                   eval_every=cfg.qat_eval_every or max(1, steps // 4), seed=run.recipe.train.seed,
+                   objective=cfg.qat_objective)
 
     def to_record(self) -> dict[str, Any]:
         return {"steps": self.steps, "lr": self.lr, "batch_size": self.batch_size,
                 "eval_every": self.eval_every, "seed": self.seed, "schedule": "cosine",
+                "objective": self.objective,
                 "optimizer": "the run's optim.name (SGD or AdamW), no weight decay"}
 
 
@@ -110,7 +141,7 @@ class QatResult:
     settings: QatSettings
     kept_fp32: tuple[str, ...]            # modules left unquantized (the measured edge policy)
     selected_step: int
-    val_accuracy: dict[str, float]        # source-val accuracy (%) of the selected step
+    val_accuracy: dict[str, float]        # per source domain, the selection score (%) of that step
     history: list[dict[str, Any]]
     wall_time_s: float
     resumed_from: int
@@ -120,18 +151,37 @@ class QatResult:
                 "selected_step": self.selected_step, "source_val_accuracy": self.val_accuracy,
                 "history": self.history, "wall_time_s": round(self.wall_time_s, 1),
                 "resumed_from_step": self.resumed_from,
-                "selection": "best mean source-validation accuracy of the fake-quant model "
-                             "(step 0 = calibrated ranges, no fine-tuning)"}
+                "selection": ("best mean top-1 agreement with the FP32 student"
+                              if self.settings.objective == "fp32" else "best mean top-1 accuracy")
+                             + " of the fake-quant model on the selection images (step 0 = "
+                               "calibrated ranges, no fine-tuning)"}
 
 
-def _source_val(model: nn.Module, loaders: dict[str, DataLoader], device: torch.device
-                ) -> dict[str, float]:
-    """Top-1 (%) per source domain's validation images, through the training loop's evaluation."""
+def _source_val(model: nn.Module, loaders: dict[str, DataLoader], device: torch.device,
+                reference: nn.Module | None = None) -> dict[str, float]:
+    """Per source domain's selection images, in %: top-1 accuracy through the training loop's
+    evaluation, or, with a `reference` (the FP32 student), top-1 agreement with it."""
     scores = {}
     for domain, loader in loaders.items():
-        correct, total = count_correct(model, loader, device)
+        if reference is None:
+            correct, total = count_correct(model, loader, device)
+        else:
+            correct, total = _agreeing(model, reference, loader, device)
         scores[domain] = round(100.0 * correct / max(total, 1), 3)
     return scores
+
+
+@torch.no_grad()
+def _agreeing(model: nn.Module, reference: nn.Module, loader: DataLoader, device: torch.device
+              ) -> tuple[int, int]:
+    """(images whose top-1 class equals the reference's, images) over the loader's (B, 3, S, S)."""
+    model.eval()
+    agree, total = 0, 0
+    for images, _ in loader:
+        images = images.to(device)
+        agree += int((model(images).argmax(1) == reference(images).argmax(1)).sum())
+        total += int(images.shape[0])
+    return agree, total
 
 
 @dataclass
@@ -148,6 +198,14 @@ class _Loop:
     val_loaders: dict[str, DataLoader]
     state_dir: Path
     device: torch.device
+    reference: nn.Module | None = None    # the FP32 student, when selection is by agreement
+
+    def score(self) -> dict[str, float]:
+        return _source_val(self.model, self.val_loaders, self.device, self.reference)
+
+    @property
+    def measure(self) -> str:
+        return "agreement with FP32" if self.reference is not None else "source accuracy"
 
 
 def qat_finetune(run: TrainedRun, splits: DomainSplits, cfg: ExportConfig, calibration: np.ndarray,
@@ -178,13 +236,15 @@ def qat_finetune(run: TrainedRun, splits: DomainSplits, cfg: ExportConfig, calib
     calibrate(model, (images[i:i + 32].to(device) for i in range(0, len(images), 32)))
     optim = replace(run.recipe.optim, lr=settings.lr, weight_decay=0.0, schedule="cosine",
                     warmup_steps=0)
-    loop = _Loop(model, run_objective(run, splits, device),
+    objective = run_objective(run, splits, device, settings.objective)
+    loop = _Loop(model, objective,
                  build_optimizer(optim, (p for p in model.parameters() if p.requires_grad)),
                  torch.amp.GradScaler(device.type, enabled=False), optim,
                  DomainImages([x for x in splits.train_samples if x[0] not in held_out],
                               train_transform(pre, run.recipe.train.augment)),
                  {d: DataLoader(DomainImages((selection or splits.val)[d], eval_transform(pre)),
-                                batch_size=64) for d in splits.source_domains}, state_dir, device)
+                                batch_size=64) for d in splits.source_domains}, state_dir, device,
+                 objective.reference if settings.objective == "fp32" else None)
     step, history, best, resumed_from = _start(loop, settings, log)
     workers = loader_workers(run.recipe.data.num_workers, device.type)
     best = _fine_tune(loop, settings, workers, step, history, best, log)
@@ -203,12 +263,12 @@ def _start(loop: _Loop, settings: QatSettings, log: Callable[[str], None]
         step = int(meta["step"])
         log(f"QAT: resuming at step {step} of {settings.steps} ({loop.state_dir})")
         return step, list(meta["history"]), dict(meta["best"]), step
-    scores = _source_val(loop.model, loop.val_loaders, loop.device)
+    scores = loop.score()
     best = {"step": 0, "mean": float(np.mean(list(scores.values()))), "accuracy": scores}
     history = [{"step": 0, "source_val": scores}]
     _save_best(loop.state_dir, loop.model, best)
     _save(loop, 0, history, best)
-    log(f"QAT step 0 (fake-quant, calibrated ranges): source val {best['mean']:.2f} %")
+    log(f"QAT step 0 (fake-quant, calibrated ranges): {loop.measure} {best['mean']:.2f} %")
     return 0, history, best, 0
 
 
@@ -235,7 +295,7 @@ def _fine_tune(loop: _Loop, settings: QatSettings, num_workers: int, step: int,
             optimizer_step(terms["loss"], loop.optimizer, loop.scaler)
             step += 1
             if step % settings.eval_every == 0 or step == settings.steps:
-                scores = _source_val(loop.model, loop.val_loaders, loop.device)
+                scores = loop.score()
                 mean = float(np.mean(list(scores.values())))
                 history.append({"step": step, "loss": round(float(terms["loss"].detach()), 4),
                                 "source_val": scores})
@@ -243,7 +303,7 @@ def _fine_tune(loop: _Loop, settings: QatSettings, num_workers: int, step: int,
                     best = {"step": step, "mean": mean, "accuracy": scores}
                     _save_best(loop.state_dir, loop.model, best)
                 _save(loop, step, history, best)
-                log(f"QAT step {step}/{settings.steps}: source val {mean:.2f} %"
+                log(f"QAT step {step}/{settings.steps}: {loop.measure} {mean:.2f} %"
                     f"{' (selected)' if best['step'] == step else ''}")
             if step >= settings.steps:
                 break

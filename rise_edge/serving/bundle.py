@@ -110,9 +110,9 @@ def package_run(run_dir: str | Path, formats: Sequence[str], *, serve: Sequence[
         if not records:
             raise UserError(f"{run} has no export yet: run rise-edge export {run} first (add --int8 "
                             "for INT8, --format tensorrt for TensorRT's Q/DQ graph)")
-        from rise_edge.export.driver import recommended_int8
+        from rise_edge.export.recommend import recommended_int8
 
-        recommended = recommended_int8(records)
+        recommended = recommended_int8(document)
         names = list(dict.fromkeys(serve)) or selection.default_names(records, formats, recommended)
         if "deepstream" in formats and not any(n in selection.ENGINE_SERVED for n in names):
             raise UserError("DeepStream runs TensorRT engines: add --serve tensorrt-fp16 (or "

@@ -150,9 +150,9 @@ def _int8_accuracy(run_dir: Path, target: str) -> float | None:
         export = json.loads((run_dir / "export" / "export.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    from rise_edge.export.driver import recommended_int8
+    from rise_edge.export.recommend import recommended_int8
 
-    chosen = recommended_int8(export.get("artefacts", {}))
+    chosen = recommended_int8(export)
     row = next((r for r in report.get("rows", []) if r["engine"] == chosen and r["status"] == "ok"), None)
     top1 = (row or {}).get("accuracy", {}).get(target, {}).get("top1")
     return None if top1 is None else top1 / 100

@@ -23,6 +23,7 @@ from rise_edge.backends.base import have
 from rise_edge.backends.onnxruntime.runner import OnnxRuntimeRunner, onnx_metadata  # noqa: F401
 from rise_edge.config import ExportConfig
 from rise_edge.errors import UserError
+from rise_edge.export import int8_target
 from rise_edge.export.fidelity import sqnr_db
 from rise_edge.export.judge import verdict
 from rise_edge.export.graph_form import with_static_padding
@@ -71,9 +72,19 @@ def cpu_quantizer(s: ExportSession, fp32: Path, work_dir: Path) -> Any:
     preprocess(fp32, pre)
     (s.dir / "cache").mkdir(exist_ok=True)
     return CpuQuantizer(pre, INPUT_NAME, s.calibration_images, s.cfg.calibration_method,
-                        cpu_quant_settings(), s.dir / "cache",
+                        cpu_quant_settings(s.cfg.int8_target), s.dir / "cache",
                         model_sha256=f"{file_sha256(fp32)}+ort{onnxruntime.__version__}",
                         calibration_sha256=s.calibration.sha256)
+
+
+def cpu_speed(s: ExportSession, int8: Path, target: str) -> dict[str, Any]:
+    """An ONNX Runtime INT8 graph's batch-1 speed against the FP32 ONNX on this CPU
+    (rise_edge.backends.latency.int8_speed)."""
+    from rise_edge.backends.latency import int8_speed
+
+    return int8_speed(OnnxRuntimeRunner(s.path_of("onnx-fp32"), device="cpu"),
+                      OnnxRuntimeRunner(int8, precision="int8", device="cpu"), s.parity_images[:1],
+                      target)
 
 
 def make_onnx_fp32(s: ExportSession, tmp: Path) -> dict[str, Any]:
@@ -121,7 +132,7 @@ def make_onnx_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
         settings, pre = quantizer.settings, quantizer.pre_path
         budget = quantize_within_budget(quantizer, tmp, s.fidelity, fidelity_reference(s),
                                         s.cfg.accuracy_budget, s.cfg.max_fallback_layers, work_dir,
-                                        s.log)
+                                        s.log, s.cfg.min_agreement)
         mismatches = shape_mismatches(pre, tmp, s.parity_images[:1], INPUT_NAME)
         if mismatches:
             raise UserError(f"the INT8 graph computes other shapes than the FP32 graph "
@@ -130,9 +141,10 @@ def make_onnx_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
         if budget.kept_fp32:
             models["int8_with_fallback"] = tmp
         latency = latency_ms(models, s.parity_images[:1])
-    stamp_metadata(tmp, {**s.metadata("int8", "float32-nchw"),
+    stamp_metadata(tmp, {**s.metadata("int8", "float32-nchw"), "int8_target": settings.target,
                          "kept_fp32_layers": budget.kept_fp32, "quantization": settings.to_record()})
     parity = s.check_parity(OnnxRuntimeRunner(tmp), "the INT8 ONNX", None)
+    speed = cpu_speed(s, tmp, settings.target)
     if not budget.met:
         judged = verdict(budget.final, s.cfg.accuracy_budget)
         s.log(f"INT8 misses the accuracy budget (drop {judged.drop:.2f} points, 95 % upper bound "
@@ -141,11 +153,11 @@ def make_onnx_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
               "rise-edge export RUN --int8 --qat (or set export.qat: auto)")
     return {"tool": "onnxruntime.quantization.quantize_static", "format_detail": "QDQ",
             "calibration_method": s.cfg.calibration_method, "calibration_sha256": s.calibration.sha256,
-            "quantization": settings.to_record(),
+            "quantization": settings.to_record(), "int8_target": int8_target.record(s.cfg.int8_target),
             "accuracy_budget": {**budget.to_record(),
                                 "stress": stress_judgement(s, OnnxRuntimeRunner(tmp))},
             "shapes_checked": "every Conv/Pool/Pad output shape equals the FP32 graph's",
-            "latency_batch1_ms": latency, "parity": parity}
+            "latency_batch1_ms": latency, "speed": speed, "parity": parity}
 
 
 # Fake-quant PyTorch vs the Q/DQ graph in ONNX Runtime: its fused integer kernels round a few
@@ -178,6 +190,16 @@ def _edge_layers_in_fp32(s: ExportSession) -> list[str]:
     return [module_of_onnx_node(s.run.student, layer) for layer in layers]
 
 
+def qat_objective(s: ExportSession) -> str:
+    """What QAT fine-tuned towards, in words (export.qat_objective)."""
+    if s.cfg.qat_objective == "fp32":
+        return ("fp32: distillation from the FP32 student's logits alone, the step selected by "
+                "agreement with it")
+    return (f"run ({s.run.recipe.method}): the run's own objective with its teacher"
+            if method_of(s.run.recipe).uses_teacher
+            else "run: cross-entropy + distillation from the FP32 student")
+
+
 def make_onnx_int8_qat(s: ExportSession, tmp: Path) -> dict[str, Any]:
     """The fake-quant student as an explicit Q/DQ graph: symmetric INT8, per-channel weights, Q/DQ on
     every weighted layer's input (TensorRT's placement: it builds this as a strongly typed engine)."""
@@ -208,9 +230,7 @@ def make_onnx_int8_qat(s: ExportSession, tmp: Path) -> dict[str, Any]:
                       "in FP32; BatchNorm folded, static pads",
             "kept_fp32_modules": list(qat.kept_fp32),
             "qat": qat.to_record(),
-            "objective": (f"{s.run.recipe.method}: the run's own objective with its teacher"
-                          if method_of(s.run.recipe).uses_teacher
-                          else "cross-entropy + distillation from the FP32 student"),
+            "objective": qat_objective(s),
             "calibration_sha256": s.calibration.sha256, "parity": parity}
 
 
@@ -233,14 +253,15 @@ def make_onnx_int8_qat_cpu(s: ExportSession, tmp: Path) -> dict[str, Any]:
         quantizer = cpu_quantizer(s, float_path, Path(work))
         budget = quantize_within_budget(quantizer, tmp, s.fidelity, fidelity_reference(s),
                                         s.cfg.accuracy_budget, s.cfg.max_fallback_layers,
-                                        Path(work), s.log)
+                                        Path(work), s.log, s.cfg.min_agreement)
     settings = quantizer.settings
     fidelity = budget.final
     stamp_metadata(tmp, {**s.metadata("int8", "float32-nchw"), "quantization": "qat-cpu",
-                         "kept_fp32_layers": budget.kept_fp32})
+                         "int8_target": settings.target, "kept_fp32_layers": budget.kept_fp32})
     parity = s.check_parity(OnnxRuntimeRunner(tmp), "the QAT CPU INT8 ONNX", None)
-    return {"tool": "onnxruntime.quantization.quantize_static on the QAT weights",
+    return {"speed": cpu_speed(s, tmp, settings.target),"tool": "onnxruntime.quantization.quantize_static on the QAT weights",
             "format_detail": "QDQ", "quantization": settings.to_record(),
+            "int8_target": int8_target.record(s.cfg.int8_target),
             "fidelity_vs_fp32": fidelity.to_record(),
             "accuracy_budget": budget.to_record(),
             "judge": verdict(fidelity, s.cfg.accuracy_budget).to_record(),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import platform
 import shutil
 import statistics
 import tempfile
@@ -54,12 +53,13 @@ def _ort_quantization() -> Any:
 
 @dataclass(frozen=True)
 class CpuQuantSettings:
-    """Which INT8 flavour this CPU's ONNX Runtime kernels run fastest, and why.
+    """The INT8 flavour an export target's ONNX Runtime kernels run fast and exactly, and why
+    (rise_edge.export.int8_target says what each target is).
 
     x86: uint8 activations (asymmetric) with symmetric per-channel int8 weights (U8S8). Measured on
     this project's Sapphire Rapids CPU with ORT 1.32 (ResNet-18, batch 1): U8S8 QDQ ~3x faster than
     FP32, S8S8 QDQ no faster than FP32. Without VNNI the weights use 7 bits (reduce_range), as ONNX
-    Runtime advises, to avoid the saturation of the AVX2 u8*s8 multiply-add.
+    Runtime advises: AVX2's u8*s8 multiply-add saturates int16 with 8-bit weights.
     ARM: symmetric int8 activations (S8S8), which ARM's kernels prefer.
     """
 
@@ -68,30 +68,24 @@ class CpuQuantSettings:
     reduce_range: bool
     per_channel: bool
     reason: str
+    target: str = "x86-avx2"  # rise_edge.export.int8_target kind these settings are for
 
     def to_record(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+def cpu_quant_settings(target: str = "auto") -> CpuQuantSettings:
+    """ONNX Runtime's INT8 settings for an export target (`auto`: this machine's kind)."""
+    from rise_edge.export.int8_target import resolve
 
-
-def cpu_quant_settings() -> CpuQuantSettings:
-    machine = platform.machine().lower()
-    if machine in ("aarch64", "arm64"):
-        return CpuQuantSettings("int8", True, False, True, "ARM CPU: symmetric S8S8 QDQ")
-    vnni = bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
-    return CpuQuantSettings("uint8", False, not vnni, True,
-                            "x86 CPU " + ("with VNNI: U8S8 QDQ" if vnni else
-                                          "without VNNI: U8S8 QDQ, 7-bit weights (reduce_range)"))
+    kind = resolve(target)
+    if kind == "arm64":
+        return CpuQuantSettings("int8", True, False, True, "ARM CPU: symmetric S8S8 QDQ", kind)
+    if kind == "x86-vnni":
+        return CpuQuantSettings("uint8", False, False, True,
+                                "x86 CPU with VNNI: U8S8 QDQ, 8-bit weights", kind)
+    return CpuQuantSettings("uint8", False, True, True,
+                            "x86 CPU without VNNI: U8S8 QDQ, 7-bit weights (reduce_range)", kind)
 
 
 class _BatchReader:
@@ -351,9 +345,15 @@ class Tried:
     kept_fp32: list[str]
     fidelity: Fidelity
 
-    def order(self, budget: float) -> tuple[bool, float, float, int]:
-        """Smaller is better: rise_edge.export.judge's rule for 'best'."""
-        return order_key(self.fidelity, budget, len(self.kept_fp32))
+    def agrees(self, min_agreement: float) -> bool:
+        """Every source domain's top-1 agreement with FP32 at least `min_agreement` %."""
+        return verdict(self.fidelity, 0.0).worst_domain_agreement >= min_agreement
+
+    def order(self, budget: float, min_agreement: float = 0.0) -> tuple[bool, ...]:
+        """Smaller is better: rise_edge.export.judge's rule for 'best', with the models that reach
+        the agreement target before those that do not, among those equally within the budget."""
+        key = order_key(self.fidelity, budget, len(self.kept_fp32))
+        return (key[0], not self.agrees(min_agreement), *key[1:])
 
     def to_record(self, budget: float) -> dict[str, Any]:
         v = verdict(self.fidelity, budget)
@@ -374,9 +374,13 @@ class BudgetResult:
     tried: list[Tried]
     ranking: list[tuple[str, float]]   # most harmful first ([] when not needed)
     reason: str
+    min_agreement: float = 0.0         # the agreement target the fallbacks also worked towards
 
     def to_record(self) -> dict[str, Any]:
+        agreement = verdict(self.final, self.budget).worst_domain_agreement
         return {"budget_points": self.budget, "met": self.met, "kept_fp32_layers": self.kept_fp32,
+                "min_agreement_pct": self.min_agreement,
+                "agreement_target_met": agreement >= self.min_agreement,
                 "judge": verdict(self.final, self.budget).to_record(),
                 "judged_on": JUDGE_IMAGES,
                 "fidelity_all_int8": self.all_int8.to_record(), "fidelity": self.final.to_record(),
@@ -426,9 +430,11 @@ def choose_edge_policy(quantizer: CpuQuantizer, reference: dict[str, np.ndarray]
 
 def quantize_within_budget(quantizer: CpuQuantizer, out_path: Path, fidelity: FidelitySet,
                            reference: dict[str, np.ndarray], budget: float, max_fallback: int,
-                           workdir: Path, log: Callable[[str], None] = lambda _: None) -> BudgetResult:
+                           workdir: Path, log: Callable[[str], None] = lambda _: None,
+                           min_agreement: float = 0.0) -> BudgetResult:
     """Quantize, decide the first/last-layer policy by measurement, then, while the judge says the
-    `budget` is not met, keep in FP32 the real layer that adds the most accumulated noise, one more
+    `budget` is not met or some source domain's top-1 agreement with FP32 is under
+    `min_agreement` %, keep in FP32 the real layer that adds the most accumulated noise, one more
     at a time on top of the best model so far (at most `max_fallback`). Every model tried, the
     all-INT8 one included, is measured on the same judge images against the FP32 `reference`
     logits per domain; the best by the judge's rule is shipped to `out_path`, never merely the
@@ -450,9 +456,15 @@ def quantize_within_budget(quantizer: CpuQuantizer, out_path: Path, fidelity: Fi
         tried.append(Tried(list(kept), onnx_fidelity(reference, edge_path, fidelity)))
         paths[tuple(kept)] = edge_path
         log(f"first/last layer policy: {', '.join(kept)} in FP32: {_judged(tried[-1].fidelity, budget)}")
-    best = min(tried, key=lambda t: t.order(budget))
+    def order(t: Tried) -> tuple[bool, ...]:
+        return t.order(budget, min_agreement)
+
+    def done(t: Tried) -> bool:
+        return verdict(t.fidelity, budget).met and t.agrees(min_agreement)
+
+    best = min(tried, key=order)
     ranking: list[tuple[str, float]] = []
-    if not verdict(best.fidelity, budget).met and max_fallback > 0:
+    if not done(best) and max_fallback > 0:
         sample = _balanced_prefix(fidelity, RANKING_IMAGES)
         ranking = rank_by_accumulated_error(quantizer.pre_path, paths[tuple(best.kept_fp32)], sample,
                                             input_name, [n for n in real_layers(quantizer.pre_path)
@@ -468,9 +480,9 @@ def quantize_within_budget(quantizer: CpuQuantizer, out_path: Path, fidelity: Fi
             tried.append(trial)
             paths[tuple(exclude)] = trial_path
             log(f"kept {layer} in FP32: {_judged(trial.fidelity, budget)}")
-            if trial.order(budget) < best.order(budget):
+            if order(trial) < order(best):
                 best = trial
-            if verdict(best.fidelity, budget).met:
+            if done(best):
                 break
     shutil.copyfile(paths[tuple(best.kept_fp32)], out_path)
     met = verdict(best.fidelity, budget).met
@@ -478,9 +490,11 @@ def quantize_within_budget(quantizer: CpuQuantizer, out_path: Path, fidelity: Fi
     reason = (f"model {index + 1} of {len(tried)} tried: "
               + ("within the budget by the judge's rule" if met else "the best by the judge's rule "
                  "of those tried (budget not met)")
+              + ("" if best.agrees(min_agreement) else
+                 f"; a source domain agrees with FP32 on under {min_agreement:g} % of its images")
               + (f"; {len(best.kept_fp32)} layer(s) in FP32" if best.kept_fp32 else "; all layers INT8"))
     return BudgetResult(budget, met, list(best.kept_fp32), edge_record, all_int8, best.fidelity, tried,
-                        ranking, reason)
+                        ranking, reason, min_agreement)
 
 
 def _judged(fidelity: Fidelity, budget: float) -> str:
