@@ -148,7 +148,7 @@ def _judged(flips_to_wrong: int, flips_to_right: int = 0, images: int = 600) -> 
 
 
 def _scripted_loop(tmp_path: Path, monkeypatch, flips: dict[tuple[str, ...], int], ranking: list[str],
-                   edge_share: bool = False):
+                   edge_share: bool = False, min_agreement: float = 0.0):
     """quantize_within_budget with models whose flips-to-wrong are given per set of FP32 layers."""
     monkeypatch.setattr("rise_edge.backends.onnxruntime.int8.real_layers",
                         lambda path: ["L0", "L1", "L2", "L3", "L4", "L5"])
@@ -165,7 +165,7 @@ def _scripted_loop(tmp_path: Path, monkeypatch, flips: dict[tuple[str, ...], int
     out = tmp_path / "shipped.onnx"
     result = quantize_within_budget(_ScriptedQuantizer(tmp_path / "pre.onnx"), out, data,
                                     {"a": np.zeros((4, 2))}, budget=1.0, max_fallback=4,
-                                    workdir=tmp_path)
+                                    workdir=tmp_path, min_agreement=min_agreement)
     return result, sorted(json.loads(out.read_text()))
 
 
@@ -182,6 +182,20 @@ def test_budget_loop_grows_exclusions_from_the_best_model_and_ships_the_best(tmp
     assert result.met is False and shipped == ["L1"] == result.kept_fp32
     assert "model 3 of 5" in result.reason
     assert result.to_record()["judge"]["rule"].startswith("met when the one-sided 95 % upper bound")
+
+
+def test_the_loop_goes_on_past_the_budget_until_every_domain_agrees_with_fp32(tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """1 flip in 600 images meets a 1-point budget (agreement 99.83 %); with a 99.9 % agreement
+    target the loop keeps layers in FP32 until a model reaches it, and ships that one."""
+    flips = {(): 1, ("L2",): 1, ("L1",): 0}
+    result, shipped = _scripted_loop(tmp_path, monkeypatch, flips, ["L2", "L1", "L4"])
+    assert result.met and shipped == [] and len(result.tried) == 1  # the budget alone: done
+    result, shipped = _scripted_loop(tmp_path, monkeypatch, flips, ["L2", "L1", "L4"],
+                                     min_agreement=99.9)
+    # L2 kept the agreement where it was: L1 is tried on the all-INT8 model, and reaches it
+    assert [t.kept_fp32 for t in result.tried] == [[], ["L2"], ["L1"]]
+    assert shipped == ["L1"] and result.to_record()["agreement_target_met"]
 
 
 def test_the_all_int8_model_ships_when_it_is_the_best(tmp_path: Path, monkeypatch) -> None:

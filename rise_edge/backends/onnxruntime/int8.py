@@ -456,6 +456,7 @@ def quantize_within_budget(quantizer: CpuQuantizer, out_path: Path, fidelity: Fi
         tried.append(Tried(list(kept), onnx_fidelity(reference, edge_path, fidelity)))
         paths[tuple(kept)] = edge_path
         log(f"first/last layer policy: {', '.join(kept)} in FP32: {_judged(tried[-1].fidelity, budget)}")
+
     def order(t: Tried) -> tuple[bool, ...]:
         return t.order(budget, min_agreement)
 
