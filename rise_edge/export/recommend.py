@@ -18,6 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
+RULE = ("recommended when the judge found it within the accuracy budget on the source validation "
+        "images and, where it was timed on a CPU of the kind it was built for, it ran at least "
+        "export.int8_min_speedup times as fast as its backend's FP32 model at batch 1; per backend "
+        "the best by the judge's rule, overall the fastest of those")
 
 
 def cpu_int8(records: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -33,11 +37,6 @@ def cpu_int8(records: dict[str, dict[str, Any]]) -> dict[str, str]:
             fmt = str(record.get("format", ""))
             found[name] = table[fmt].name if fmt in table else fmt
     return found
-
-RULE = ("recommended when the judge found it within the accuracy budget on the source validation "
-        "images and, where it was timed on a CPU of the kind it was built for, it ran at least "
-        "export.int8_min_speedup times as fast as its backend's FP32 model at batch 1; per backend "
-        "the best by the judge's rule, overall the fastest of those")
 
 
 def judge_of(record: dict[str, Any]) -> dict[str, Any]:
