@@ -73,15 +73,9 @@ class Fp32DistillObjective(nn.Module):
         return {"loss": kd, "kd_fp32": kd}
 
 
-class SelfDistillObjective(nn.Module):
-    """ERM runs: cross-entropy plus KD (tau = 2) from the FP32 student the run selected."""
-
-    def __init__(self, reference: nn.Module, tau: float = 2.0):
-        super().__init__()
-        self.reference = reference.eval()
-        for p in self.reference.parameters():
-            p.requires_grad_(False)
-        self.tau = tau
+class SelfDistillObjective(Fp32DistillObjective):
+    """ERM runs under export.qat_objective=run: cross-entropy plus KD (tau = 2) from the FP32
+    student the run selected."""
 
     def forward(self, student: nn.Module, images: torch.Tensor, labels: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
