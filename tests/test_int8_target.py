@@ -255,3 +255,25 @@ def test_qat_makes_no_tensor_on_the_default_device_while_it_runs(tiny_run: Path)
             objective(model, images, labels)["loss"].backward()
         model.eval()(images)
     assert mode.found == []
+
+
+def test_a_tampered_target_or_recommendation_is_ignored_not_a_traceback(tiny_run: Path) -> None:
+    """export.json whose int8_target or recommended fields are of the wrong type: bench runs the
+    artefact without a target warning or a recommendation, and nothing is recommended."""
+    from rise_edge.bench.driver import bench_run
+    from rise_edge.config import BenchConfig
+    from rise_edge.files import write_json_atomic
+
+    assert not export_run(tiny_run, ExportConfig(int8=True, calibration_size=12, fidelity_images=12,
+                                                 max_fallback_layers=0), progress=False).failed
+    path = tiny_run / EXPORT_DIR / EXPORT_JSON
+    document = json.loads(path.read_text())
+    document["artefacts"]["onnx-int8"]["int8_target"] = "x86-vnni"
+    document["recommended"] = ["onnx-int8"]
+    write_json_atomic(path, document)
+    assert recommended_int8(document) is None
+    report = bench_run(tiny_run, BenchConfig(engines=("onnx-int8",), batch_sizes=(1,), warmup=1,
+                                             iterations=2), progress=False)
+    row = next(r for r in report.rows if r["engine"] == "onnx-int8")
+    assert row["status"] == "ok" and not [w for w in row["warnings"] if "built for" in w]
+    assert row["int8_judge"]["recommendation"]["recommended"] is False

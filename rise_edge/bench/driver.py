@@ -222,7 +222,8 @@ def _check_record(spec: EngineSpec, explicit: bool, student_sha: str | None) -> 
                 f"build an engine from it on the device, or name it (--engines {spec.name}) to run it "
                 "on the CPU anyway")
             return
-    built_for = dict(record.get("int8_target") or {}).get("kind")
+    target = record.get("int8_target")
+    built_for = target.get("kind") if isinstance(target, dict) else None
     if built_for:
         from rise_edge.export.int8_target import mismatch
 
@@ -284,7 +285,7 @@ def plan_engines(run: TrainedRun, export: dict[str, Any], requested: Sequence[st
                           str(record.get("target", "")), record,
                           run.path / EXPORT_DIR / record["path"] if record.get("path") else None)
         _check_record(spec, explicit or any(n == name and e for n, e in chosen), student_sha)
-        spec.recommendation = dict(export.get("recommended") or {}).get("candidates", {}).get(name)
+        spec.recommendation = _recommendation(export, name)
         specs.append(spec)
     return specs + [m for m in missing if m.name not in seen]
 
@@ -375,6 +376,14 @@ class _Context:
     gpu: GpuMemory
     site: Any = None  # rise_edge.site.assess.SiteInputs when --site was given
     site_logits: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
+def _recommendation(export: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """export.json's verdict on artefact `name` (rise_edge.export.recommend), if it holds one."""
+    recommended = export.get("recommended")
+    candidates = recommended.get("candidates") if isinstance(recommended, dict) else None
+    verdict = candidates.get(name) if isinstance(candidates, dict) else None
+    return verdict if isinstance(verdict, dict) and isinstance(verdict.get("verdict"), str) else None
 
 
 def _row(spec: EngineSpec, run_dir: Path) -> dict[str, Any]:

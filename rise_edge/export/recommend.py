@@ -96,6 +96,7 @@ def recommendation(records: dict[str, dict[str, Any]], min_speedup: float) -> di
 def recommended_int8(document: dict[str, Any], backend: str = "onnxruntime") -> str | None:
     """The INT8 artefact export.json recommends for `backend` ('int8': overall), or None (none was
     recommended, or the record predates recommendations: nothing unjudged is recommended)."""
-    value = dict(document.get("recommended") or {}).get(backend)
-    return value if isinstance(value, str) and value in dict(document.get("artefacts") or {}) \
+    recommended, artefacts = document.get("recommended"), document.get("artefacts")
+    value = recommended.get(backend) if isinstance(recommended, dict) else None
+    return value if isinstance(value, str) and isinstance(artefacts, dict) and value in artefacts \
         else None
