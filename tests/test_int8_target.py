@@ -277,3 +277,22 @@ def test_a_tampered_target_or_recommendation_is_ignored_not_a_traceback(tiny_run
     row = next(r for r in report.rows if r["engine"] == "onnx-int8")
     assert row["status"] == "ok" and not [w for w in row["warnings"] if "built for" in w]
     assert row["int8_judge"]["recommendation"]["recommended"] is False
+
+
+def test_a_cpu_int8_graph_is_planned_on_the_cpu_whatever_providers_onnxruntime_lists(
+        tiny_run: Path, monkeypatch) -> None:
+    """The U8S8 graph export made for CPU kernels is never handed to ONNX Runtime's CUDA provider
+    (onnxruntime-gpu lists it even with no usable GPU); the FP32 graph keeps `auto`."""
+    from rise_edge.bench.driver import plan_engines
+    from rise_edge.run_dir import open_run
+
+    assert not export_run(tiny_run, ExportConfig(int8=True, calibration_size=12, fidelity_images=12,
+                                                 max_fallback_layers=0), progress=False).failed
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    document = json.loads((tiny_run / EXPORT_DIR / EXPORT_JSON).read_text())
+    specs = {s.name: s for s in plan_engines(open_run(tiny_run), document, ())}
+    assert specs["onnx-int8"].device == "cpu"
+    assert specs["onnx-fp32"].device == "auto"

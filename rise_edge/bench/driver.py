@@ -222,6 +222,10 @@ def _check_record(spec: EngineSpec, explicit: bool, student_sha: str | None) -> 
                 f"build an engine from it on the device, or name it (--engines {spec.name}) to run it "
                 "on the CPU anyway")
             return
+    if spec.format == "onnx" and spec.target.endswith("-cpu"):
+        # A graph placed for CPU kernels (U8S8 for x86, S8S8 for ARM) on a GPU provider measures
+        # neither: it runs where its export record says it belongs.
+        spec.device = "cpu"
     target = record.get("int8_target")
     built_for = target.get("kind") if isinstance(target, dict) else None
     if built_for:

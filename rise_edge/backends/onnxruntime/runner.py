@@ -72,8 +72,10 @@ class OnnxRuntimeRunner(Runner):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(path), options, providers=wanted[device])
-        self.device = "cpu" if device == "cpu" else "cuda"
+        # What runs, not what was asked: onnxruntime-gpu on a machine whose CUDA cannot start logs
+        # an error and silently builds a CPU-only session.
         self.provider = self.session.get_providers()[0]
+        self.device = "cpu" if self.provider == "CPUExecutionProvider" else "cuda"
         self.name = {"CPUExecutionProvider": "onnxruntime", "CUDAExecutionProvider": "onnxruntime-cuda",
                      "TensorrtExecutionProvider": "onnxruntime-trt"}.get(self.provider, "onnxruntime")
         model_input = self.session.get_inputs()[0]
