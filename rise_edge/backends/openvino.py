@@ -100,20 +100,7 @@ def _accuracy_controlled(nncf: Any, s: ExportSession, fp32: Any, calibration: An
     return nncf.quantize_with_accuracy_control(
         fp32, calibration, nncf.Dataset(items), worst_domain_accuracy,
         max_drop=s.cfg.accuracy_budget / 100, drop_type=nncf.DropType.ABSOLUTE,
-        subset_size=len(s.calibration_images), target_device=nncf.TargetDevice.CPU,
-        advanced_quantization_parameters=_overflow_fix(nncf, s.cfg.int8_target))
-
-
-def _overflow_fix(nncf: Any, target: str) -> Any:
-    """NNCF's overflow fix for the export target: its default (7-bit weights where the input is not
-    ReLU-bounded: the first layer) for x86 CPUs without VNNI, whose u8 x s8 multiply-add saturates;
-    none where 8-bit weights are exact (VNNI, ARM)."""
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
-
-    from rise_edge.export.int8_target import resolve
-
-    fix = OverflowFix.FIRST_LAYER if resolve(target) == "x86-avx2" else OverflowFix.DISABLE
-    return AdvancedQuantizationParameters(overflow_fix=fix)
+        subset_size=len(s.calibration_images), target_device=nncf.TargetDevice.CPU)
 
 
 def make_openvino_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
@@ -146,8 +133,7 @@ def make_openvino_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
 
         s.log(f"NNCF post-training INT8 on {len(s.calibration_images)} calibration images")
         plain = nncf.quantize(fp32, calibration, subset_size=len(s.calibration_images),
-                              target_device=nncf.TargetDevice.CPU,
-                              advanced_parameters=_overflow_fix(nncf, s.cfg.int8_target))
+                              target_device=nncf.TargetDevice.CPU)
         path, fidelity = judged(plain, "ptq")
         tried = [{"method": "nncf.quantize", "quantizers": quantizer_count(plain),
                   "fidelity": fidelity.to_record()}]
@@ -172,7 +158,7 @@ def make_openvino_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
                                                         fidelity_c, path_c)
         parity = s.check_parity(OpenVinoRunner(chosen_path), "the OpenVINO INT8 IR", None)
         stress = stress_judgement(s, OpenVinoRunner(chosen_path))
-        speed = _speed(s, chosen_path)
+        speed = {"measured": False, "reason": "OpenVINO INT8 is not timed at export; bench times it"}
         files = _publish(chosen_path, tmp, final)
     judged = verdict(chosen_fidelity, budget)
     met = judged.met
@@ -189,18 +175,6 @@ def make_openvino_int8(s: ExportSession, tmp: Path) -> dict[str, Any]:
                                 "fidelity": chosen_fidelity.to_record(), "tried": tried,
                                 "stress": stress},
             "parity": parity}
-
-
-def _speed(s: ExportSession, int8: Path) -> dict[str, Any]:
-    """The INT8 IR's batch-1 speed against the FP32 IR on this CPU (when the FP32 IR was made)."""
-    from rise_edge.backends.latency import int8_speed
-    from rise_edge.export.int8_target import resolve
-
-    fp32 = s.path_of("openvino-fp32")
-    if s.records.get("openvino-fp32", {}).get("status") != "ok" or not fp32.is_file():
-        return {"measured": False, "reason": "no OpenVINO FP32 IR to compare with"}
-    return int8_speed(OpenVinoRunner(fp32), OpenVinoRunner(int8, precision="int8"),
-                      s.parity_images[:1], resolve(s.cfg.int8_target))
 
 
 def plan(cfg: ExportConfig) -> list[str]:
