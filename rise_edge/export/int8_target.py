@@ -3,10 +3,11 @@ export.json and in the artefact's metadata, and compared with the machine that r
 
 An INT8 graph is not portable arithmetic. x86 CPUs without VNNI multiply uint8 activations by int8
 weights with AVX2's vpmaddubsw, which adds each pair of products into a saturating int16: with 8-bit
-weights, 2 x 255 x 127 overflows it and the layer's output is clipped. ONNX Runtime's advice there is
-7-bit weights (reduce_range); oneDNN halves the weights itself on such CPUs. With VNNI (vpdpbusd accumulates in int32) or on ARM (sdot), 8-bit weights are exact. So the
-same model quantized for one kind either saturates or gives up a bit of weight precision on the
-other: the kind is a property of the artefact, not of whichever machine happened to export it.
+weights, 2 x 255 x 127 overflows it and the layer's output is clipped. ONNX Runtime's advice there
+is 7-bit weights (reduce_range); oneDNN halves the weights itself on such CPUs. With VNNI (vpdpbusd
+accumulates in int32) or on ARM (sdot), 8-bit weights are exact. So the same model quantized for
+one kind either saturates or gives up a bit of weight precision on the other: the kind is a
+property of the artefact, not of whichever machine happened to export it.
 
     auto       the kind of the machine running the export
     x86-vnni   x86-64 with AVX512-VNNI, AVX-VNNI or AMX: uint8 x int8, 8-bit weights
@@ -16,6 +17,7 @@ other: the kind is a property of the artefact, not of whichever machine happened
 
 from __future__ import annotations
 
+import functools
 import platform
 from pathlib import Path
 
@@ -36,8 +38,8 @@ MISMATCH_COST = {
     ("x86-vnni", "x86-avx2"): "its 8-bit weights saturate this CPU's int16 multiply-add (AVX2, no "
                               "VNNI), which changed the class of far more images than rounding "
                               "does (benchmarks/results/int8_target.md)",
-    ("arm64", "x86-avx2"): "its int8 x int8 graph runs on this CPU with 8-bit weights in AVX2's "
-                           "saturating multiply-add, and no faster than FP32",
+    ("arm64", "x86-avx2"): "int8 x int8 is not x86's fast path, and its 8-bit weights meet AVX2's "
+                           "saturating multiply-add",
     ("x86-avx2", "x86-vnni"): "its 7-bit weights give up one bit of precision this CPU would have "
                               "kept exactly",
     ("x86-avx2", "arm64"): "its 7-bit weights give up one bit of precision this CPU would have "
@@ -47,15 +49,17 @@ MISMATCH_COST = {
 }
 
 
-def _cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """This CPU's flags, read once per process (bench asks for every row)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 def this_machine() -> str:

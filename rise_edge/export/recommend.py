@@ -40,7 +40,8 @@ def cpu_int8(records: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 def judge_of(record: dict[str, Any]) -> dict[str, Any]:
-    """The judge's verdict an INT8 record carries (post-training INT8 keeps it in accuracy_budget)."""
+    """The judge's verdict an INT8 record carries (post-training INT8 keeps it in
+    accuracy_budget)."""
     return dict(record.get("accuracy_budget", {}).get("judge") or record.get("judge") or {})
 
 
@@ -76,8 +77,8 @@ def candidate(record: dict[str, Any], min_speedup: float) -> dict[str, Any]:
 
 
 def recommendation(records: dict[str, dict[str, Any]], min_speedup: float) -> dict[str, Any]:
-    """export.json's `recommended`: per CPU INT8 artefact made, its verdict; per backend and overall,
-    the recommended artefact's name or None."""
+    """export.json's `recommended`: per CPU INT8 artefact made, its verdict; per backend and
+    overall, the recommended artefact's name or None."""
     runs_on = cpu_int8(records)
     candidates = {name: candidate(records[name], min_speedup) for name in runs_on}
     chosen: dict[str, Any] = {}
