@@ -7,9 +7,15 @@ interrupted.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__" or sys.argv[0].endswith("rise-edge"):  # the program, not an import
+    from rise_edge.startup import quiet_ctrl_c_while_starting
+
+    quiet_ctrl_c_while_starting()
+
 import functools
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,6 +78,9 @@ class _PluginGroup(click.Group):
         """click's own usage errors (an unknown command or option, a missing argument, a value out
         of range) as one line, like every other bad input: 'error: ...' and exit status 2."""
         kwargs["standalone_mode"] = False
+        from rise_edge.startup import ctrl_c_raises
+
+        ctrl_c_raises()  # from here Ctrl-C is KeyboardInterrupt, which every command handles
         try:
             return super().main(*args, **kwargs)
         except _NO_ARGS_IS_HELP as exc:  # a group given no command: its help, as click prints it

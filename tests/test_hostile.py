@@ -859,3 +859,38 @@ def test_command_line_numbers_have_ranges_too(command: list[str], tiny_run: Path
     result = CliRunner().invoke(main, args)
     _one_clean_line(result, "is not in the range")
     assert sorted(p.name for p in tiny_run.iterdir()) == before
+
+
+# Ctrl-C that lands while the program is importing (a sweep's process group, a user's quick Ctrl-C):
+# an import hook sends SIGINT the moment `rise_edge.cli` imports click, so the moment is certain.
+_CTRL_C_DURING_IMPORT = """
+import importlib.abc, os, signal, sys
+class SendCtrlC(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, SendCtrlC())
+sys.argv = [{argv0!r}, "recipes"]
+{entry}
+"""
+
+
+@pytest.mark.parametrize("argv0, entry, module", [
+    pytest.param("/venv/bin/rise-edge", "from rise_edge.cli import main\nsys.exit(main())", "click",
+                 id="rise-edge"),
+    pytest.param("sweep-worker", "import runpy\nrunpy.run_module('rise_edge.sweep', run_name='__main__')",
+                 "rise_edge.sweep.launch", id="sweep-worker"),
+])
+def test_ctrl_c_while_a_program_imports_is_one_line_and_130(argv0: str, entry: str, module: str) -> None:
+    code = _CTRL_C_DURING_IMPORT.format(module=module, argv0=argv0, entry=entry)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "interrupted\n"
+
+
+def test_importing_the_cli_from_python_leaves_ctrl_c_alone() -> None:
+    code = "import signal, rise_edge.cli; assert signal.getsignal(signal.SIGINT) is signal.default_int_handler"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

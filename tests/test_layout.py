@@ -20,7 +20,7 @@ PACKAGE = REPO / "rise_edge"
 # export made and judged into bundles for the device. The command line is the top, and the demo a
 # plugin above everything.
 STAGES = ("core", "data", "train", "export", "backends", "site", "bench", "serving", "sweep", "cli", "demo")
-CORE = {"rise_edge", "rise_edge.errors", "rise_edge.files", "rise_edge.config", "rise_edge.plugins",
+CORE = {"rise_edge", "rise_edge.errors", "rise_edge.startup", "rise_edge.files", "rise_edge.config", "rise_edge.plugins",
         "rise_edge.registry", "rise_edge.backend_table"}
 # Old flat paths kept so plugins written before the layout still import; they belong to train.
 MOVED = {"rise_edge.teacher": "train", "rise_edge.methods": "train", "rise_edge.run_dir": "train"}
