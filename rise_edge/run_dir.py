@@ -116,15 +116,35 @@ def versions() -> dict[str, str]:
     return found
 
 
+# Record key -> the distributions that install it (the GPU build of a package has its own name).
+_INFERENCE_PACKAGES = {"numpy": ("numpy",), "onnx": ("onnx",),
+                       "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino"),
+                       "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12"),
+                       "torch_tensorrt": ("torch-tensorrt",), "modelopt": ("nvidia-modelopt",),
+                       "matplotlib": ("matplotlib",)}
+
+
 def software_versions() -> dict[str, str]:
-    """rise-edge's versions record plus every inference package present here."""
+    """rise-edge's versions record plus every inference package present here.
+
+    Read from the installed distributions' metadata, never by importing them: torch_tensorrt raises
+    a plain Exception at import where TensorRT's libraries are missing, and a version record must
+    not be what stops an export."""
+    from importlib.metadata import PackageNotFoundError, version
+
     found = versions()
-    for module in ("numpy", "onnx", "onnxruntime", "tensorrt", "torch_tensorrt", "modelopt",
-                   "matplotlib"):
-        try:
-            found[module] = __import__(module).__version__
-        except (ImportError, AttributeError):
-            pass
+    for key, distributions in _INFERENCE_PACKAGES.items():
+        for distribution in distributions:
+            try:
+                found[key] = version(distribution)
+                break
+            except PackageNotFoundError:
+                continue
+        else:  # JetPack's TensorRT comes from apt, with no distribution metadata: ask the module
+            try:
+                found[key] = str(__import__(key).__version__)
+            except Exception:  # noqa: BLE001 - absent or broken: the record just lacks it
+                pass
     try:
         import onnxruntime
         found["onnxruntime_providers"] = ",".join(onnxruntime.get_available_providers())

@@ -341,8 +341,13 @@ def test_artefacts_this_machine_cannot_run_get_rows_with_reasons(exported: Path)
     rows = _rows(bench_run(exported, QUICK, progress=False).data)
     assert list(rows) == ["pytorch", "onnx-fp32", "onnx-fp32-uint8", "onnx-int8", "onnx-int8-tensorrt",
                           "tensorrt-int8", "torch-tensorrt-fp16"]
-    assert rows["onnx-int8-tensorrt"]["status"] == "unavailable"
-    assert "--engines onnx-int8-tensorrt" in rows["onnx-int8-tensorrt"]["reason"]
+    # The Q/DQ graph for TensorRT runs on ONNX Runtime's CPU provider here, labelled as the graph:
+    # its accuracy is the engine's up to kernel rounding, its speed is not.
+    qdq = rows["onnx-int8-tensorrt"]
+    assert qdq["status"] == "ok" and qdq["device"] == "cpu", qdq
+    assert "TensorRT INT8 Q/DQ graph" in qdq["warnings"][0] and "says nothing about TensorRT" in \
+        qdq["warnings"][0]
+    assert set(qdq["accuracy"]) == set(rows["onnx-fp32"]["accuracy"])
     assert rows["onnx-fp32-uint8"]["status"] == "stale"
     assert rows["torch-tensorrt-fp16"]["status"] == "not-exported"
     assert "export status 'unavailable': no CUDA GPU here." in rows["torch-tensorrt-fp16"]["reason"]
@@ -354,9 +359,6 @@ def test_artefacts_this_machine_cannot_run_get_rows_with_reasons(exported: Path)
         assert rows["tensorrt-int8"]["status"] == "missing"
     assert rows["onnx-int8"]["status"] == "ok"
 
-    named = bench_run(exported, dataclasses.replace(QUICK, engines=("onnx-int8-tensorrt",)), progress=False)
-    row = _rows(named.data)["onnx-int8-tensorrt"]
-    assert row["status"] == "ok" and row["device"] == "cpu" and "placed for TensorRT" in row["warnings"][0]
 
 
 # ---------------------------------------------------------------------------------------------------

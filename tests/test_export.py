@@ -388,16 +388,6 @@ def _require(module: str, cuda: bool = True) -> None:
 
 
 @pytest.mark.gpu
-def test_modelopt_qdq_onnx(tiny_run: Path) -> None:
-    _require("modelopt", cuda=False)
-    cfg = ExportConfig(formats=("tensorrt",), int8=True, calibration_size=24)
-    record = export_run(tiny_run, cfg, progress=False).artefacts["onnx-int8-tensorrt"]
-    assert record["status"] == "ok", record
-    ops = {n.op_type for n in onnx.load(str(tiny_run / EXPORT_DIR / record["path"])).graph.node}
-    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
-
-
-@pytest.mark.gpu
 def test_tensorrt_engines_fp32_fp16_int8(tiny_run: Path) -> None:
     _require("tensorrt")
     cfg = ExportConfig(formats=("tensorrt",), int8=True, fp16=True, calibration_size=24)

@@ -894,3 +894,18 @@ def test_importing_the_cli_from_python_leaves_ctrl_c_alone() -> None:
     code = "import signal, rise_edge.cli; assert signal.getsignal(signal.SIGINT) is signal.default_int_handler"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_gpu_package_that_raises_at_import_does_not_stop_an_export(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch_tensorrt raises a plain Exception at import where TensorRT's libraries are missing;
+    the versions every export records are read without importing it."""
+    from rise_edge.run_dir import software_versions
+
+    package = tmp_path / "torch_tensorrt"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise Exception('Could not find libnvinfer.so')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "torch_tensorrt", raising=False)
+    found = software_versions()
+    assert "torch_tensorrt" not in found and "torch" in found

@@ -152,15 +152,25 @@ class EngineSpec:
     recommendation: dict[str, Any] | None = None  # export.json's verdict on an INT8 artefact
 
 
+QDQ_ON_CPU = ("the TensorRT INT8 Q/DQ graph, run on ONNX Runtime's CPU provider: its accuracy is what a "
+              "TensorRT INT8 engine built from it computes, up to kernel rounding; its speed says "
+              "nothing about TensorRT's (build the engine on the device for that)")
+
+
 def _ort_has(provider: str) -> bool:
+    """Whether ONNX Runtime here can run `provider`: onnxruntime-gpu lists its CUDA and TensorRT
+    providers on machines without a GPU too, where a session asked for them runs on the CPU."""
     try:
         import onnxruntime
     except ImportError:
         return False
+    if provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider") and \
+            not torch.cuda.is_available():
+        return False
     return provider in onnxruntime.get_available_providers()
 
 
-def _check_record(spec: EngineSpec, explicit: bool, student_sha: str | None) -> None:
+def _check_record(spec: EngineSpec, student_sha: str | None) -> None:
     """Set spec.status/reason/device from its export record and this machine."""
     record = spec.record or {}
     if record.get("status") != "ok":
@@ -212,16 +222,11 @@ def _check_record(spec: EngineSpec, explicit: bool, student_sha: str | None) -> 
     if spec.format == "onnx" and spec.target == "tensorrt":
         if _ort_has("TensorrtExecutionProvider"):
             spec.device = "tensorrt"
-        elif explicit:
-            spec.device = "cpu"
-            spec.warnings.append("a Q/DQ graph placed for TensorRT, run on ONNX Runtime's CPU provider "
-                                 "because it was named: its CPU speed says nothing about TensorRT's")
         else:
-            spec.status, spec.reason = "unavailable", (
-                "a Q/DQ graph placed for TensorRT and ONNX Runtime here has no TensorRT provider: "
-                f"build an engine from it on the device, or name it (--engines {spec.name}) to run it "
-                "on the CPU anyway")
-            return
+            # The Q/DQ graph is what a TensorRT INT8 engine computes, up to kernel rounding: its
+            # accuracy per domain holds for the engine; its CPU speed says nothing about TensorRT's.
+            spec.device = "cpu"
+            spec.warnings.append(QDQ_ON_CPU)
     if spec.format == "onnx" and spec.target.endswith("-cpu"):
         # A graph placed for CPU kernels (U8S8 for x86, S8S8 for ARM) on a GPU provider measures
         # neither: it runs where its export record says it belongs.
@@ -249,24 +254,24 @@ def plan_engines(run: TrainedRun, export: dict[str, Any], requested: Sequence[st
     engine_names = [b.name for b in backends().values() if b.name != REFERENCE]
     items = [t.strip().lower() for item in requested for t in item.split(",") if t.strip()]
 
-    chosen: list[tuple[str, bool]] = []  # (artefact name, named explicitly)
+    chosen: list[str] = []
     missing: list[EngineSpec] = []
     if not items:
-        chosen = [(n, False) for n in ordered]
+        chosen = list(ordered)
     for item in items:
         backend = backend_for_engine(item) if item not in records else None
         if backend is not None and backend.name == REFERENCE:
             continue
         if backend is not None:
             found = [n for n in ordered if records[n].get("format") == backend.format]
-            chosen += [(n, False) for n in found]
+            chosen += found
             if not found:
                 fmt = backend.format
                 missing.append(EngineSpec(backend.name, fmt, "-", "-", None, None, status="missing",
                                           reason=f"no {fmt} artefact in {EXPORT_DIR}/{EXPORT_JSON}; "
                                           f"make one with `rise-edge export {run.path} --format {fmt}`"))
         elif item in records:
-            chosen.append((item, True))
+            chosen.append(item)
         elif item in order:
             missing.append(EngineSpec(item, known[item].runs_on, known[item].precision, "-", None, None,
                                       status="missing",
@@ -280,7 +285,7 @@ def plan_engines(run: TrainedRun, export: dict[str, Any], requested: Sequence[st
 
     specs = [EngineSpec(REFERENCE, "pytorch", "fp32", "reference", None, run.path / STUDENT_FILE)]
     seen = set()
-    for name, explicit in chosen:
+    for name in chosen:
         if name in seen:
             continue
         seen.add(name)
@@ -288,7 +293,7 @@ def plan_engines(run: TrainedRun, export: dict[str, Any], requested: Sequence[st
         spec = EngineSpec(name, str(record.get("format", "?")), str(record.get("precision", "?")),
                           str(record.get("target", "")), record,
                           run.path / EXPORT_DIR / record["path"] if record.get("path") else None)
-        _check_record(spec, explicit or any(n == name and e for n, e in chosen), student_sha)
+        _check_record(spec, student_sha)
         spec.recommendation = _recommendation(export, name)
         specs.append(spec)
     return specs + [m for m in missing if m.name not in seen]
@@ -422,7 +427,8 @@ def int8_judge(record: dict[str, Any]) -> dict[str, Any]:
         return {"judged": True, **judged, **({"stress": {k: v for k, v in stress.items()
                                                          if k != "fidelity"}} if stress else {})}
     why = record.get("accuracy_budget", {}).get("not_judged") or (
-        "export judges the engine built from this Q/DQ graph, not the graph itself")
+        "export.json holds no judgement of it (exported before rise-edge judged Q/DQ graphs: "
+        "re-export to have it judged)")
     return {"judged": False, "reason": f"{why}: its accuracy per domain is in this report"}
 
 
@@ -500,6 +506,8 @@ def bench_engine(spec: EngineSpec, ctx: _Context, predictions: dict[str, dict[st
         ctx.log(f"{spec.name}: {row['reason']}")
         return row
     row.update(backend=runner.name, device=runner.device, precision=runner.precision)
+    if getattr(runner, "fallback", None):  # the row says what ran, and that it was not what was asked
+        row["warnings"].append(runner.fallback)
     loaded = ctx.host.current_bytes()
     total = sum(len(d.samples) for d in ctx.domains)
     batch = min(ACCURACY_BATCH, _max_batch(spec) or ACCURACY_BATCH)

@@ -60,7 +60,8 @@ class OnnxRuntimeRunner(Runner):
                   "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider",
                                "CPUExecutionProvider"]}
         if device == "auto":
-            device = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+            # onnxruntime-gpu lists its CUDA provider on machines without a GPU too.
+            device = "cuda" if "CUDAExecutionProvider" in available and torch.cuda.is_available() else "cpu"
         if device not in wanted:
             raise UserError(f"ONNX Runtime device must be cpu, cuda or tensorrt, not '{device}'")
         if wanted[device][0] not in available:
@@ -76,6 +77,10 @@ class OnnxRuntimeRunner(Runner):
         # an error and silently builds a CPU-only session.
         self.provider = self.session.get_providers()[0]
         self.device = "cpu" if self.provider == "CPUExecutionProvider" else "cuda"
+        self.fallback = (None if self.provider == wanted[device][0] else
+                         f"asked ONNX Runtime for {wanted[device][0]}, it ran {self.provider} (the "
+                         "provider is installed but could not start here: no GPU, or no CUDA/"
+                         "TensorRT libraries it needs)")
         self.name = {"CPUExecutionProvider": "onnxruntime", "CUDAExecutionProvider": "onnxruntime-cuda",
                      "TensorrtExecutionProvider": "onnxruntime-trt"}.get(self.provider, "onnxruntime")
         model_input = self.session.get_inputs()[0]

@@ -93,13 +93,20 @@ class TensorRTRunner(Runner):
 
 
 def make_onnx_int8_tensorrt(s: ExportSession, tmp: Path) -> dict[str, Any]:
+    from rise_edge.backends.onnxruntime import OnnxRuntimeRunner
     from rise_edge.backends.tensorrt.build import modelopt_qdq
 
     fp32 = s.path_of("onnx-fp32")
     info = modelopt_qdq(fp32, tmp, s.calibration_images, s.cfg.calibration_method, INPUT_NAME)
     stamp_metadata(tmp, s.metadata("int8", "float32-nchw"))
+    # Judged here, on any machine: the Q/DQ graph's arithmetic is the engine's up to kernel rounding,
+    # and ONNX Runtime's CPU provider computes it exactly (Q/DQ pairs in float where unfused).
+    graph = OnnxRuntimeRunner(tmp, precision="int8", device="cpu")
+    judged = _judge_int8(s, graph, "the TensorRT INT8 Q/DQ graph (ONNX Runtime, CPU)")
     return {**info, "from_sha256": file_sha256(fp32), "calibration_sha256": s.calibration.sha256,
-            "calibration_method_requested": s.cfg.calibration_method}
+            "calibration_method_requested": s.cfg.calibration_method,
+            "judged_as": "the Q/DQ graph on ONNX Runtime's CPU provider, standing for the TensorRT "
+                         "INT8 engine built from it", "accuracy_budget": judged}
 
 
 def make_engine(s: ExportSession, tmp: Path, name: str) -> dict[str, Any]:
@@ -144,14 +151,16 @@ def make_engine(s: ExportSession, tmp: Path, name: str) -> dict[str, Any]:
     # Recorded, not enforced: even FP32 engines may use TF32 tactics on Ampere and later GPUs.
     parity = s.check_parity(TensorRTRunner(tmp, precision=precision), f"the {name} engine", None,
                             needs_data=False)
-    judged = {"accuracy_budget": _judge_engine(s, tmp)} if precision == "int8" else {}
+    judged = ({"accuracy_budget": _judge_int8(s, TensorRTRunner(tmp, precision="int8"),
+                                              "the TensorRT INT8 engine")}
+              if precision == "int8" else {})
     return {**info, "built_from": how, "parity": parity, **judged}
 
 
-def _judge_engine(s: ExportSession, engine: Path) -> dict[str, Any]:
-    """An INT8 engine judged as every INT8 artefact is (rise_edge.export.judge), on the same judge
-    images against the same FP32 reference, when the data set is on this machine; said plainly when
-    it is not (an engine built on a device from the calibration tensors alone)."""
+def _judge_int8(s: ExportSession, runner: Any, what: str) -> dict[str, Any]:
+    """An INT8 engine or graph judged as every INT8 artefact is (rise_edge.export.judge), on the same
+    judge images against the same FP32 reference, when the data set is on this machine; said plainly
+    when it is not (an engine built on a device from the calibration tensors alone)."""
     from rise_edge.backends.onnxruntime import fidelity_reference, stress_judgement
     from rise_edge.export.fidelity import measure_fidelity
     from rise_edge.export.judge import JUDGE_IMAGES, verdict
@@ -159,18 +168,17 @@ def _judge_engine(s: ExportSession, engine: Path) -> dict[str, Any]:
     budget = s.cfg.accuracy_budget
     if not s.data_reachable():
         return {"budget_points": budget, "met": None, "judged_on": None,
-                "not_judged": "the data set is not reachable on this machine, so the engine was not "
+                "not_judged": f"the data set is not reachable on this machine, so {what} was not "
                               "judged against FP32; run `rise-edge bench` here for its accuracy per "
                               "domain, or export where the data is"}
-    fidelity = measure_fidelity(fidelity_reference(s), TensorRTRunner(engine, precision="int8"),
-                                s.fidelity)
+    fidelity = measure_fidelity(fidelity_reference(s), runner, s.fidelity)
     judged = verdict(fidelity, budget)
     if not judged.met:
-        s.log(f"the TensorRT INT8 engine misses the accuracy budget (drop 95 % upper bound "
-              f"{judged.upper95:.2f} > {budget:g} points on the source validation images)")
+        s.log(f"{what} misses the accuracy budget (drop 95 % upper bound {judged.upper95:.2f} > "
+              f"{budget:g} points on the source validation images)")
     return {"budget_points": budget, "met": judged.met, "judge": judged.to_record(),
             "judged_on": JUDGE_IMAGES, "fidelity": fidelity.to_record(),
-            "stress": stress_judgement(s, TensorRTRunner(engine, precision="int8"))}
+            "stress": stress_judgement(s, runner)}
 
 
 def plan(cfg: ExportConfig) -> list[str]:

@@ -71,8 +71,16 @@ def modelopt_qdq(fp32_path: Path, out_path: Path, calibration: np.ndarray, metho
 
     keep = ({"high_precision_dtype": "fp32"}
             if "high_precision_dtype" in inspect.signature(quantize).parameters else {})
-    quantize(str(fp32_path), quantize_mode="int8", calibration_data={input_name: calibration},
-             calibration_method=used, calibration_eps=["cpu"], output_path=str(out_path), **keep)
+    # modelopt rewrites the ONNX it is given (measured with 0.47: the FP32 artefact's bytes changed,
+    # and bench then refused it as tampered): it gets a copy, in a folder of its own.
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".modelopt-") as work:
+        given = Path(work) / "fp32.onnx"
+        shutil.copyfile(fp32_path, given)
+        quantize(str(given), quantize_mode="int8", calibration_data={input_name: calibration},
+                 calibration_method=used, calibration_eps=["cpu"], output_path=str(out_path), **keep)
     return {"tool": "nvidia-modelopt", "calibration_method": used, "note": note,
             "unquantized_layers": keep.get("high_precision_dtype", "fp32 (this modelopt's only)")}
 
