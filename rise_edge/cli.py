@@ -486,21 +486,31 @@ def sweep() -> None:
 @click.option("--workers", type=click.IntRange(min=1, max=1024), default=1, show_default=True,
               help="Runs at once (local pool and submitit-local; SLURM's array parallelism).")
 @click.option("--threads", type=click.IntRange(min=0, max=4096), default=0,
-              help="CPU threads per run (default: the cores divided between the workers).")
+              help="CPU threads per run (default: the cores divided between the workers; 4 per "
+              "SLURM job).")
 @click.option("--gpus", default="", metavar="ID[,ID...]",
               help="GPUs for the local pool, one per run in turn (CUDA_VISIBLE_DEVICES).")
-@click.option("--slurm-partition", default=None, help="SLURM partition.")
+@click.option("--gpus-per-job", type=click.IntRange(min=0, max=64), default=None, metavar="N",
+              help="--launcher slurm only: GPUs each run's job asks for (default: 1 when the sweep's "
+              "recipes train on train.device auto or cuda, none when on cpu).")
+@click.option("--mem", default=None, metavar="SIZE",
+              help="--launcher slurm only: memory of each run's job, e.g. 32G or 500M (default: the "
+              "partition's).")
+@click.option("--partition", "--slurm-partition", "partition", default=None, metavar="NAME",
+              help="--launcher slurm only: the SLURM partition to submit to (default: the cluster's).")
 @click.option("--timeout-min", type=click.IntRange(min=1), default=24 * 60, show_default=True,
-              help="SLURM time limit per run, in minutes.")
+              help="Time limit per run, in minutes (submitit launchers).")
 @_user_errors
 def sweep_run(sweep_file: Path, launcher: str, workers: int, threads: int, gpus: str,
-              slurm_partition: str | None, timeout_min: int) -> None:
+              gpus_per_job: int | None, mem: str | None, partition: str | None,
+              timeout_min: int) -> None:
     """Run every unfinished run of SWEEP.yaml (finished runs are skipped, interrupted ones resume)."""
-    from rise_edge.sweep.launch import launch, load_sweep
+    from rise_edge.sweep.launch import launch, load_sweep, slurm_settings
 
+    # The job options are checked before the sweep file: a typo costs no recipe loading.
+    slurm = slurm_settings(launcher, timeout_min=timeout_min, partition=partition, mem=mem,
+                           gpus_per_job=gpus_per_job)
     spec = load_sweep(sweep_file)
-    slurm = {"timeout_min": timeout_min, **({"slurm_partition": slurm_partition}
-                                            if slurm_partition else {})}
     result = launch(spec, sweep_file, launcher=launcher, workers=workers, threads=threads,
                     gpus=[g for g in gpus.split(",") if g], slurm=slurm,
                     log=lambda line: click.echo(line, err=True))

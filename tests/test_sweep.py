@@ -1,6 +1,7 @@
 """`rise-edge sweep`: a tiny sweep (2 targets x 2 seeds x 2 methods on generated data) through the
 local pool and through submitit's local executor, killed mid-way and run again (finished runs are not
-retrained), then collected into tables whose numbers are the runs' own."""
+retrained), then collected into tables whose numbers are the runs' own; on SLURM, the one job-array
+script submitit writes, handed to a fake sbatch."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -358,3 +360,136 @@ def test_a_sweep_interrupted_at_many_moments_stops_at_once_and_resumes(tiny_data
     assert result.exit_code == 0, result.output
     after = _finished(out)
     assert len(after) == 8 and all(after[name] == mtime for name, mtime in before.items())
+
+
+# -- SLURM: the sbatch script submitit itself writes, submitted to a fake sbatch --
+
+
+def _fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse: str = "") -> Path:
+    """sbatch and srun on PATH (submitit checks for srun): sbatch keeps each script it is given in
+    the returned folder and answers as SLURM does, or with `refuse` fails as sbatch does."""
+    bin_dir, scripts = tmp_path / "bin", tmp_path / "sbatch-scripts"
+    bin_dir.mkdir()
+    scripts.mkdir()
+    answer = (f"echo 'sbatch: error: {refuse}' >&2; exit 1" if refuse
+              else "echo 'Submitted batch job 4242'")
+    (bin_dir / "sbatch").write_text(
+        f"#!/bin/sh\nfor last; do :; done\ncp \"$last\" \"{scripts}/$(ls '{scripts}' | wc -l).sh\"\n"
+        f"{answer}\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return scripts
+
+
+def _no_waiting(monkeypatch: pytest.MonkeyPatch, interrupt: bool = False) -> list[str]:
+    """The sweep submits but does not wait for the (fake) jobs: the job ids it would wait for are
+    collected, then it returns, or sees Ctrl-C."""
+    from rise_edge.sweep import launch as launch_module
+
+    waited: list[str] = []
+
+    def wait(jobs: list[tuple[Any, Any]], result: Any, log: Any) -> None:
+        waited.extend(job.job_id for _, job in jobs)
+        if interrupt:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(launch_module, "_wait_for_jobs", wait)
+    return waited
+
+
+def _sbatch_lines(scripts: Path) -> list[str]:
+    """The #SBATCH lines of the one script sbatch was given (one array, not a job per run)."""
+    written = sorted(scripts.iterdir())
+    assert len(written) == 1, [p.read_text() for p in written]
+    return [line for line in written[0].read_text().splitlines() if line.startswith("#SBATCH")]
+
+
+def test_a_cpu_sweep_on_slurm_is_one_array_of_workers_at_once_asking_no_gpu(
+        tiny_data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 runs, --workers 2: one sbatch script, `--array=0-3%2` (SLURM honours the limit for arrays
+    only); the runs train on the CPU, so no GPU is asked for. Ctrl-C says how to cancel the array."""
+    scripts = _fake_slurm(tmp_path, monkeypatch)
+    waited = _no_waiting(monkeypatch, interrupt=True)
+    sweep = _erm_sweep(tmp_path / "sweep", tiny_data_root, tmp_path / "out", seeds=2, steps=[2, 4])
+    sweep.write_text(sweep.read_text().replace("{train.eval_every: 2}",
+                                               "{train.eval_every: 2, train.device: cpu}"))
+    result = CliRunner().invoke(main, ["sweep", str(sweep), "--launcher", "slurm", "--workers", "2",
+                                       "--threads", "3"])
+    lines = _sbatch_lines(scripts)
+    assert "#SBATCH --array=0-3%2" in lines, lines
+    assert "#SBATCH --cpus-per-task=3" in lines, lines
+    assert not [line for line in lines if "gpu" in line or "gres" in line], lines
+    assert not [line for line in lines if line.startswith(("#SBATCH --mem", "#SBATCH --partition"))]
+    assert waited == [f"4242_{i}" for i in range(4)]
+    assert result.exit_code == 130, result.output
+    assert "scancel 4242" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("device, options, asked", [
+    ("auto", [], "#SBATCH --gpus-per-node=1"),
+    ("cuda", ["--gpus-per-job", "2"], "#SBATCH --gpus-per-node=2"),
+    ("auto", ["--gpus-per-job", "0"], None),
+])
+def test_a_gpu_sweep_on_slurm_asks_for_its_gpus_memory_and_partition(
+        device: str, options: list[str], asked: str | None, tiny_data_root: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    scripts = _fake_slurm(tmp_path, monkeypatch)
+    _no_waiting(monkeypatch)
+    sweep = _erm_sweep(tmp_path / "sweep", tiny_data_root, tmp_path / "out", seeds=3, steps=[2])
+    sweep.write_text(sweep.read_text().replace("{train.eval_every: 2}",
+                                               f"{{train.eval_every: 2, train.device: {device}}}"))
+    result = CliRunner().invoke(main, ["sweep", str(sweep), "--launcher", "slurm", "--workers", "5",
+                                       "--mem", "32gb", "--partition", "gpu", *options])
+    assert result.exit_code == 0, result.output
+    lines = _sbatch_lines(scripts)
+    assert "#SBATCH --array=0-2%3" in lines, lines  # never more at once than there are runs
+    assert "#SBATCH --mem=32G" in lines and "#SBATCH --partition=gpu" in lines, lines
+    gpu_lines = [line for line in lines if "gpu" in line.split("=")[0] or "gres" in line]
+    assert gpu_lines == ([asked] if asked else []), lines
+
+
+@pytest.mark.parametrize("device, options, needle", [
+    ("auto", ["--launcher", "slurm", "--mem", "32 gigs"], "--mem takes the memory"),
+    ("auto", ["--launcher", "slurm", "--mem", "1.5G"], "e.g. 32G or 500M; got '1.5G'"),
+    ("auto", ["--launcher", "slurm", "--partition", "gpu a100"], "--partition takes a SLURM"),
+    ("auto", ["--mem", "32G"], "--mem applies to --launcher slurm only"),
+    ("auto", ["--launcher", "submitit-local", "--gpus-per-job", "1"], "--gpus-per-job applies to"),
+    ("cpu", ["--launcher", "slurm", "--gpus-per-job", "1"], "train on the CPU"),
+    ("cuda", ["--launcher", "slurm", "--gpus-per-job", "0"], "fails without a GPU"),
+])
+def test_bad_slurm_job_options_are_one_line(device: str, options: list[str], needle: str,
+                                            tiny_data_root: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    scripts = _fake_slurm(tmp_path, monkeypatch)
+    sweep = _erm_sweep(tmp_path / "sweep", tiny_data_root, tmp_path / "out", seeds=2, steps=[2])
+    sweep.write_text(sweep.read_text().replace("{train.eval_every: 2}",
+                                               f"{{train.eval_every: 2, train.device: {device}}}"))
+    result = CliRunner().invoke(main, ["sweep", str(sweep), *options])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1
+    assert needle in result.output, result.output
+    assert not list(scripts.iterdir())
+
+
+@pytest.mark.parametrize("refuse, needle", [
+    ("", "srun is not on PATH"),  # no SLURM here at all
+    ("invalid partition specified: gpux", "sbatch refused the sweep's job array: sbatch: error: "
+                                          "invalid partition specified: gpux"),
+])
+def test_slurm_missing_or_refusing_is_one_line(refuse: str, needle: str, tiny_data_root: Path,
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if refuse:
+        _fake_slurm(tmp_path, monkeypatch, refuse)
+    else:
+        monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # python, but no srun
+    _no_waiting(monkeypatch)
+    sweep = _erm_sweep(tmp_path / "sweep", tiny_data_root, tmp_path / "out", seeds=2, steps=[2])
+    # --slurm-partition: --partition's older name, still taken
+    result = CliRunner().invoke(main, ["sweep", str(sweep), "--launcher", "slurm",
+                                       "--slurm-partition", "gpux"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and needle in result.output, result.output
+    assert [line for line in result.output.splitlines() if "error" in line] == \
+        [result.output.strip().splitlines()[-1]]

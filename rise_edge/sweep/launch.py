@@ -28,6 +28,8 @@ sweep's hash, so a collected table (rise_edge.sweep.collect) traces back to the 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -349,6 +351,9 @@ def launch(sweep: Sweep, sweep_file: Path, *, launcher: str = "local", workers: 
         raise UserError(f"unknown launcher '{launcher}'; launchers: {', '.join(LAUNCHERS)}")
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
+    if launcher == "slurm":  # before anything is written: a contradicting --gpus-per-job stops here
+        slurm = {**(slurm or {}),
+                 "gpus_per_node": _gpus_per_run(expand(sweep), (slurm or {}).get("gpus_per_node"))}
     started = time.perf_counter()
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
     copy = sweep.output_dir / SWEEP_COPY
@@ -369,11 +374,15 @@ def launch(sweep: Sweep, sweep_file: Path, *, launcher: str = "local", workers: 
     log(f"sweep {sweep.hash}: {len(specs)} runs, {len(result.skipped)} finished already, "
         f"{len(pending)} to run ({launcher}, {workers} at once"
         + (f", {threads} CPU thread(s) each" if threads else "") + ")")
+    # The executor before the caches: no SLURM here, or settings submitit refuses, stop the sweep
+    # before minutes of filling them.
+    executor = (_executor(sweep.output_dir, launcher, workers, threads, slurm or {})
+                if launcher != "local" and pending else None)
     result.cache_seconds = fill_teacher_caches(pending, log)
     if launcher == "local":
         _local_pool(pending, sweep.output_dir, workers, gpus, result, log)
-    else:
-        _submitit(pending, sweep.output_dir, launcher, workers, threads, slurm or {}, result, log)
+    elif executor is not None:
+        _submitit(executor, pending, sweep.output_dir, launcher, workers, result, log)
     result.seconds = time.perf_counter() - started
     return result
 
@@ -489,41 +498,145 @@ def _stop_processes(processes: list[subprocess.Popen], grace_s: float = 20.0) ->
                 process.wait()
 
 
-def _submitit(pending: list[RunSpec], output: Path, launcher: str, workers: int, threads: int,
-              slurm: dict[str, Any], result: LaunchResult, log: Callable[[str], None]) -> None:
-    """The same runs as jobs: SLURM through submitit, or submitit's local executor (one code path)."""
+def slurm_settings(launcher: str, *, timeout_min: int = 24 * 60, partition: str | None = None,
+                   mem: str | None = None, gpus_per_job: int | None = None) -> dict[str, Any]:
+    """`rise-edge sweep`'s job options as the `slurm` argument of launch (submitit's parameter
+    names), checked: a bad value, or a SLURM-only option given to another launcher, is a UserError
+    saying what would be right."""
+    given = [option for option, value in (("--gpus-per-job", gpus_per_job), ("--mem", mem),
+                                          ("--partition", partition)) if value is not None]
+    if given and launcher != "slurm":
+        raise UserError(f"{given[0]} applies to --launcher slurm only (this sweep runs with "
+                        f"--launcher {launcher}); add --launcher slurm, or leave {given[0]} out")
+    settings: dict[str, Any] = {"timeout_min": timeout_min}
+    if partition is not None:
+        if not partition or any(c.isspace() for c in partition) or partition.startswith("-"):
+            raise UserError("--partition takes a SLURM partition's name (several: comma-separated, "
+                            f"no spaces), e.g. gpu; got {partition!r}")
+        settings["slurm_partition"] = partition
+    if mem is not None:
+        settings["slurm_mem"] = slurm_memory(mem)
+    if gpus_per_job is not None:
+        if gpus_per_job < 0:
+            raise UserError(f"--gpus-per-job takes 0 or more GPUs per run; got {gpus_per_job}")
+        settings["gpus_per_node"] = gpus_per_job
+    return settings
+
+
+_MEMORY = re.compile(r"([1-9][0-9]*)\s*(?:([KMGT])B?)?", re.IGNORECASE)
+
+
+def slurm_memory(text: str) -> str:
+    """A memory size in sbatch's --mem form (32G, 500M; a bare number is megabytes, as in SLURM),
+    normalised: 32gb -> 32G, 4000 -> 4000M."""
+    match = _MEMORY.fullmatch(text.strip())
+    if match is None:
+        raise UserError("--mem takes the memory of each run's job as a whole number and a unit K, M, "
+                        f"G or T, e.g. 32G or 500M; got {text!r}")
+    number, unit = match.groups()
+    return f"{number}{(unit or 'M').upper()}"
+
+
+def _gpus_per_run(runs: Sequence[RunSpec], asked: int | None) -> int:
+    """GPUs each run's SLURM job asks for (`asked`: --gpus-per-job, None when not given). A run
+    trains on its recipe's train.device: `cpu` runs get none (a GPU held idle is a GPU another job
+    waits for), `auto` and `cuda` runs one (a run trains on one device). The array's jobs share one
+    request, so a sweep mixing devices asks for what its GPU runs need."""
+    devices = {load_recipe(spec.recipe, spec.overrides).train.device for spec in runs}
+    if devices == {"cpu"}:
+        if asked:
+            raise UserError(f"--gpus-per-job {asked}: this sweep's runs train on the CPU "
+                            "(train.device: cpu), so a GPU would sit idle; leave --gpus-per-job out, "
+                            "or set train.device: auto (or cuda) in the sweep's 'set'")
+        return 0
+    if asked == 0 and "cuda" in devices:
+        raise UserError("--gpus-per-job 0: this sweep's runs train with train.device: cuda, which "
+                        "fails without a GPU; ask for 1 or more, or set train.device: auto (the "
+                        "CPU when the job has no GPU) or cpu in the sweep's 'set'")
+    return 1 if asked is None else asked
+
+
+def _submitit(executor: Any, pending: list[RunSpec], output: Path, launcher: str, workers: int,
+              result: LaunchResult, log: Callable[[str], None]) -> None:
+    """The same runs as jobs of `executor` (_executor): SLURM through submitit, or submitit's local
+    executor (one code path)."""
+    if launcher == "slurm":
+        _slurm_array(executor, pending, output, workers, result, log)
+        return
+    # The local executor has no array parallelism (it starts every submitted job at once): submit
+    # in waves of `workers`.
+    for start in range(0, len(pending), workers):
+        jobs = [(spec, executor.submit(run_one, spec)) for spec in pending[start:start + workers]]
+        try:
+            _wait_for_jobs(jobs, result, log)
+        except KeyboardInterrupt:  # the jobs are this machine's processes: stop them
+            for _, job in jobs:
+                job.cancel(check=False)
+            raise
+
+
+def _executor(output: Path, launcher: str, workers: int, threads: int, slurm: dict[str, Any]) -> Any:
+    """A submitit executor with the sweep's job parameters. On SLURM: at most `workers` array tasks
+    at once, `threads` CPUs (default 4), `gpus_per_node` GPUs (none when 0; launch sets it from the
+    runs' train.device) and the `slurm_*` settings (partition, memory) as given."""
     try:
         import submitit
     except ImportError:
         from rise_edge.errors import missing_extra
         raise missing_extra("submitit", "sweep", "rise-edge sweep --launcher " + launcher) from None
-    executor = submitit.AutoExecutor(folder=output / "submitit",
-                                     cluster="local" if launcher == "submitit-local" else "slurm")
+    try:
+        executor = submitit.AutoExecutor(folder=output / "submitit",
+                                         cluster="local" if launcher == "submitit-local" else "slurm")
+    except RuntimeError:  # submitit's SLURM executor wants srun on PATH
+        raise UserError("--launcher slurm submits with SLURM's commands (sbatch, srun), and srun is "
+                        "not on PATH here: run the sweep on the cluster's login node, or use "
+                        "--launcher local") from None
     parameters: dict[str, Any] = {"timeout_min": int(slurm.get("timeout_min", 24 * 60)),
                                   "name": f"rise-edge-{output.name}"}
     if launcher == "slurm":
+        gpus = int(slurm.get("gpus_per_node", 0))  # launch sets it: _gpus_per_run
         parameters.update(slurm_array_parallelism=workers, cpus_per_task=threads or 4,
-                          gpus_per_node=int(slurm.get("gpus_per_node", 1)),
+                          **({"gpus_per_node": gpus} if gpus else {}),
                           **{k: v for k, v in slurm.items() if k.startswith("slurm_")})
     try:
         executor.update_parameters(**parameters)
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"submitit refused the launcher settings: {exc}") from None
-    # The local executor runs every submitted job at once: submit in waves of `workers`.
-    waves = [pending[i:i + workers] for i in range(0, len(pending), workers)] \
-        if launcher == "submitit-local" else [pending]
-    for wave in waves:
-        jobs = [(spec, executor.submit(run_one, spec)) for spec in wave]
-        try:
-            _wait_for_jobs(jobs, result, log)
-        except KeyboardInterrupt:
-            if launcher == "submitit-local":  # the jobs are this machine's processes: stop them
-                for _, job in jobs:
-                    job.cancel(check=False)
-            else:
-                log(f"interrupted: the {len(jobs)} submitted SLURM job(s) keep running (scancel "
-                    "them, or run the sweep again later: finished runs are skipped)")
-            raise
+    except (ValueError, TypeError, NameError, AssertionError) as exc:  # submitit's ways to refuse
+        raise UserError(f"submitit refused the launcher settings: {' '.join(str(exc).split())}") from None
+    return executor
+
+
+def _slurm_array(executor: Any, pending: list[RunSpec], output: Path, workers: int,
+                 result: LaunchResult, log: Callable[[str], None]) -> None:
+    """Submit the runs as one SLURM job array and wait for them. SLURM's `%workers` limit holds for
+    an array's tasks only: runs submitted as separate jobs would all start at once."""
+    jobs = submit_array(executor, pending)
+    array_id = jobs[0][1].job_id.split("_")[0]
+    log(f"submitted SLURM job {array_id}: {len(jobs)} run(s), at most {workers} at once; their logs: "
+        f"{output / 'submitit'}")
+    try:
+        _wait_for_jobs(jobs, result, log)
+    except KeyboardInterrupt:
+        log(f"interrupted: the runs of SLURM job {array_id} keep running on the cluster; `scancel "
+            f"{array_id}` stops them all (the sweep run again resumes them), or run the sweep again "
+            "once they end: finished runs are skipped")
+        raise
+
+
+def submit_array(executor: Any, pending: list[RunSpec]) -> list[tuple[RunSpec, Any]]:
+    """Submit the runs as one job array (submitit's map_array: one sbatch script, `--array=0-N%W`);
+    returns each run with its job. sbatch refusing it is a UserError with sbatch's reason."""
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):  # submitit prints sbatch's complaint: say it once
+            jobs = executor.map_array(run_one, pending)
+    except (FailedJobError, FailedSubmissionError) as exc:
+        lines = [line.strip() for line in (str(exc) or said.getvalue()).splitlines() if line.strip()]
+        reason = next((line for line in lines if "error" in line.lower()), lines[0] if lines else
+                      "no reason given")
+        raise UserError(f"sbatch refused the sweep's job array: {reason}") from None
+    return list(zip(pending, jobs))
 
 
 def _wait_for_jobs(jobs: list[tuple[RunSpec, Any]], result: LaunchResult,
@@ -539,4 +652,3 @@ def _wait_for_jobs(jobs: list[tuple[RunSpec, Any]], result: LaunchResult,
             result.failed[spec.name] = where
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
             _progress(result, log, spec.name, f"FAILED ({first}; see {where})")
-
