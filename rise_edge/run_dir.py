@@ -118,7 +118,7 @@ def versions() -> dict[str, str]:
 
 # Record key -> the distributions that install it (the GPU build of a package has its own name).
 _INFERENCE_PACKAGES = {"numpy": ("numpy",), "onnx": ("onnx",),
-                       "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino"),
+                       "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
                        "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12"),
                        "torch_tensorrt": ("torch-tensorrt",), "modelopt": ("nvidia-modelopt",),
                        "matplotlib": ("matplotlib",)}

@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -167,36 +169,157 @@ def test_python_m_rise_edge_cli_has_the_plugins_commands() -> None:
     assert "demo world" in result.stdout
 
 
-@pytest.mark.parametrize("fields, precision, expected", [
-    (("use_explicit_typing", "enable_autocast"), "fp16",
-     {"use_explicit_typing": True, "enable_autocast": True}),
-    (("use_explicit_typing", "enable_autocast"), "fp32", {"use_explicit_typing": True}),
-    (("use_explicit_typing",), "fp16", {"use_explicit_typing": False}),
-    ((), "fp16", {}),
-])
-def test_torch_tensorrt_fp16_is_asked_for_the_way_its_release_makes_it(fields, precision, expected,
-                                                                       monkeypatch) -> None:
-    """Where explicit typing is the default, enabled_precisions alone leaves the model FP32: FP16
-    must come from autocast there, and from weak typing (enabled_precisions) only before it."""
+class TorchTRTRelease(NamedTuple):
+    """What the Torch-TensorRT mocks below assume of a family of releases, read from their wheels;
+    tests/test_gpu_stack_torch_tensorrt.py checks that the installed release is one of them."""
+
+    releases: str
+    settings: dict[str, Any]  # its CompilationSettings fields named in TORCH_TRT_SETTINGS, defaults
+    save: tuple[str, ...]  # its torch_tensorrt.save keyword parameters named in TORCH_TRT_SAVE
+    retrace: bool  # save's default for retrace
+
+
+# The names rise-edge's choices depend on: the precision settings and save's re-export keywords.
+TORCH_TRT_SETTINGS = ("enabled_precisions", "use_explicit_typing", "enable_autocast",
+                      "autocast_low_precision_type")
+TORCH_TRT_SAVE = ("output_format", "inputs", "arg_inputs", "retrace", "dynamic_shapes")
+_WEAK = {"enabled_precisions": {torch.float32}}
+_AUTOCAST = {"enable_autocast": False, "autocast_low_precision_type": None}
+_SAVE_2_4 = ("output_format", "inputs", "retrace")
+_SAVE_2_5 = ("output_format", "inputs", "arg_inputs", "retrace")
+TORCH_TRT_RELEASES = (
+    TorchTRTRelease("2.4", _WEAK, _SAVE_2_4, False),
+    TorchTRTRelease("2.5", _WEAK, _SAVE_2_5, False),
+    TorchTRTRelease("2.6-2.9", {**_WEAK, "use_explicit_typing": False}, _SAVE_2_5, False),
+    TorchTRTRelease("2.10", {**_WEAK, "use_explicit_typing": True, **_AUTOCAST}, _SAVE_2_5, True),
+    TorchTRTRelease("2.11-2.12", {**_WEAK, "use_explicit_typing": True, **_AUTOCAST},
+                    TORCH_TRT_SAVE, True),
+    TorchTRTRelease("2.13-2.14", _AUTOCAST, TORCH_TRT_SAVE, True),
+)
+
+
+def _fake_torch_tensorrt(monkeypatch, release: TorchTRTRelease) -> SimpleNamespace:
+    """torch_tensorrt as `release` has it, as far as rise-edge uses it, recording what it is given.
+    No GPU here: CUDA placements stay on the CPU."""
+    import copy
     import dataclasses
+    import inspect
     import sys
     import types
 
-    from rise_edge.backends.torch_tensorrt import _precision_options
+    calls = SimpleNamespace()
+    settings = dataclasses.make_dataclass("CompilationSettings", [
+        (name, Any, dataclasses.field(default_factory=lambda v=value: copy.copy(v)))
+        for name, value in release.settings.items()])
 
-    settings = types.ModuleType("torch_tensorrt.dynamo._settings")
-    settings.CompilationSettings = dataclasses.make_dataclass("CompilationSettings", list(fields))
-    for name, module in (("torch_tensorrt", types.ModuleType("torch_tensorrt")),
-                         ("torch_tensorrt.dynamo", types.ModuleType("torch_tensorrt.dynamo")),
-                         ("torch_tensorrt.dynamo._settings", settings)):
-        monkeypatch.setitem(sys.modules, name, module)
-    options, mode = _precision_options(sys.modules["torch_tensorrt"], precision)
-    assert expected.items() <= options.items()
-    if "enable_autocast" in fields:
-        assert "enabled_precisions" not in options
-        assert options.get("low_precision_type") == (torch.float16 if precision == "fp16" else None)
-    else:
-        assert torch.float16 in options["enabled_precisions"] and "weak typing" in mode
+    def dynamo_compile(exported_program: Any, inputs: Any = None, **kwargs: Any) -> str:
+        # As the real one: settings from the keywords it knows; the rest dropped without a word.
+        calls.program, calls.inputs = exported_program, inputs
+        calls.settings = settings(**{k: v for k, v in kwargs.items() if k in release.settings})
+        return "compiled graph"
+
+    def compile(module: Any, ir: str = "default", inputs: Any = None,
+                enabled_precisions: Any = None, **kwargs: Any) -> str:
+        # The top-level compile forwards enabled_precisions only while it is a setting (to 2.12).
+        if enabled_precisions is not None and "enabled_precisions" in release.settings:
+            kwargs["enabled_precisions"] = enabled_precisions
+        return dynamo_compile(module, inputs, **kwargs)
+
+    def save(module: Any, file_path: str, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - set(release.save))
+        if unknown:
+            raise TypeError(f"save() got unexpected keyword arguments {unknown}")
+        calls.save = kwargs
+
+    parameter = inspect.Parameter
+    save.__signature__ = inspect.Signature(
+        [parameter(n, parameter.POSITIONAL_OR_KEYWORD) for n in ("module", "file_path")]
+        + [parameter(n, parameter.KEYWORD_ONLY, default=None) for n in release.save])
+    package, dynamo = types.ModuleType("torch_tensorrt"), types.ModuleType("torch_tensorrt.dynamo")
+    settings_module = types.ModuleType("torch_tensorrt.dynamo._settings")
+    settings_module.CompilationSettings = dynamo.CompilationSettings = settings
+    dynamo.compile, dynamo._settings = dynamo_compile, settings_module
+    package.Input = lambda **shapes: SimpleNamespace(**shapes)
+    package.compile, package.save, package.dynamo = compile, save, dynamo
+    package.__version__ = "fake"
+    for module in (package, dynamo, settings_module):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, device=None: self)
+    randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *size, device=None, **kw: randn(
+        *size, device="cpu" if str(device).startswith("cuda") else device, **kw))
+    return calls
+
+
+def _compile_for_torch_tensorrt(tmp_path: Path, precision: str, batch_profile: tuple[int, int, int],
+                                model: torch.nn.Module | None = None, size: int = 16) -> None:
+    from rise_edge.backends.torch_tensorrt import compile_torch_tensorrt
+
+    model = model or torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                         torch.nn.Linear(4, 3))
+    compile_torch_tensorrt(model, tmp_path / "model.ep", precision=precision, input_size=size,
+                           batch_profile=batch_profile)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+@pytest.mark.parametrize("release", TORCH_TRT_RELEASES, ids=lambda r: r.releases)
+def test_torch_tensorrt_fp16_reaches_the_settings_that_make_fp16(release, precision, monkeypatch,
+                                                                 tmp_path) -> None:
+    """From 2.10 explicit typing is the default and enabled_precisions alone leaves the model FP32;
+    the keywords the dynamo compiler does not know it drops. FP16 must arrive as settings: autocast
+    to float16, or (before autocast) weak typing with float16 among enabled_precisions."""
+    calls = _fake_torch_tensorrt(monkeypatch, release)
+    _compile_for_torch_tensorrt(tmp_path, precision, (1, 8, 32))
+    got = calls.settings
+    autocast = getattr(got, "enable_autocast", False) and \
+        getattr(got, "autocast_low_precision_type", None) == torch.float16
+    weak = torch.float16 in getattr(got, "enabled_precisions", ()) and \
+        not getattr(got, "use_explicit_typing", False)
+    assert (autocast or weak) == (precision == "fp16"), got
+
+
+@pytest.mark.parametrize("release", TORCH_TRT_RELEASES, ids=lambda r: r.releases)
+def test_the_torch_tensorrt_program_is_saved_with_the_profiles_batch_range(release, monkeypatch,
+                                                                          tmp_path) -> None:
+    """Re-exported from one example tensor (save's default from 2.10), the program took only the
+    example's batch: export checks 32 images, bench batches 1 and 32."""
+    calls = _fake_torch_tensorrt(monkeypatch, release)
+    _compile_for_torch_tensorrt(tmp_path, "fp16", (1, 8, 32))
+    saved = calls.save
+    assert saved["output_format"] == "exported_program"
+    if "dynamic_shapes" in release.save:  # 2.11 on: the re-export is given the range
+        assert saved.get("dynamic_shapes"), f"no dynamic_shapes among {sorted(saved)}"
+        (dims,) = saved["dynamic_shapes"]
+        assert (dims[0].min, dims[0].max) == (1, 32)
+        assert saved.get("retrace", release.retrace)
+        (example,) = saved["arg_inputs"]
+        assert 1 < example.shape[0] <= 32  # a batch of 1 would be traced as the constant 1
+    else:  # no range to give: the legacy exporter keeps the compiled graph's symbolic batch
+        assert saved.get("retrace", release.retrace) is False, f"retrace, of {sorted(saved)}"
+
+
+@pytest.mark.parametrize("batch_profile", [(1, 8, 32), (1, 1, 4)])
+def test_the_program_handed_to_torch_tensorrt_takes_every_batch_of_the_profile(batch_profile,
+                                                                              monkeypatch,
+                                                                              tmp_path) -> None:
+    """The ExportedProgram rise-edge compiles, run on the CPU at the profile's min, 4 and max."""
+    from rise_edge.config import StudentConfig
+    from rise_edge.train.student import build_student
+
+    calls = _fake_torch_tensorrt(monkeypatch, TORCH_TRT_RELEASES[-1])
+    student, _ = build_student(StudentConfig(model="test_resnet", image_size=32), "linear", 3, None)
+    student.eval()
+    _compile_for_torch_tensorrt(tmp_path, "fp32", batch_profile, model=student, size=32)
+    assert isinstance(calls.program, torch.export.ExportedProgram), type(calls.program)
+    program = calls.program.module()
+    low, _, high = batch_profile
+    for batch in sorted({low, min(4, high), high}):
+        images = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(program(images), student(images), rtol=1e-4, atol=1e-4)
+    spec = calls.inputs[0]
+    assert (spec.min_shape[0], spec.opt_shape[0], spec.max_shape[0]) == batch_profile
 
 
 def test_a_timed_tensorrt_run_is_the_enqueue_alone(monkeypatch) -> None:

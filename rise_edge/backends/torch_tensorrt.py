@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,49 +58,126 @@ class TorchTensorRTRunner(Runner):
 
 def compile_torch_tensorrt(student: Any, out_path: Path, *, precision: str, input_size: int,
                            batch_profile: Sequence[int]) -> dict[str, Any]:
-    """torch_tensorrt.compile (dynamo IR) with a dynamic batch, saved as an ExportedProgram."""
+    """Torch-TensorRT (dynamo) with a dynamic batch, saved as an ExportedProgram that keeps it."""
     try:
         import torch_tensorrt
     except ImportError:
         raise missing_extra("torch-tensorrt", "gpu", "Torch-TensorRT compilation") from None
-    import torch
 
     low, opt, high = batch_profile
     shape = (3, input_size, input_size)
     model = student.eval().cuda()
+    # Exported here, not by torch_tensorrt, so that the batch range is rise-edge's own (and tested on
+    # the CPU); the dynamo compiler takes an ExportedProgram in every release from 2.4.
+    program = export_dynamic_batch(model, input_size, batch_profile)
     spec = torch_tensorrt.Input(min_shape=(low, *shape), opt_shape=(opt, *shape),
                                 max_shape=(high, *shape), dtype=torch.float32)
-    options, typing_mode = _precision_options(torch_tensorrt, precision)
-    compiled = torch_tensorrt.compile(model, ir="dynamo", inputs=[spec], **options)
-    example = torch.randn(opt, *shape, device="cuda")
-    try:
-        torch_tensorrt.save(compiled, str(out_path), output_format="exported_program",
-                            arg_inputs=[example])
-    except TypeError:  # releases before 2.5 name the example inputs `inputs`
-        torch_tensorrt.save(compiled, str(out_path), output_format="exported_program", inputs=[example])
+    keywords, typing_mode = _compile_keywords(_settings_fields(), precision, spec)
+    compiled = torch_tensorrt.dynamo.compile(program, **keywords)
+    example = _example_images(model, input_size, batch_profile)
+    save_parameters = inspect.signature(torch_tensorrt.save).parameters
+    torch_tensorrt.save(compiled, str(out_path),
+                        **_save_keywords(save_parameters, example, batch_profile))
     return {"torch_tensorrt": torch_tensorrt.__version__, "ir": "dynamo",
             "batch_profile": list(batch_profile), "precision_mode": typing_mode}
 
 
-def _precision_options(torch_tensorrt: Any, precision: str) -> tuple[dict[str, Any], str]:
-    """compile() options that really give `precision`, and how. Releases with rule-based autocast
-    default to explicit typing, where `enabled_precisions` alone leaves an FP32 model FP32: FP16
-    then comes from autocast (use_explicit_typing + enable_autocast, low_precision_type fp16).
-    Older releases only have TensorRT's weak typing, asked for through enabled_precisions."""
+def _example_batch(batch_profile: Sequence[int]) -> int:
+    """The batch to trace with: the profile's opt, but never 1 where the profile goes past 1, since
+    torch.export turns a dimension it sees at size 1 into the constant 1."""
+    low, opt, high = batch_profile
+    return opt if opt > 1 or high == low else 2
+
+
+def _dynamic_batch(batch_profile: Sequence[int]) -> tuple[dict[int, Any]] | None:
+    """torch.export dynamic_shapes for the one positional input: batch in [min, max] of the profile.
+    A tuple, not a dict by argument name: the name differs between the student and the graph
+    torch_tensorrt.save re-exports. None for a one-batch profile (nothing is dynamic)."""
+    low, _, high = batch_profile
+    if low == high:
+        return None
+    return ({0: torch.export.Dim("batch", min=low, max=high)},)
+
+
+def _example_images(model: torch.nn.Module, input_size: int, batch_profile: Sequence[int]
+                    ) -> torch.Tensor:
+    """Random images of the batch to trace with, on the model's device."""
+    device = next(model.parameters()).device
+    return torch.randn(_example_batch(batch_profile), 3, input_size, input_size, device=device)
+
+
+def export_dynamic_batch(model: torch.nn.Module, input_size: int, batch_profile: Sequence[int]
+                         ) -> torch.export.ExportedProgram:
+    """The student as an ExportedProgram that takes every batch from the profile's min to its max,
+    on the device its parameters are on."""
+    example = _example_images(model, input_size, batch_profile)
+    # Non-strict, as torch_tensorrt's own tracer exports (strict was the default before torch 2.7).
+    return torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch(batch_profile),
+                               strict=False)
+
+
+def _save_keywords(parameters: Collection[str], example: torch.Tensor, batch_profile: Sequence[int]
+                   ) -> dict[str, Any]:
+    """torch_tensorrt.save keywords that keep the profile's batch range in the saved program, for
+    the save of this release (`parameters`: its parameter names).
+
+    From 2.10 save re-exports the compiled graph with torch.export (retrace=True is the default),
+    and an example tensor alone fixes the batch at the example's. 2.11 and later take
+    `dynamic_shapes` for that re-export. Before them there is no way to pass a range to the
+    re-export, so the legacy exporter (retrace=False, the default before 2.10) serialises the
+    compiled graph as it is, its inputs still carrying the symbolic batch of the ExportedProgram it
+    was compiled from; 2.4's legacy exporter also runs a shape analysis on example `inputs`."""
+    keywords: dict[str, Any] = {"output_format": "exported_program"}
+    if "dynamic_shapes" in parameters:
+        return {**keywords, "arg_inputs": [example], "dynamic_shapes": _dynamic_batch(batch_profile),
+                "retrace": True}
+    keywords["retrace"] = False
+    if "arg_inputs" not in parameters:
+        keywords["inputs"] = [example]
+    return keywords
+
+
+def _settings_fields() -> frozenset[str]:
+    """The fields of the installed torch_tensorrt.dynamo CompilationSettings (torch_tensorrt is
+    imported by the caller)."""
     import dataclasses
 
-    import torch
+    from torch_tensorrt.dynamo._settings import CompilationSettings
 
-    try:
-        from torch_tensorrt.dynamo._settings import CompilationSettings
-        fields = {f.name for f in dataclasses.fields(CompilationSettings)}
-    except (ImportError, TypeError):
-        fields = set()
-    if "enable_autocast" in fields:
+    return frozenset(f.name for f in dataclasses.fields(CompilationSettings))
+
+
+def _compile_keywords(fields: Collection[str], precision: str, spec: Any
+                      ) -> tuple[dict[str, Any], str]:
+    """Keywords for torch_tensorrt.dynamo.compile: the input range `spec` and the settings that
+    really give `precision` in the release whose CompilationSettings has `fields`; and how."""
+    options, mode = _precision_options(fields, precision)
+    return {"inputs": [spec], **options}, mode
+
+
+def _precision_options(fields: Collection[str], precision: str) -> tuple[dict[str, Any], str]:
+    """The CompilationSettings that make `precision` happen, read from the release's `fields`.
+
+    Every keyword must be a field: the dynamo compiler takes **kwargs and drops the ones it does
+    not know, so a misspelt or retired setting leaves an FP32 model FP32 without a word.
+    - 2.10 and later type explicitly by default (2.13 removed weak typing and enabled_precisions,
+      and the top-level compile drops enabled_precisions on the dynamo path): FP16 comes from
+      rule-based autocast, enable_autocast with autocast_low_precision_type float16, which turns
+      explicit typing on by itself. FP32 needs nothing: the FP32 graph stays FP32.
+    - 2.4 to 2.9 only have TensorRT's weak typing: enabled_precisions lets it pick FP16 kernels
+      (and use_explicit_typing, from 2.6, must stay off, as it is by default)."""
+    if {"enable_autocast", "autocast_low_precision_type"} <= set(fields):
         if precision == "fp16":
-            return ({"use_explicit_typing": True, "enable_autocast": True,
-                     "low_precision_type": torch.float16}, "explicit typing, rule-based autocast to fp16")
-        return {"use_explicit_typing": True}, "explicit typing, fp32"
+            return ({"enable_autocast": True, "autocast_low_precision_type": torch.float16},
+                    "explicit typing, rule-based autocast to fp16")
+        return {}, "explicit typing, fp32"
+    if "enabled_precisions" not in fields:
+        if precision == "fp16":
+            raise UserError("this torch-tensorrt release has neither the autocast nor the "
+                            "enabled_precisions setting, the two ways rise-edge knows to ask for "
+                            "FP16 (releases 2.4 to 2.14); install one of those, or export with "
+                            "--no-fp16")
+        return {}, "explicit typing, fp32"
     dtypes = {torch.float16, torch.float32} if precision == "fp16" else {torch.float32}
     weak = {"use_explicit_typing": False} if "use_explicit_typing" in fields else {}
     return {**weak, "enabled_precisions": dtypes}, "weak typing (enabled_precisions)"
