@@ -59,6 +59,7 @@ def test_each_rank_is_on_its_own_gpu_before_the_process_group_starts(monkeypatch
                         lambda backend: seen.append((backend, torch.cuda.current_device())))
     monkeypatch.setattr(dist, "get_rank", lambda: 0)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: seen.append(("start group", kwargs["backend"])))
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: seen.append(("set_device", index)))
     Distributed.from_env("cuda")
-    assert seen[0] == ("set_device", 0) and seen[1][0] == "nccl"
+    assert seen[0] == ("set_device", 0) and seen[1][0] == "nccl" and seen[2] == ("start group", "gloo")

@@ -12,7 +12,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from rise_edge.backends.onnxruntime.int8 import cpu_quant_settings
 from rise_edge.config import ExportConfig
@@ -216,45 +215,7 @@ def test_qat_that_distils_fp32_ends_closer_to_fp32_than_qat_on_the_task_loss(tin
     assert result.selected_step == best["step"]
 
 
-class _FactoriesWithoutDevice(TorchFunctionMode):
-    """Records every tensor factory called without `device=`: inside a module that may run on a
-    GPU, such a tensor lands on the default device (the CPU) beside a CUDA activation and the op
-    fails, which a CPU-only test would never see."""
-
-    FACTORIES = {"zeros", "ones", "empty", "full", "tensor", "as_tensor", "arange", "rand", "randn",
-                 "randint", "eye", "linspace"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.found: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", "") in self.FACTORIES and "device" not in kwargs:
-            self.found.append(func.__name__)
-        return func(*args, **kwargs)
-
-
-def test_qat_makes_no_tensor_on_the_default_device_while_it_runs(tiny_run: Path) -> None:
-    """Fake quantization, calibration and the QAT objectives create no tensor on the default device
-    (QAT on a CUDA machine used to fail at its first step: a CPU zero point beside a CUDA
-    activation)."""
-    from rise_edge.export.fake_quant import calibrate, quantize_model
-    from rise_edge.export.qat import run_objective
-    from rise_edge.run_dir import open_run, run_splits
-
-    run = open_run(tiny_run)
-    size = run.meta.preprocessing.input_size
-    model = quantize_model(run.student, size)
-    images, labels = torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 0])
-    objectives = [run_objective(run, run_splits(run), torch.device("cpu"), o) for o in ("fp32", "run")]
-    with _FactoriesWithoutDevice() as mode:
-        calibrate(model, [images])
-        model.train()
-        for objective in objectives:
-            objective(model, images, labels)["loss"].backward()
-        model.eval()(images)
-    assert mode.found == []
+# QAT's device placement (fake quantization, calibration): tests/test_device_placement.py.
 
 
 def test_a_tampered_target_or_recommendation_is_ignored_not_a_traceback(tiny_run: Path) -> None:

@@ -183,3 +183,80 @@ def test_bad_data_and_student_inputs_exit_2(tiny_data_root: Path, recipe_file: P
                                        *_args(tiny_data_root, run_dir, "--set", override)])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+
+def _slow_start_rank(rank: int, data_root: Path, run_dir: Path, port: int, delay: float) -> None:
+    """One of 2 forked ranks starting a run whose rank 0 checks its images for `delay` s more; writes
+    rank<N>.json (seconds in the start, training images) beside the run directory."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    import rise_edge.data.domains as domains
+    from conftest import tiny_recipe_overrides
+    from rise_edge.config import load_recipe
+    from rise_edge.train.distributed import Distributed
+    from rise_edge.train.loop import _prepare_run
+
+    torch.set_num_threads(1)  # a forked child: no OpenMP pool inherited in use
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    # The rendezvous waits as long as a slow machine needs; the process group's collectives then
+    # time out after 2 s: NCCL's default 10 minutes, scaled down to what a test can wait for.
+    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2,
+                            timeout=timedelta(seconds=2))
+    check = domains.check_image_files
+
+    def slow_check(*args, **kwargs):
+        time.sleep(delay)  # a first image check of a large data set
+        return check(*args, **kwargs)
+
+    domains.check_image_files = slow_check
+    parallel = Distributed.from_env("cpu")
+    started = time.perf_counter()
+    recipe = load_recipe(None, tiny_recipe_overrides(data_root))
+    splits = _prepare_run(recipe, "slow", run_dir, False, False, parallel, None)[2]
+    (run_dir.parent / f"rank{rank}.json").write_text(json.dumps(
+        {"waited_s": time.perf_counter() - started, "train_images": len(splits.train_samples)}))
+    parallel.close()
+
+
+def test_ranks_wait_out_a_first_image_check_longer_than_the_process_group_timeout(
+        tiny_data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 checks every image before the others get the splits; a first check of a large data
+    set outlasts the process group's timeout (NCCL: 10 min). The other ranks wait for it up to
+    $RISE_EDGE_START_TIMEOUT instead, and the start goes on."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    monkeypatch.setenv("RISE_EDGE_START_TIMEOUT", "60")
+    delay = 5.0  # > the 2 s the ranks give the process group
+    # Forked, so the ranks start with this process's imports instead of paying for their own.
+    mp.start_processes(_slow_start_rank, (tiny_data_root, tmp_path / "run", port, delay), nprocs=2,
+                       start_method="fork")
+    ends = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ends[1]["waited_s"] >= delay  # rank 1 really waited past the group's 2 s
+    assert ends[0]["train_images"] == ends[1]["train_images"] > 0
+    assert (tmp_path / "run" / "splits.json").is_file()
+
+
+def test_the_start_timeout_is_read_in_seconds_and_a_bad_one_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import timedelta
+
+    from rise_edge.errors import UserError
+    from rise_edge.train.distributed import DEFAULT_START_TIMEOUT_S, START_TIMEOUT_ENV, start_timeout
+
+    monkeypatch.delenv(START_TIMEOUT_ENV, raising=False)
+    assert start_timeout() == timedelta(seconds=DEFAULT_START_TIMEOUT_S)
+    monkeypatch.setenv(START_TIMEOUT_ENV, "5400")
+    assert start_timeout() == timedelta(hours=1.5)
+    for bad in ("0", "-1", "nan", "inf", "soon", "1e12"):
+        monkeypatch.setenv(START_TIMEOUT_ENV, bad)
+        with pytest.raises(UserError, match=START_TIMEOUT_ENV):
+            start_timeout()

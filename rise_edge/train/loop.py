@@ -418,6 +418,8 @@ def _prepare_run(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume:
     path = _run_dir(recipe, recipe_name, run_dir)
     if dist.is_main:
         _check_run_dir(path, recipe, resume)
+    # The other ranks wait here while rank 0 checks every image (the first time, longer than NCCL's
+    # timeout on a large data set): `share` waits on the start group, up to $RISE_EDGE_START_TIMEOUT.
     splits = dist.share(build_splits(recipe.data, progress=progress) if dist.is_main else None)
     if splits.skipped_images and dist.is_main:
         print(f"skipped {len(splits.skipped_images)} unreadable image(s) (data.skip_bad_images)",
