@@ -72,15 +72,17 @@ def modelopt_qdq(fp32_path: Path, out_path: Path, calibration: np.ndarray, metho
     keep = ({"high_precision_dtype": "fp32"}
             if "high_precision_dtype" in inspect.signature(quantize).parameters else {})
     # modelopt rewrites the ONNX it is given (measured with 0.47: the FP32 artefact's bytes changed,
-    # and bench then refused it as tampered): it gets a copy, in a folder of its own.
+    # and bench then refused it as tampered) and writes its intermediate graphs beside its output:
+    # it works on a copy, in a folder of its own that goes whatever happens.
     import shutil
     import tempfile
 
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".modelopt-") as work:
-        given = Path(work) / "fp32.onnx"
+        given, made = Path(work) / "fp32.onnx", Path(work) / "int8-qdq.onnx"
         shutil.copyfile(fp32_path, given)
         quantize(str(given), quantize_mode="int8", calibration_data={input_name: calibration},
-                 calibration_method=used, calibration_eps=["cpu"], output_path=str(out_path), **keep)
+                 calibration_method=used, calibration_eps=["cpu"], output_path=str(made), **keep)
+        shutil.move(made, out_path)
     return {"tool": "nvidia-modelopt", "calibration_method": used, "note": note,
             "unquantized_layers": keep.get("high_precision_dtype", "fp32 (this modelopt's only)")}
 
