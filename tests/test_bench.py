@@ -19,11 +19,14 @@ from conftest import TINY_CLASSES, TINY_DOMAINS, TINY_TARGET
 
 from rise_edge.backend_table import backends
 from rise_edge.backends.latency import TimingPlan, mlperf_style, percentile, summarize, time_runner
+from rise_edge.backends.onnxruntime.runner import PLACED_FOR, onnx_metadata
 from rise_edge.bench.driver import BENCH_DIR, bench_run
 from rise_edge.bench.resources import board_power_mw, parse_tegrastats_line
 from rise_edge.cli import main
 from rise_edge.config import BenchConfig
 from rise_edge.errors import UserError
+from rise_edge.export.session import stamp_metadata
+from rise_edge.files import file_sha256
 
 onnx_stack = pytest.importorskip("onnxruntime", reason="the ONNX rows need the 'cpu' extra")
 
@@ -327,9 +330,12 @@ def test_artefacts_this_machine_cannot_run_get_rows_with_reasons(exported: Path)
     export_json = exported / "export" / "export.json"
     doc = json.loads(export_json.read_text())
     fp32 = doc["artefacts"]["onnx-fp32"]
-    shutil.copy(exported / "export" / "model.onnx", exported / "export" / "model.int8-qdq-tensorrt.onnx")
+    qdq_file = exported / "export" / "model.int8-qdq-tensorrt.onnx"
+    shutil.copy(exported / "export" / "model.onnx", qdq_file)
+    stamp_metadata(qdq_file, {**onnx_metadata(qdq_file), PLACED_FOR: "tensorrt"})
     doc["artefacts"]["onnx-int8-tensorrt"] = {**fp32, "precision": "int8", "target": "tensorrt",
-                                              "path": "model.int8-qdq-tensorrt.onnx"}
+                                              "path": "model.int8-qdq-tensorrt.onnx",
+                                              "sha256": file_sha256(qdq_file)}
     doc["artefacts"]["tensorrt-int8"] = {**fp32, "format": "tensorrt", "precision": "int8",
                                          "target": "tensorrt", "path": "model.int8.engine"}
     doc["artefacts"]["torch-tensorrt-fp16"] = {"format": "torch-tensorrt", "precision": "fp16",
@@ -345,6 +351,8 @@ def test_artefacts_this_machine_cannot_run_get_rows_with_reasons(exported: Path)
     # its accuracy is the engine's up to kernel rounding, its speed is not.
     qdq = rows["onnx-int8-tensorrt"]
     assert qdq["status"] == "ok" and qdq["device"] == "cpu", qdq
+    # computed as written: ONNX Runtime's fused x86 kernels would saturate its 8-bit weights
+    assert qdq["backend"] == "onnxruntime (Q/DQ as written)"
     assert "TensorRT INT8 Q/DQ graph" in qdq["warnings"][0] and "says nothing about TensorRT" in \
         qdq["warnings"][0]
     assert set(qdq["accuracy"]) == set(rows["onnx-fp32"]["accuracy"])

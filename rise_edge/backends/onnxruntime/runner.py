@@ -34,6 +34,10 @@ def onnx_metadata(path: str | Path) -> dict[str, Any]:
     return found
 
 
+# ONNX metadata key (rise_edge.*) naming the runtime a Q/DQ graph's placement was made for.
+PLACED_FOR = "placed_for"
+
+
 class OnnxRuntimeRunner(Runner):
     """An ONNX file in ONNX Runtime: CPU execution provider, or CUDA / TensorRT EPs where installed.
 
@@ -71,7 +75,16 @@ class OnnxRuntimeRunner(Runner):
         options.intra_op_num_threads = threads or physical_cores()
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # A Q/DQ graph placed for TensorRT stands, on the CPU, for the engine's arithmetic: int8
+        # products summed in int32. ONNX Runtime's fused x86 kernels without VNNI add pairs of u8 x s8
+        # products in a saturating int16 (vpmaddubsw), which 8-bit weights overflow (measured:
+        # benchmarks/results/int8_target.md, and a PACS Lite0 Q/DQ graph that agreed with FP32 on
+        # 63 % of unseen images that way). With graph optimisations off every Q/DQ pair is computed
+        # as written: dequantized, then the layer in float, exact up to float summation order.
+        self.qdq_as_written = device == "cpu" and self.metadata.get(PLACED_FOR) == "tensorrt"
+        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                                            if self.qdq_as_written else
+                                            ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         self.session = ort.InferenceSession(str(path), options, providers=wanted[device])
         # What runs, not what was asked: onnxruntime-gpu on a machine whose CUDA cannot start logs
         # an error and silently builds a CPU-only session.
@@ -83,6 +96,8 @@ class OnnxRuntimeRunner(Runner):
                          "TensorRT libraries it needs)")
         self.name = {"CPUExecutionProvider": "onnxruntime", "CUDAExecutionProvider": "onnxruntime-cuda",
                      "TensorrtExecutionProvider": "onnxruntime-trt"}.get(self.provider, "onnxruntime")
+        if self.qdq_as_written:
+            self.name = "onnxruntime (Q/DQ as written)"
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
         self.output_name = self.session.get_outputs()[0].name

@@ -94,19 +94,22 @@ class TensorRTRunner(Runner):
 
 def make_onnx_int8_tensorrt(s: ExportSession, tmp: Path) -> dict[str, Any]:
     from rise_edge.backends.onnxruntime import OnnxRuntimeRunner
+    from rise_edge.backends.onnxruntime.runner import PLACED_FOR
     from rise_edge.backends.tensorrt.build import modelopt_qdq
 
     fp32 = s.path_of("onnx-fp32")
     info = modelopt_qdq(fp32, tmp, s.calibration_images, s.cfg.calibration_method, INPUT_NAME)
-    stamp_metadata(tmp, s.metadata("int8", "float32-nchw"))
+    stamp_metadata(tmp, {**s.metadata("int8", "float32-nchw"), PLACED_FOR: "tensorrt"})
     # Judged here, on any machine: the Q/DQ graph's arithmetic is the engine's up to kernel rounding,
-    # and ONNX Runtime's CPU provider computes it exactly (Q/DQ pairs in float where unfused).
+    # and ONNX Runtime's CPU provider computes it as written (the runner turns off the fusions whose
+    # x86 kernels would saturate: see PLACED_FOR's use in the runner).
     graph = OnnxRuntimeRunner(tmp, precision="int8", device="cpu")
     judged = _judge_int8(s, graph, "the TensorRT INT8 Q/DQ graph (ONNX Runtime, CPU)")
     return {**info, "from_sha256": file_sha256(fp32), "calibration_sha256": s.calibration.sha256,
             "calibration_method_requested": s.cfg.calibration_method,
-            "judged_as": "the Q/DQ graph on ONNX Runtime's CPU provider, standing for the TensorRT "
-                         "INT8 engine built from it", "accuracy_budget": judged}
+            "judged_as": "the Q/DQ graph on ONNX Runtime's CPU provider, Q/DQ computed as written "
+                         "(graph optimisations off), standing for the TensorRT INT8 engine built "
+                         "from it", "accuracy_budget": judged}
 
 
 def make_engine(s: ExportSession, tmp: Path, name: str) -> dict[str, Any]:
