@@ -145,7 +145,12 @@ def runner_for(record: dict[str, Any], base: str | Path, *, device: str = "auto"
     kwargs: dict[str, Any] = {"precision": record.get("precision", "fp32")}
     if len(backend.devices) > 1:  # the runner chooses among its devices; the others have one
         kwargs["device"] = device if device in backend.devices else backend.devices[0]
-    return backend.runner(Path(base) / record["path"], **kwargs)
+    from rise_edge.files import file_in_folder
+
+    # Only a file inside the export folder is ever opened, whatever the record says.
+    return backend.runner(file_in_folder(Path(base), record.get("path"), Path(base) / "export.json",
+                                         "an artefact's path", "re-export with `rise-edge export`"),
+                          **kwargs)
 
 
 def plan_formats(formats: Sequence[str]) -> list[str]:

@@ -1,8 +1,8 @@
 """The `rise-edge` command line: each command parses, calls one library function, says where results went.
 
-Exit status: 0 done; 1 an artefact or engine failed; 2 bad input (one message on stderr, never a
-traceback); 3 done, but what was asked for includes artefacts this machine cannot make; 130
-interrupted.
+Exit status: 0 done; 1 an artefact or engine failed, or sweep collect left a damaged run out; 2 bad
+input (one message on stderr, never a traceback); 3 done, but what was asked for includes artefacts
+this machine cannot make; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -41,6 +41,14 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except BrokenPipeError:  # `rise-edge recipes | head`: the reader left; say nothing more
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(141)
+        except ValueError as exc:
+            # os calls refuse a path holding a NUL byte with this ValueError; PathParam refuses the
+            # command line's, so this one came from a recipe, a record or --set.
+            if "embedded null" not in str(exc):
+                raise
+            click.echo("error: a path holds a NUL byte (\\0), which no file name can hold; check "
+                       "the paths in the command line, the recipe and its --set options", err=True)
+            sys.exit(2)
         except OSError as exc:  # a full disk, a read-only file system, a folder that is a file...
             where = f" ({exc.filename})" if exc.filename else ""
             click.echo(f"error: {exc.strerror or exc}{where}; files already in place were kept (each "
@@ -51,6 +59,27 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(130)
 
     return wrapper
+
+
+class PathParam(click.Path):
+    """click.Path for every path the command line takes: a path no file system can hold (a NUL
+    byte, text the file system's encoding cannot write) is a usage error naming the option, one
+    line, instead of a ValueError from deep inside the first os call that meets it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(path_type=Path, **kwargs)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str):
+            if "\0" in value:
+                self.fail(f"{value!r} holds a NUL byte (\\0), which no file name can hold; give "
+                          "the path without it", param, ctx)
+            try:
+                os.fsencode(value)
+            except UnicodeError:
+                self.fail(f"{value!r} cannot be written in this file system's encoding "
+                          f"({sys.getfilesystemencoding()}); give another path", param, ctx)
+        return super().convert(value, param, ctx)
 
 
 # click 8.2 and later raise this for a group called with no command (it prints the help).
@@ -142,10 +171,10 @@ _set_option = click.option(
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(path_type=Path))
+@click.argument("recipe", type=PathParam())
 @_set_option
 @click.option("--resume", is_flag=True, help="Continue the interrupted run of this recipe.")
-@click.option("--run-dir", type=click.Path(path_type=Path), default=None,
+@click.option("--run-dir", type=PathParam(), default=None,
               help="Run directory (default: <train.output_dir>/<train.run_name>).")
 @_user_errors
 def train(recipe: Path, overrides: tuple[str, ...], resume: bool, run_dir: Path | None) -> None:
@@ -179,7 +208,7 @@ def recipes() -> None:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=PathParam())
 @click.option("--format", "formats", multiple=True, metavar="FORMAT",
               help="Artefacts to make: a backend's format (onnx, tensorrt, ...: see `rise-edge "
                    "backends`) or all; or a serving bundle of what export made: triton, deepstream "
@@ -215,7 +244,7 @@ def recipes() -> None:
                    "onnx-int8-qat-cpu, tensorrt-fp32, tensorrt-fp16, tensorrt-int8; repeatable; "
                    "default: FP32, the recommended CPU INT8 and the TensorRT engines export can "
                    "build).")
-@click.option("--bundle-dir", type=click.Path(path_type=Path), default=None,
+@click.option("--bundle-dir", type=PathParam(), default=None,
               help="With --format triton/deepstream: where the bundle goes (default: RUN_DIR/bundle; "
                    "an earlier bundle there is replaced whole).")
 @click.option("--model-name", default=None,
@@ -331,7 +360,7 @@ def list_backends() -> None:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dir", type=PathParam())
 @click.option("--domain", "domains", multiple=True, metavar="NAME",
               help="Domain to score (repeatable), or 'all' (default: the run's target domain).")
 @click.option("--engines", multiple=True, metavar="NAME[,NAME...]",
@@ -351,7 +380,7 @@ def list_backends() -> None:
               help="Score at most this many images per domain (a seeded subset; 0: all).")
 @click.option("--set", "overrides", multiple=True, metavar="data.root=PATH",
               help="The data set's new root, when it moved since training.")
-@click.option("--site", type=click.Path(path_type=Path), default=None, metavar="DIR",
+@click.option("--site", type=PathParam(), default=None, metavar="DIR",
               help="A folder of unlabelled site images (any layout): label-free accuracy "
                    "estimates, predicted classes and confidence for every artefact.")
 @click.option("--skip-bad-images", is_flag=True, default=False,
@@ -401,8 +430,8 @@ def bench(run_dir: Path, domains: tuple[str, ...], engines: tuple[str, ...],
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--site", type=click.Path(path_type=Path), required=True, metavar="DIR",
+@click.argument("run_dir", type=PathParam())
+@click.option("--site", type=PathParam(), required=True, metavar="DIR",
               help="The folder of the site's unlabelled images (any layout).")
 @click.option("--method", type=click.Choice(["adabn", "t3a", "none"]), default="adabn",
               show_default=True,
@@ -411,7 +440,7 @@ def bench(run_dir: Path, domains: tuple[str, ...], engines: tuple[str, ...],
                    "--int8-calibration site: INT8 calibrated on the site only).")
 @click.option("--int8-calibration", type=click.Choice(["sources", "site"]), default="sources",
               show_default=True, help="Calibrate the child's INT8 on the source images or the site's.")
-@click.option("--run-dir", "child_dir", type=click.Path(path_type=Path), default=None,
+@click.option("--run-dir", "child_dir", type=PathParam(), default=None,
               help="Where the adapted run goes (default: beside RUN_DIR, named by method and site).")
 @click.option("--no-export", is_flag=True, default=False, help="Adapt only; export later.")
 @click.option("--skip-bad-images", is_flag=True, default=False,
@@ -479,7 +508,7 @@ def sweep() -> None:
 
 
 @sweep.command("run", hidden=True)
-@click.argument("sweep_file", metavar="SWEEP.yaml", type=click.Path(path_type=Path))
+@click.argument("sweep_file", metavar="SWEEP.yaml", type=PathParam())
 @click.option("--launcher", type=click.Choice(["local", "submitit-local", "slurm"]), default="local",
               show_default=True, help="local: a pool of processes here; slurm: jobs through "
               "submitit; submitit-local: submitit's local executor (the SLURM code path, here).")
@@ -524,7 +553,7 @@ def sweep_run(sweep_file: Path, launcher: str, workers: int, threads: int, gpus:
 
 
 @sweep.command("collect")
-@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
+@click.argument("folder", metavar="DIR", type=PathParam())
 @_user_errors
 def sweep_collect(folder: Path) -> None:
     """Tables of a sweep's runs: per target domain and their average, mean ± SE over seeds, selected
@@ -534,6 +563,10 @@ def sweep_collect(folder: Path) -> None:
     data = collect(folder)
     click.echo(to_markdown(data))
     click.echo(f"written: {folder}/results.md, results.csv, results.json, results.png")
+    for name, why in data["damaged"].items():  # left out of the tables: said, and exit status 1
+        click.echo(f"warning: run {name} left out of the tables: {why}", err=True)
+    if data["damaged"]:
+        sys.exit(1)
 
 
 # -- teacher-view cache commands --
@@ -572,7 +605,7 @@ def _cache_command(target: Path, overrides: tuple[str, ...], fill: bool) -> None
 
 
 @teacher_cache.command("build")
-@click.argument("target", metavar="RECIPE|SWEEP", type=click.Path(path_type=Path))
+@click.argument("target", metavar="RECIPE|SWEEP", type=PathParam())
 @_set_option
 @_user_errors
 def teacher_cache_build(target: Path, overrides: tuple[str, ...]) -> None:
@@ -581,7 +614,7 @@ def teacher_cache_build(target: Path, overrides: tuple[str, ...]) -> None:
 
 
 @teacher_cache.command("info")
-@click.argument("target", metavar="RECIPE|SWEEP", type=click.Path(path_type=Path))
+@click.argument("target", metavar="RECIPE|SWEEP", type=PathParam())
 @_set_option
 @_user_errors
 def teacher_cache_info(target: Path, overrides: tuple[str, ...]) -> None:
@@ -598,7 +631,7 @@ def data() -> None:
 
 
 def _root_option(function: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--root", type=click.Path(path_type=Path), default=None,
+    return click.option("--root", type=PathParam(), default=None,
                         help="Data root (default: $RISE_EDGE_DATA).")(function)
 
 
@@ -620,13 +653,13 @@ def _resolve_root(root: Path | None) -> Path:
 @data.command("download")
 @click.argument("name", metavar="NAME")
 @_root_option
-@click.option("--archive", "archives", multiple=True, type=click.Path(path_type=Path),
+@click.option("--archive", "archives", multiple=True, type=PathParam(),
               help="An archive you already downloaded (by its published name, e.g. PACS.zip), used "
                    "instead of fetching it (repeatable).")
 @click.option("--mirror", default=None, metavar="URL",
               help="Fetch each archive from URL/<archive name> instead of its public source.")
 @click.option("--keep-archives", is_flag=True, help="Keep the downloaded archives after extracting.")
-@click.option("--split-lists", "split_lists", type=click.Path(path_type=Path), default=None,
+@click.option("--split-lists", "split_lists", type=PathParam(), default=None,
               metavar="PATH", help="A folder with the official split lists you already have "
               "(PACS: <domain>_{train,crossval}_kfold.txt), checked and copied instead of fetched.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

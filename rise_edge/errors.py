@@ -14,6 +14,13 @@ class UserError(Exception):
     exit_code = 2
 
 
+class DamagedFile(UserError):
+    """A file rise-edge wrote (a record, tensors, a list it reads as its own) that cannot be used as
+    it is: damaged, changed by hand or unreadable. The message names the file and the field and says
+    what fixes it. Code that works around a missing input (no teacher here, no images) still stops
+    on this one: a damaged file is never silently taken for an absent one."""
+
+
 def missing_extra(package: str, extra: str, purpose: str) -> UserError:
     """Error for an optional dependency that is not installed."""
     return UserError(

@@ -1,5 +1,7 @@
 """Files rise-edge writes and trusts: atomic writes (a kill never leaves half a file), sha256 of a
-file's bytes, the cache folder with its content keys, and the lock a command holds on its folder."""
+file's bytes, the cache folder with its content keys, the lock a command holds on its folder, and the
+one checked reader of what it wrote (JSON records field by field, JSON lines, text lists,
+safetensors), whose every complaint names the file and the field and says what fixes it."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from rise_edge.errors import UserError
+from rise_edge.errors import DamagedFile, UserError
 
 
 @contextmanager
@@ -154,3 +156,315 @@ def remove_leftovers(run_dir: Path) -> list[Path]:
             path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading back what rise-edge wrote: every reader of a record, a list or a tensors file goes through
+# these, so a damaged or hand-changed file is one line (DamagedFile) that names the file and the
+# field, says what was expected and what fixes it, instead of a traceback or a silent wrong result.
+
+_MISSING: Any = object()
+
+
+def _shown(value: Any) -> str:
+    """A field's value as a message shows it: its repr, cut short; 'nothing' for a missing one."""
+    if value is _MISSING:
+        return "nothing"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def is_plain_file_name(text: Any) -> bool:
+    """True for the name of a file inside a folder: no folder part, not '.' or '..', not absolute,
+    no NUL byte. What records that name a file beside them must hold."""
+    return (isinstance(text, str) and text not in ("", ".", "..") and "\0" not in text
+            and "/" not in text and "\\" not in text and Path(text).name == text)
+
+
+def file_in_folder(folder: Path, name: Any, record: Path, field: str, fix: str) -> Path:
+    """`folder`/`name`, where a record (`record`, its `field`) names a file kept beside it; never a
+    path that leads elsewhere (another folder, an absolute path): DamagedFile naming the field."""
+    if not is_plain_file_name(name):
+        raise DamagedFile(f"{record}: {field} must be the name of a file in {folder.name}/, got "
+                          f"{_shown(name)}; it was changed by hand or damaged, and rise-edge never "
+                          f"opens a file outside that folder for it: {fix}")
+    return folder / name
+
+
+class Record:
+    """A JSON object read back from `path` (or a part of one, `prefix` naming where), with typed
+    accessors: each returns the field's value or raises DamagedFile naming the file, the field, what
+    it must be and what it held, and ending with `fix` (what the user can do: re-export, re-train...).
+
+    A field is a key, or a tuple of keys into nested objects: ("accuracy", "val_mean")."""
+
+    def __init__(self, path: Path, data: Any, fix: str, prefix: str = "") -> None:
+        self.path, self.fix, self.prefix = Path(path), fix, prefix
+        if not isinstance(data, dict):
+            raise DamagedFile(f"{self.path}: {prefix.rstrip('.') or 'its content'} must be a JSON "
+                              f"object, got {_shown(data)}; it was changed by hand or damaged; {fix}")
+        self.data: dict[str, Any] = data
+
+    def name(self, field: str | tuple[str, ...]) -> str:
+        return self.prefix + (".".join(field) if isinstance(field, tuple) else field)
+
+    def raw(self, field: str | tuple[str, ...], default: Any = None) -> Any:
+        """The field's value unchecked (`default` when missing)."""
+        value: Any = self.data
+        for key in field if isinstance(field, tuple) else (field,):
+            if not isinstance(value, dict) or key not in value:
+                return default
+            value = value[key]
+        return value
+
+    def has(self, field: str | tuple[str, ...]) -> bool:
+        return self.raw(field, _MISSING) is not _MISSING
+
+    def damaged(self, field: str | tuple[str, ...], expected: str) -> DamagedFile:
+        """The error for a field that is not `expected` (a phrase: 'a number from 0 to 1')."""
+        return DamagedFile(f"{self.path}: {self.name(field)} must be {expected}, got "
+                           f"{_shown(self.raw(field, _MISSING))}; it was changed by hand or damaged; "
+                           f"{self.fix}")
+
+    def _get(self, field: str | tuple[str, ...], optional: bool, expected: str) -> Any:
+        value = self.raw(field, _MISSING)
+        if value is _MISSING or (value is None and optional):
+            if optional:
+                return _MISSING
+            raise self.damaged(field, expected)
+        return value
+
+    def mapping(self, field: str | tuple[str, ...], *, optional: bool = False) -> Record | None:
+        """A nested object, as a Record whose messages name the whole path to its fields."""
+        value = self._get(field, optional, "a JSON object")
+        if value is _MISSING:
+            return None
+        if not isinstance(value, dict):
+            raise self.damaged(field, "a JSON object")
+        return Record(self.path, value, self.fix, self.name(field) + ".")
+
+    def records(self, field: str | tuple[str, ...], *, optional: bool = False) -> dict[str, Record]:
+        """An object of objects (name -> record), each a Record."""
+        outer = self.mapping(field, optional=optional)
+        if outer is None:
+            return {}
+        return {key: outer.mapping(key) for key in outer.data}  # type: ignore[misc]
+
+    def rows(self, field: str | tuple[str, ...], *, optional: bool = False) -> list[Record]:
+        """A list of objects, each a Record ('rows.3.' in messages)."""
+        value = self._get(field, optional, "a list of JSON objects")
+        if value is _MISSING:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.damaged(field, "a list of JSON objects")
+        return [Record(self.path, v, self.fix, f"{self.name(field)}.{i}.") for i, v in enumerate(value)]
+
+    def string(self, field: str | tuple[str, ...], *, optional: bool = False,
+               choices: tuple[str, ...] | None = None, expected: str | None = None) -> str | None:
+        """A string (non-empty, without NUL bytes); one of `choices` when given."""
+        want = expected or ("one of " + ", ".join(choices) if choices else "a non-empty string")
+        value = self._get(field, optional, want)
+        if value is _MISSING:
+            return None
+        if not isinstance(value, str) or not value or "\0" in value or (
+                choices is not None and value not in choices):
+            raise self.damaged(field, want)
+        return value
+
+    def file_name(self, field: str | tuple[str, ...], *, optional: bool = False,
+                  folder: str = "its folder") -> str | None:
+        """The name of a file inside `folder` (never a path that leads out of it)."""
+        want = f"the name of a file in {folder} (no folder part, not absolute)"
+        value = self._get(field, optional, want)
+        if value is _MISSING:
+            return None
+        if not is_plain_file_name(value):
+            raise self.damaged(field, want)
+        return value
+
+    def sha256(self, field: str | tuple[str, ...], *, optional: bool = False) -> str | None:
+        """A sha256 as export and adapt record them: 64 lower-case hexadecimal digits."""
+        import re
+
+        value = self._get(field, optional, "64 hexadecimal digits")
+        if value is _MISSING:
+            return None
+        if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise self.damaged(field, "64 hexadecimal digits")
+        return value
+
+    def number(self, field: str | tuple[str, ...], *, low: float | None = None,
+               high: float | None = None, integer: bool = False, optional: bool = False
+               ) -> float | int | None:
+        """A finite number (an integer when `integer`) within [low, high] where given."""
+        import math
+
+        kind = "an integer" if integer else "a number"
+        bounds = (f" from {low:g} to {high:g}" if low is not None and high is not None else
+                  f" of at least {low:g}" if low is not None else
+                  f" of at most {high:g}" if high is not None else "")
+        want = f"{kind}{bounds}"
+        value = self._get(field, optional, want)
+        if value is _MISSING:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (integer and not isinstance(value, int)) or (low is not None and value < low) \
+                or (high is not None and value > high):
+            raise self.damaged(field, want)
+        return value
+
+    def strings(self, field: str | tuple[str, ...], *, optional: bool = False) -> list[str] | None:
+        """A list of non-empty strings."""
+        want = "a list of non-empty strings"
+        value = self._get(field, optional, want)
+        if value is _MISSING:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) and v and "\0" not in v
+                                                  for v in value):
+            raise self.damaged(field, want)
+        return value
+
+    def integers(self, field: str | tuple[str, ...], *, low: int | None = None,
+                 optional: bool = False) -> list[int] | None:
+        """A non-empty list of integers, each at least `low` where given."""
+        want = "a non-empty list of integers" + (f" of at least {low}" if low is not None else "")
+        value = self._get(field, optional, want)
+        if value is _MISSING:
+            return None
+        if not isinstance(value, list) or not value or not all(
+                isinstance(v, int) and not isinstance(v, bool) and (low is None or v >= low)
+                for v in value):
+            raise self.damaged(field, want)
+        return value
+
+
+def _read_bytes(path: Path, fix: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except IsADirectoryError:
+        raise DamagedFile(f"{path} is a folder where rise-edge keeps a file; {fix}") from None
+    except OSError as exc:
+        raise DamagedFile(f"cannot read {path}: {exc.strerror or exc}; {fix}") from None
+
+
+def decode_text(data: bytes, path: Path, fix: str) -> str:
+    """`data` as UTF-8 text (what rise-edge writes), or one line saying where it is not."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DamagedFile(f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                          f"{exc.start}): it was damaged or replaced; {fix}") from None
+
+
+def parse_json_record(text: str, path: Path, fix: str, where: str = "") -> Record:
+    """A JSON object from `text` (the file's content, or the line `where` names), as a Record."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DamagedFile(f"{path}{where} is not JSON ({exc.msg} at line {exc.lineno} column "
+                          f"{exc.colno}): it was cut short, damaged or changed by hand; {fix}"
+                          ) from None
+    except RecursionError:  # nesting deeper than the parser goes: no record rise-edge writes
+        raise DamagedFile(f"{path}{where} is nested too deeply to be a record rise-edge wrote; {fix}"
+                          ) from None
+    if not isinstance(data, dict):
+        raise DamagedFile(f"{path}{where} holds {type(data).__name__} {_shown(data)} where rise-edge "
+                          f"writes a JSON object: it was changed by hand or damaged; {fix}")
+    return Record(path, data, fix)
+
+
+def read_json_record(path: str | Path, fix: str, *, missing_ok: bool = False) -> Record | None:
+    """The JSON object rise-edge wrote at `path`, checked to be UTF-8 JSON holding an object; None
+    for a missing file when `missing_ok`. Fields are then read through the Record's accessors."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        if missing_ok:
+            return None
+        raise UserError(f"{path} not found; {fix}")
+    return parse_json_record(decode_text(_read_bytes(path, fix), path, fix), path, fix)
+
+
+def read_jsonl_records(path: str | Path, fix: str, *, torn_tail_ok: bool = False) -> list[Record]:
+    """Every line of a JSON-lines log (metrics.jsonl) as a Record; [] for a missing file. With
+    `torn_tail_ok`, a last line that is not JSON (cut by a kill mid-write) is dropped; a damaged
+    line anywhere else is an error naming it."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    text = decode_text(_read_bytes(path, fix), path, fix)
+    lines = text.splitlines()
+    found = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = parse_json_record(line, path, fix, f": line {number}")
+            found.append(Record(path, entry.data, fix, f"line {number}: "))
+        except DamagedFile:
+            # Each line is written whole with its newline: only a last line without one was cut.
+            if torn_tail_ok and number == len(lines) and not text.endswith("\n"):
+                break
+            raise
+    return found
+
+
+def read_text_lines(path: str | Path, fix: str) -> list[str]:
+    """A text file's lines (a split list), checked to be UTF-8 text without NUL bytes."""
+    path = Path(path)
+    text = decode_text(_read_bytes(path, fix), path, fix)
+    if "\0" in text:
+        line = text[:text.index("\0")].count("\n") + 1
+        raise DamagedFile(f"{path}:{line} holds a NUL byte: it is not a text file (damaged?); {fix}")
+    return text.splitlines()
+
+
+def read_safetensors(path: str | Path, fix: str, *,
+                     expect: dict[str, tuple[int | None, ...]] | None = None,
+                     finite: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file, checked: readable whole, and with `expect`
+    holding each named tensor with that many dimensions of those sizes (None: any size); with
+    `finite`, no NaN or infinity in its floating-point tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found; {fix}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise DamagedFile(f"{path} is not a readable safetensors file "
+                          f"({' '.join(str(exc).split())[:200]}): it was cut short or damaged; "
+                          f"{fix}") from None
+    for name, shape in (expect or {}).items():
+        if name not in tensors:
+            raise DamagedFile(f"{path} holds no tensor '{name}' (it holds "
+                              f"{', '.join(sorted(tensors)[:6]) or 'none'}); it is not the file "
+                              f"rise-edge wrote; {fix}")
+        found = tuple(tensors[name].shape)
+        if len(found) != len(shape) or any(w is not None and w != n for w, n in zip(shape, found)):
+            wanted = "(" + ", ".join("any" if w is None else str(w) for w in shape) + ")"
+            raise DamagedFile(f"{path}: tensor '{name}' has shape {found}, expected {wanted}; it "
+                              f"was changed or belongs to another run; {fix}")
+    if finite:
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+                raise DamagedFile(f"{path}: tensor '{name}' holds NaN or infinite values; it was "
+                                  f"damaged; {fix}")
+    return tensors, header
+
+
+def check_safetensors(path: str | Path, fix: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a safetensors file, from its header alone (cheap for a large file):
+    DamagedFile when it is cut short or is not a safetensors file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise DamagedFile(f"{path} is not a readable safetensors file "
+                          f"({' '.join(str(exc).split())[:200]}): it was cut short or damaged; "
+                          f"{fix}") from None

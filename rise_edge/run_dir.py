@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rise_edge.config import Recipe, recipe_from_dict
 from rise_edge.data.transforms import Preprocessing
-from rise_edge.errors import UserError
-from rise_edge.files import atomic_path, write_json_atomic, write_text_atomic
+from rise_edge.errors import DamagedFile, UserError
+from rise_edge.files import (Record, atomic_path, file_in_folder, is_plain_file_name,
+                              parse_json_record, read_json_record,
+                              read_jsonl_records, read_safetensors, write_json_atomic,
+                              write_text_atomic)
 from rise_edge.train.student import HeadSpec, Student, create_backbone
 
 STUDENT_FILE = "student.safetensors"
@@ -65,7 +67,10 @@ def load_training_state(path: Path, model: torch.nn.Module, optimizer: torch.opt
                         device: torch.device | None = None) -> dict[str, Any]:
     """Restore what save_training_state wrote (model, optimizer, CPU and CUDA RNG: the CUDA states
     when this machine has as many devices); returns its metadata."""
-    tensors, metadata = load_tensors(path)
+    fix = "the training state cannot be resumed: train the run again into a new --run-dir"
+    tensors, metadata = load_tensors(path, fix)
+    if "rng.cpu" not in tensors or not isinstance(metadata.get("param_groups"), list):
+        raise DamagedFile(f"{path} lacks the RNG state or the optimizer's parameter groups; {fix}")
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -81,24 +86,15 @@ def load_training_state(path: Path, model: torch.nn.Module, optimizer: torch.opt
     return metadata
 
 
-def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise UserError(f"{path} is not a readable safetensors file ({exc})") from None
+def load_tensors(path: Path, fix: str = "it was changed or damaged after rise-edge wrote it: "
+                 "make it again") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A safetensors file rise-edge wrote (rise_edge.files.read_safetensors) and its JSON metadata;
+    `fix` ends the message when it is damaged."""
+    tensors, header = read_safetensors(path, fix)
     if _META_KEY not in header:
-        raise UserError(f"{path} was not written by rise-edge (no '{_META_KEY}' metadata)")
-    try:
-        metadata = json.loads(header[_META_KEY])
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: its '{_META_KEY}' header is not valid JSON ({exc.msg} at character "
-                        f"{exc.pos}); the file was changed after it was written") from None
-    if not isinstance(metadata, dict):
-        raise UserError(f"{path}: its '{_META_KEY}' header is not a mapping; the file was changed "
-                        "after it was written")
-    return tensors, metadata
+        raise DamagedFile(f"{path} was not written by rise-edge (no '{_META_KEY}' metadata); {fix}")
+    record = parse_json_record(header[_META_KEY], path, fix, f" (its '{_META_KEY}' header)")
+    return tensors, record.data
 
 
 def versions() -> dict[str, str]:
@@ -210,28 +206,29 @@ def open_run(run_dir: str | Path) -> TrainedRun:
         state = "training was interrupted; continue it with `rise-edge train --resume`" if (
             path / RESUME_FILE).is_file() else "it holds no trained student"
         raise UserError(f"{path} has no {STUDENT_FILE}: {state}")
-    tensors, metadata = load_tensors(weights)
+    retrain = "the file was changed after training, so train the run again"
+    tensors, metadata = load_tensors(weights, retrain)
     try:
         meta = StudentMeta.from_dict(metadata)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"{weights}: its header does not describe a student ({type(exc).__name__}: "
-                        f"{exc}); the file was changed after training, so train the run again"
-                        ) from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DamagedFile(f"{weights}: its header does not describe a student "
+                          f"({type(exc).__name__}: {exc}); {retrain}") from None
     if not isinstance(metadata.get("recipe"), dict):
-        raise UserError(f"{weights}: its header holds no recipe; the file was changed after training, "
-                        "so train the run again")
-    recipe = recipe_from_dict(metadata["recipe"], f"{weights} (recipe)")
+        raise DamagedFile(f"{weights}: its header holds no recipe; {retrain}")
+    try:
+        recipe = recipe_from_dict(metadata["recipe"], f"{weights} (recipe)")
+    except UserError as exc:
+        raise DamagedFile(f"{exc}; {retrain}") from None
     student = rebuild_student(meta, recipe)
     try:
         missing, unexpected = student.load_state_dict(tensors, strict=False)
     except RuntimeError as exc:  # a tensor of another shape than the header's student has
         first = " ".join(str(exc).split())[:300]
-        raise UserError(f"{weights}: its tensors do not fit the student its header describes "
-                        f"({first}); the file was changed after training, so train the run again"
-                        ) from None
+        raise DamagedFile(f"{weights}: its tensors do not fit the student its header describes "
+                          f"({first}); {retrain}") from None
     if missing or unexpected:
-        raise UserError(f"{weights} does not match student '{meta.model}': missing "
-                        f"{missing[:3]}, unexpected {unexpected[:3]}")
+        raise DamagedFile(f"{weights} does not match student '{meta.model}': missing "
+                          f"{missing[:3]}, unexpected {unexpected[:3]}; {retrain}")
     return TrainedRun(path, student.eval(), meta, recipe)
 
 
@@ -246,19 +243,29 @@ def rebuild_student(meta: StudentMeta, recipe: Recipe) -> Student:
 ADAPT_FILE = "adapt.json"  # an adapted run's record of its parent and site (rise-edge adapt)
 
 
+ADAPT_CALIBRATIONS = ("sources", "site")  # where an adapted run's INT8 is calibrated
+
+
 def read_adapt_record(run_dir: Path) -> dict[str, Any] | None:
-    """The child's adapt.json, or None for a run that was trained (not adapted)."""
+    """The child's adapt.json, every field its readers act on checked (the parent and its student's
+    sha256, the site's folder, images and sha256, the method, the INT8 calibration source); None
+    for a run that was trained (not adapted)."""
     path = Path(run_dir) / ADAPT_FILE
-    if not path.is_file():
+    fix = (f"delete the adapted run {Path(run_dir)} and adapt its parent again (rise-edge adapt "
+           "PARENT --site DIR)")
+    record = read_json_record(path, fix, missing_ok=True)
+    if record is None:
         return None
-    try:
-        record = json.loads(path.read_text())
-        if not isinstance(record, dict) or not isinstance(record.get("site"), dict):
-            raise ValueError("not an adapt record")
-        return record
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is damaged ({exc}); adapt the parent again into a new folder"
-                        ) from None
+    parent = record.mapping("parent")
+    parent.string("run_dir", expected="the parent run directory's path")
+    parent.sha256("student_sha256")
+    site = record.mapping("site")
+    site.string("folder", expected="the site folder's path")
+    site.number("images", low=1, integer=True)
+    site.sha256("sha256")
+    record.string("method")
+    record.string("int8_calibration", choices=ADAPT_CALIBRATIONS, optional=True)
+    return record.data
 
 
 EXPORT_DIR = "export"  # <run>/export/: the artefacts rise-edge export makes
@@ -277,75 +284,96 @@ def run_splits(run: TrainedRun, data_root: str | None = None) -> Any:
     if not path.is_file():
         data = replace(run.recipe.data, root=data_root) if data_root else run.recipe.data
         return build_splits(data, check_images=data.skip_bad_images, progress=False)
+    fix = "it records the images training used and cannot be rebuilt exactly: re-train the run"
+    record = read_json_record(path, fix)
     try:
-        return splits_from_record(json.loads(path.read_text()), data_root)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError,
-            ValueError) as exc:
-        raise UserError(f"{path} is damaged ({type(exc).__name__}: {exc}); it records the images "
-                        "training used and cannot be rebuilt exactly: re-train the run") from None
+        return splits_from_record(record.data, data_root)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise DamagedFile(f"{path} is damaged ({type(exc).__name__}: {exc}); {fix}") from None
 
 
 def read_export_record(run_dir: Path, *, advice: str) -> dict[str, Any]:
-    """<run>/export/export.json as a dict ({} when there is none); `advice` ends the error for bad JSON."""
+    """<run>/export/export.json as a dict ({} when there is none), checked field by field;
+    `advice` ends the error for a damaged one."""
     path = run_dir / EXPORT_DIR / EXPORT_JSON
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); {advice}") from None
-    artefacts = data.get("artefacts", {}) if isinstance(data, dict) else None
-    if not isinstance(artefacts, dict) or not all(isinstance(r, dict) for r in artefacts.values()):
-        raise UserError(f"{path} is not an export record (an object whose 'artefacts' maps names to "
-                        f"records); it was changed by hand or damaged; {advice}")
-    if data.get("schema", EXPORT_SCHEMA) != EXPORT_SCHEMA:
-        raise UserError(f"{path}: schema {data.get('schema')!r} is not the export record this "
-                        f"rise-edge reads (schema {EXPORT_SCHEMA}); {advice}")
-    for name, record in artefacts.items():
-        _check_artefact_record(path, name, record, advice)
-    return data
+    record = read_json_record(path, advice)
+    if record.raw("schema", EXPORT_SCHEMA) != EXPORT_SCHEMA:
+        raise DamagedFile(f"{path}: schema {record.raw('schema')!r} is not the export record this "
+                          f"rise-edge reads (schema {EXPORT_SCHEMA}); {advice}")
+    if not isinstance(record.raw("artefacts", {}), dict) or not all(
+            isinstance(r, dict) for r in record.raw("artefacts", {}).values()):
+        raise DamagedFile(f"{path} is not an export record (an object whose 'artefacts' maps names "
+                          f"to records); it was changed by hand or damaged; {advice}")
+    for name, artefact in record.records("artefacts", optional=True).items():
+        _check_artefact_record(artefact, name)
+    # int8_target and recommended of the wrong type are ignored where they are read (a warning
+    # and a recommendation left out); the fields below are acted on, so they are checked.
+    for field in ("student", "export_config", "calibration"):
+        record.mapping(field, optional=True)
+    student = record.mapping("student", optional=True)
+    if student is not None:  # what a serving bundle ships beside the model
+        student.strings("classes")
+        student.strings("source_domains")
+        student.string("target_domain")
+        student.string("model")
+        student.sha256("sha256", optional=True)
+        student.mapping("preprocessing")
+    config = record.mapping("export_config", optional=True)
+    if config is not None:
+        config.integers("batch_profile", low=1, optional=True)
+    return record.data
 
 
 EXPORT_SCHEMA = 1
 _EXPORT_STATUSES = ("ok", "failed", "skipped", "unavailable", "stale")  # as export writes them
 
 
-def _check_artefact_record(path: Path, name: str, record: dict[str, Any], advice: str) -> None:
+def _check_artefact_record(record: Record, name: str) -> None:
     """One artefact's record as export writes it: bench and the bundle act on these fields, so a
     tampered one stops with a line naming it instead of being benchmarked or shipped as it says."""
-    import re
-
     from rise_edge.backend_table import artefacts
 
-    def bad(field: str, expected: str) -> UserError:
-        return UserError(f"{path}: artefacts.{name}.{field} must be {expected}, got "
-                         f"{record.get(field)!r}; it was changed by hand or damaged; {advice}")
-
-    if record.get("status") not in _EXPORT_STATUSES:
-        raise bad("status", "one of " + ", ".join(_EXPORT_STATUSES))
-    for field in ("format", "precision"):
-        if not isinstance(record.get(field), str):
-            raise bad(field, "a string")
+    record.string("status", choices=_EXPORT_STATUSES)
+    record.string("format", expected="a string")
+    precision = record.string("precision", expected="a string")
     known = artefacts().get(name)
-    if known is not None and record["precision"] != known.precision:
-        raise bad("precision", f"'{known.precision}' (what {name} is)")
-    if record["status"] == "ok" and not (isinstance(record.get("path"), str) and record["path"]):
-        raise bad("path", f"the artefact's file name in {EXPORT_DIR}/")
-    for field in ("sha256", "student_sha256"):
-        if record.get(field) is not None and not re.fullmatch(r"[0-9a-f]{64}", str(record[field])):
-            raise bad(field, "64 hexadecimal digits")
+    if known is not None and precision != known.precision:
+        raise record.damaged("precision", f"'{known.precision}' (what {name} is)")
+    # Where the file lies is checked where it is opened (artefact_file): bench reports a record
+    # that points outside export/ as a 'tampered' row.
+    record.string("path", optional=record.raw("status") != "ok",
+                  expected=f"the artefact's file name in {EXPORT_DIR}/")
+    record.sha256("sha256", optional=True)
+    record.sha256("student_sha256", optional=True)
+    for field in ("accuracy_budget", "judge", "stress"):
+        record.mapping(field, optional=True)
+    record.integers("batch_profile", low=1, optional=True)
+    parts = record.mapping("files", optional=True)
+    if parts is not None:
+        for part in parts.data:
+            if not is_plain_file_name(part):
+                raise DamagedFile(f"{record.path}: {parts.name(part)} must name a file in "
+                                  f"{EXPORT_DIR}/, got {part!r}; it was changed by hand or damaged; "
+                                  f"{record.fix}")
+            parts.sha256(part)
+
+
+def artefact_file(export_dir: Path, record: dict[str, Any], name: str | None = None) -> Path:
+    """The file of artefact `name` (its record), which export made inside `export_dir`; DamagedFile
+    for a record whose path is missing or leads anywhere else (another folder, an absolute path)."""
+    return file_in_folder(export_dir, record.get("path"), export_dir / EXPORT_JSON,
+                          f"artefacts.{name}.path" if name else "an artefact's path",
+                          "re-export with `rise-edge export`")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    lines = []
-    for line in path.read_text().splitlines():
-        try:
-            lines.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by a kill: everything after it is gone too
-    return lines
+    """A run's metrics.jsonl as written; a last line cut by a kill is dropped, any other damage is
+    one line naming the file and the line."""
+    fix = ("move the file aside (training and resuming do not need it; collect and the curves "
+           "read it)")
+    return [r.data for r in read_jsonl_records(path, fix, torn_tail_ok=True)]
 
 
 class MetricsLog:

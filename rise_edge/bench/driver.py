@@ -53,7 +53,7 @@ from rise_edge.config import BenchConfig, recipe_from_dict, recipe_to_dict
 from rise_edge.data.domains import DomainSplits, Sample, load_rgb
 from rise_edge.data.transforms import eval_transform
 from rise_edge.errors import UserError
-from rise_edge.files import run_lock
+from rise_edge.files import is_plain_file_name, run_lock
 from rise_edge.run_dir import (EXPORT_DIR, EXPORT_JSON, STUDENT_FILE, TrainedRun, open_run,
                                read_export_record, run_splits, software_versions)
 
@@ -152,9 +152,10 @@ class EngineSpec:
     recommendation: dict[str, Any] | None = None  # export.json's verdict on an INT8 artefact
 
 
-QDQ_ON_CPU = ("the TensorRT INT8 Q/DQ graph, run on ONNX Runtime's CPU provider: its accuracy is what a "
-              "TensorRT INT8 engine built from it computes, up to kernel rounding; its speed says "
-              "nothing about TensorRT's (build the engine on the device for that)")
+QDQ_ON_CPU = ("the TensorRT INT8 Q/DQ graph, run on ONNX Runtime's CPU provider with its Q/DQ computed as "
+              "written: its accuracy is what a TensorRT INT8 engine built from it computes, up to "
+              "kernel rounding; its speed says nothing about TensorRT's (build the engine on the "
+              "device for that)")
 
 
 def _ort_has(provider: str) -> bool:
@@ -181,7 +182,7 @@ def _check_record(spec: EngineSpec, student_sha: str | None) -> None:
         spec.status, spec.reason = "stale", (f"made from an earlier {STUDENT_FILE} than this run holds; "
                                              "re-export it with `rise-edge export`")
         return
-    if Path(str(record.get("path", ""))).name != record.get("path"):
+    if not is_plain_file_name(record.get("path")):  # rise_edge.run_dir.artefact_file's rule
         spec.status, spec.reason = "tampered", (
             f"{EXPORT_JSON} names {record.get('path')!r} for it, which is not a file in {EXPORT_DIR}/; "
             "re-export it with `rise-edge export`")
@@ -292,7 +293,8 @@ def plan_engines(run: TrainedRun, export: dict[str, Any], requested: Sequence[st
         record = records[name]
         spec = EngineSpec(name, str(record.get("format", "?")), str(record.get("precision", "?")),
                           str(record.get("target", "")), record,
-                          run.path / EXPORT_DIR / record["path"] if record.get("path") else None)
+                          run.path / EXPORT_DIR / record["path"]
+                          if is_plain_file_name(record.get("path")) else None)
         _check_record(spec, student_sha)
         spec.recommendation = _recommendation(export, name)
         specs.append(spec)

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 from rise_edge.config import DataConfig
 from rise_edge.data.image_checks import ScannedFile, check_image_files, scan_images
 from rise_edge.errors import UserError
+from rise_edge.files import read_text_lines
 # The data-set registry lives in a module without torch (the command line reads it at start-up);
 # its names are part of this module's interface too.
 from rise_edge.registry import (KNOWN_DATASETS, KnownDataset, known_dataset,  # noqa: F401
@@ -276,7 +277,9 @@ def _official_splits(lists_dir: Path, dataset_path: Path, sources: Sequence[str]
                 present = ", ".join(sorted(p.name for p in lists_dir.glob("*.txt"))) or "(none)"
                 raise UserError(f"split list {list_file} not found; lists present: {present}")
             samples = []
-            for n, line in enumerate(list_file.read_text().splitlines(), 1):
+            fix = ("put the data set's official list there again (`rise-edge data download` fetches "
+                   "PACS's), or use a seeded holdout with --set data.split_lists=\"\"")
+            for n, line in enumerate(read_text_lines(list_file, fix), 1):
                 if not line.strip():
                     continue
                 rel = line.split()[0]

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
-from rise_edge.cli import _set_option, _user_errors
+from rise_edge.cli import PathParam, _set_option, _user_errors
 
 
 @click.command()
-@click.option("--recipe", type=click.Path(path_type=Path), default=None,
+@click.option("--recipe", type=PathParam(), default=None,
               help="Demo recipe (default: the shipped demo recipe).")
 @_set_option
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
+@click.option("--out", type=PathParam(), default=Path("runs/demo"), show_default=True,
               help="Folder for the ERM and RISE runs and the summary.")
 @_user_errors
 def demo(recipe: Path | None, overrides: tuple[str, ...], out: Path) -> None:

@@ -166,6 +166,18 @@ def _marked_stale(records: dict[str, dict[str, Any]], student_sha256: str
     return records
 
 
+def _check_adapted(session: ExportSession, names: Sequence[str]) -> None:
+    """An adapted run's adapt.json is read (checked field by field) before anything is made, and so
+    are its site images when its INT8 is calibrated on them: a damaged or tampered record, or a site
+    that changed since adapt, is one line naming it (exit 2), not an INT8 artefact that 'failed'."""
+    from rise_edge.run_dir import read_adapt_record
+
+    adapted = read_adapt_record(session.run.path)
+    if adapted is not None and adapted.get("int8_calibration") == "site" and any(
+            artefacts()[n].precision == "int8" for n in names):
+        session.calibration  # noqa: B018 (finds, checks and hashes the site's images once)
+
+
 def _export(run: TrainedRun, cfg: ExportConfig, progress: bool, data_root: str | None
             ) -> ExportResult:
     def log(message: str) -> None:
@@ -183,6 +195,7 @@ def _export(run: TrainedRun, cfg: ExportConfig, progress: bool, data_root: str |
     # Every artefact is checked on the run's images: a data set that moved or a damaged splits.json
     # is the user's to fix (one line, exit 2) before anything is written, not a failed artefact.
     session.splits  # noqa: B018 (loads and checks them once, for every maker)
+    _check_adapted(session, names)
     session.dir.mkdir(parents=True, exist_ok=True)
     json_path = session.dir / EXPORT_JSON
     document = read_export_record(run.path, advice="move it aside to start a fresh export")

@@ -67,7 +67,9 @@ def _source_record(export_dir: Path, records: dict[str, dict[str, Any]], name: s
                         f" make it again with rise-edge export {run} ({_how_to_make(name)})")
     if record.get("student_sha256") != student_sha256:
         raise UserError(f"{need} was made from an earlier student.safetensors; export {run} again")
-    path = export_dir / record["path"]
+    from rise_edge.run_dir import artefact_file
+
+    path = artefact_file(export_dir, record, name)  # never a file outside export/
     if not path.is_file() or file_sha256(path) != record.get("sha256"):
         raise UserError(f"{path} is missing or differs from the sha256 export recorded for {name}; "
                         f"export {run} again")

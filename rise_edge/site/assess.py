@@ -85,7 +85,7 @@ def teacher_view(recipe: Any, splits: DomainSplits, inputs: SiteInputs, decode: 
                  log: Callable[[str], None] = lambda _: None) -> dict[str, Any] | None:
     """The teacher's zero-shot classes on the site and its source-validation error, or None when
     the run's method does not use a teacher or the teacher cannot be loaded here (said in `log`)."""
-    from rise_edge.errors import UserError
+    from rise_edge.errors import DamagedFile, UserError
     from rise_edge.train.methods import method_of, teacher_and_text
 
     if not method_of(recipe).uses_teacher:
@@ -93,6 +93,8 @@ def teacher_view(recipe: Any, splits: DomainSplits, inputs: SiteInputs, decode: 
     try:
         teacher, text = teacher_and_text(recipe, splits.classes, splits.anchors(), list(folders),
                                          torch.device("cpu"))
+    except DamagedFile:
+        raise  # a damaged weights or embeddings file is the user's to fix, never left out quietly
     except UserError as exc:
         log(f"teacher agreement left out: the teacher could not be loaded ({exc})")
         return None

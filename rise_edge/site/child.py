@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rise_edge.errors import UserError
+from rise_edge.errors import DamagedFile, UserError
 from rise_edge.files import RUN_MARKER, file_sha256, run_lock, write_json_atomic, write_text_atomic
 from rise_edge.run_dir import (ADAPT_FILE, STUDENT_FILE, TrainedRun, open_run, read_adapt_record,
                                run_splits, save_student)
@@ -50,6 +50,8 @@ def _estimates(run: TrainedRun, student: Any, site: SiteImages, data_root: str |
         source = source_validation(splits)
         if not source or not all(os.path.isfile(p) for p, _, _ in source[:1]):
             return None
+    except DamagedFile:
+        raise  # a damaged splits.json is named, never taken for data that is not here
     except UserError:
         return None
     from rise_edge.site.inference import fast_model

@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
 import statistics
 from collections import defaultdict
@@ -34,9 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rise_edge.errors import UserError
-from rise_edge.files import write_json_atomic, write_text_atomic
-from rise_edge.sweep.launch import SWEEP_COPY, expand, grid_points, load_sweep, read_run_record
+from rise_edge.errors import DamagedFile, UserError
+from rise_edge.files import (Record, read_json_record, read_jsonl_records, write_json_atomic,
+                             write_text_atomic)
+from rise_edge.sweep.launch import SWEEP_COPY, SWEEP_RECORD, expand, grid_points, load_sweep
 
 SELECTIONS = {"training": "training-domain validation",
               "source_val": "source validation of that choice (what chose it)",
@@ -78,84 +78,95 @@ def _mean_se(values: list[float]) -> tuple[float, float, int]:
     return 100 * mean, 100 * se, len(values)
 
 
-def read_runs(folder: Path) -> tuple[Any, list[RunResult], list[str]]:
-    """The sweep (from its copy in `folder`), its finished runs, and the names of those missing."""
+RETRAIN = "move that run aside and run the sweep again to retrain it"
+
+
+def read_runs(folder: Path) -> tuple[Any, list[RunResult], list[str], dict[str, str]]:
+    """The sweep (from its copy in `folder`), its finished runs, the names of those missing, and
+    the runs left out because a record of theirs is damaged (name -> the one line saying how)."""
     folder = Path(folder)
     if not (folder / SWEEP_COPY).is_file():
         raise UserError(f"{folder} holds no {SWEEP_COPY}: not a sweep's output folder (rise-edge sweep "
                         "writes it there)")
     sweep = load_sweep(folder / SWEEP_COPY)
     sweep = dataclasses.replace(sweep, output_dir=folder)  # wherever the folder moved
-    runs, missing = [], []
+    runs, missing, damaged = [], [], {}
     points = grid_points(sweep.grid) or [{}]  # their order breaks ties
     for spec in expand(sweep):
-        run_dir = Path(spec.run_dir)
         try:
-            results = json.loads((run_dir / "results.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            results = None
-        if results is None or read_run_record(run_dir).get("sweep_hash") != sweep.hash:
-            missing.append(spec.name)
+            run = _read_run(sweep, spec, points)
+        except DamagedFile as exc:  # one damaged run is named and left out, never tabulated
+            damaged[spec.name] = str(exc)
             continue
-        from rise_edge.config import load_recipe
-        recipe = load_recipe(spec.recipe, spec.overrides)
-        last = _last_evaluation(run_dir)
-        val_mean = _score(results, "val_mean", run_dir / "results.json")
-        target_acc = _score(results, f"target/{spec.target}", run_dir / "results.json")
-        variant = ", ".join(f"{k.rsplit('.', 1)[-1]}={spec.point[k]}" for k in sweep.compare
-                            if k in spec.point)
-        runs.append(RunResult(spec.name, recipe.data.dataset, recipe.method, variant, spec.target,
-                              spec.seed, points.index(spec.point),
-                              {k: v for k, v in spec.point.items() if k != "loss.method"},
-                              val_mean, target_acc,
-                              last.get(f"target_out/{spec.target}"),
-                              last.get(f"target_in/{spec.target}"),
-                              _int8_accuracy(run_dir, spec.target)))
-    return sweep, runs, missing
+        if run is None:
+            missing.append(spec.name)
+        else:
+            runs.append(run)
+    return sweep, runs, missing, damaged
+
+
+def _read_run(sweep: Any, spec: Any, points: list[dict[str, Any]]) -> RunResult | None:
+    """One run's numbers, every one checked (DamagedFile names the file and field); None for a run
+    this sweep has not finished."""
+    from rise_edge.config import load_recipe
+
+    run_dir = Path(spec.run_dir)
+    results = read_json_record(run_dir / "results.json", RETRAIN, missing_ok=True)
+    if results is None:
+        return None
+    record = read_json_record(run_dir / SWEEP_RECORD, RETRAIN, missing_ok=True)
+    if record is None or record.raw("sweep_hash") != sweep.hash:
+        return None
+    recipe = load_recipe(spec.recipe, spec.overrides)
+    last = _last_evaluation(run_dir)
+    val_mean = _score(results.data, "val_mean", results.path)
+    target_acc = _score(results.data, f"target/{spec.target}", results.path)
+    variant = ", ".join(f"{k.rsplit('.', 1)[-1]}={spec.point[k]}" for k in sweep.compare
+                        if k in spec.point)
+    return RunResult(spec.name, recipe.data.dataset, recipe.method, variant, spec.target,
+                     spec.seed, points.index(spec.point),
+                     {k: v for k, v in spec.point.items() if k != "loss.method"},
+                     val_mean, target_acc,
+                     last.get(f"target_out/{spec.target}"), last.get(f"target_in/{spec.target}"),
+                     _int8_accuracy(run_dir, spec.target))
 
 
 def _score(results: Any, key: str, path: Path) -> float:
     """results.json's accuracy[key] (0-1), or one line naming the file and the field."""
-    value = results.get("accuracy", {}).get(key) if isinstance(results, dict) and isinstance(
-        results.get("accuracy"), dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise UserError(f"{path}: accuracy.{key} must be a number from 0 to 1, got {value!r}; the "
-                        "file was damaged: move that run aside and run the sweep again to retrain it")
-    return float(value)
+    record = Record(path, results if isinstance(results, dict) else {}, RETRAIN)
+    return float(record.number(("accuracy", key), low=0, high=1))
 
 
 def _last_evaluation(run_dir: Path) -> dict[str, float]:
-    """The scores of the run's last evaluation in metrics.jsonl ({} when there is none)."""
+    """The scores of the run's last evaluation in metrics.jsonl ({} when there is none); every
+    evaluation's scores are accuracies, checked to be numbers from 0 to 1."""
     last: dict[str, float] = {}
-    path = run_dir / "metrics.jsonl"
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read the run's metrics ({exc}); move that run aside and run "
-                        "the sweep again to retrain it") from None
-    for number, line in enumerate(lines, 1):
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{path}: line {number} is not JSON; the file was damaged: move that run "
-                            "aside and run the sweep again to retrain it") from None
-        if isinstance(entry, dict) and isinstance(entry.get("eval"), dict):
-            last = entry["eval"]
+    for entry in read_jsonl_records(run_dir / "metrics.jsonl", RETRAIN):
+        scores = entry.mapping("eval", optional=True)
+        if scores is None:
+            continue
+        last = {key: float(scores.number(key, low=0, high=1)) for key in scores.data}
     return last
 
 
 def _int8_accuracy(run_dir: Path, target: str) -> float | None:
-    try:
-        report = json.loads((run_dir / "bench" / "report.json").read_text())
-        export = json.loads((run_dir / "export" / "export.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    """The target accuracy (0-1) of the INT8 artefact export recommended, from the run's bench
+    report; None where the sweep did not export and bench it."""
     from rise_edge.export.recommend import recommended_int8
+    from rise_edge.run_dir import read_export_record
 
+    fix = (f"delete {run_dir / 'export'} and {run_dir / 'bench'} and run the sweep again to "
+           "export and bench that run again")
+    report = read_json_record(run_dir / "bench" / "report.json", fix, missing_ok=True)
+    if report is None:
+        return None
+    export = read_export_record(run_dir, advice=fix)
     chosen = recommended_int8(export)
-    row = next((r for r in report.get("rows", []) if r["engine"] == chosen and r["status"] == "ok"), None)
-    top1 = (row or {}).get("accuracy", {}).get(target, {}).get("top1")
-    return None if top1 is None else top1 / 100
+    for row in report.rows("rows", optional=True):
+        if row.raw("engine") == chosen and row.raw("status") == "ok":
+            top1 = row.number(("accuracy", target, "top1"), low=0, high=100, optional=True)
+            return None if top1 is None else top1 / 100
+    return None
 
 
 def tables(runs: list[RunResult]) -> dict[str, Any]:
@@ -203,12 +214,17 @@ def tables(runs: list[RunResult]) -> dict[str, Any]:
 def collect(folder: Path) -> dict[str, Any]:
     """Read every run of the sweep in `folder`, write results.{json,md,csv,png}; return the JSON."""
     folder = Path(folder)
-    sweep, runs, missing = read_runs(folder)
+    sweep, runs, missing, damaged = read_runs(folder)
+    if not runs and damaged:
+        name, why = next(iter(damaged.items()))
+        raise DamagedFile(f"no usable run of sweep {sweep.hash} in {folder}: {len(damaged)} left "
+                          f"out as damaged, the first {name}: {why}")
     if not runs:
         raise UserError(f"no finished run of sweep {sweep.hash} in {folder} ({len(missing)} "
                         "expected); run `rise-edge sweep` first")
     data = {"sweep_hash": sweep.hash, "folder": str(folder), "runs": [r.__dict__ for r in runs],
-            "missing": missing, "selections": SELECTIONS, "tables": tables(runs)}
+            "missing": missing, "damaged": damaged, "selections": SELECTIONS,
+            "tables": tables(runs)}
     write_json_atomic(folder / "results.json", data)
     write_text_atomic(folder / "results.md", to_markdown(data))
     write_text_atomic(folder / "results.csv", to_csv(data))
@@ -229,6 +245,11 @@ def to_markdown(data: dict[str, Any]) -> str:
              + (f"; {len(data['missing'])} not finished: {', '.join(data['missing'][:8])}"
                 if data["missing"] else "") + ". Top-1 % on the held-out domain, mean ± standard "
              "error over seeds (no ± with one seed); Avg is the mean over targets.", ""]
+    damaged = data.get("damaged") or {}
+    if damaged:  # said before the tables, so that no one reads them without knowing
+        lines += [f"**{len(damaged)} run(s) left out: a record of theirs is damaged** (their "
+                  "seeds are missing from the cells below):", ""]
+        lines += [f"- {name}: {why}" for name, why in damaged.items()] + [""]
     for dataset, table in data["tables"].items():
         targets = table["targets"]
         lines += [f"## {dataset}", "", "| method | model selection | " + " | ".join(targets)

@@ -257,12 +257,16 @@ def run_state(spec: RunSpec) -> str:
 
 
 def read_run_record(run_dir: Path) -> dict[str, Any]:
-    """A run's sweep.json ({} when it is missing or damaged)."""
+    """A run's sweep.json ({} when it is missing or damaged: the run is then trained or resumed
+    again, which writes it anew; collect reads it checked and names a damaged one)."""
+    from rise_edge.errors import DamagedFile
+    from rise_edge.files import read_json_record
+
     try:
-        record = json.loads((run_dir / SWEEP_RECORD).read_text())
-        return record if isinstance(record, dict) else {}
-    except (OSError, json.JSONDecodeError):
+        record = read_json_record(run_dir / SWEEP_RECORD, "", missing_ok=True)
+    except DamagedFile:
         return {}
+    return record.data if record is not None else {}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -305,7 +309,11 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
         fields = {"domains": ("all",), **spec.bench}
         bench_run(run_dir, resolve_bench_config(open_run(run_dir), **fields), progress=False)
     write_json_atomic(run_dir / SWEEP_RECORD, {**record, "complete": True})
-    return json.loads((run_dir / "results.json").read_text())
+    from rise_edge.files import read_json_record
+
+    results = read_json_record(run_dir / "results.json", "move that run aside and run the sweep "
+                               "again to retrain it")
+    return results.data if results is not None else {}
 
 
 def run_worker(spec_file: str) -> int:

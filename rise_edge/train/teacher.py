@@ -129,8 +129,6 @@ def text_embeddings_cached(teacher: ClipTeacher, classes: Sequence[str], templat
     The key covers teacher identity, templates, class names and anchors, so a resumed run (run dir)
     or another target of the same data set (shared cache) reuses them, and any change recomputes.
     """
-    from safetensors.torch import load_file
-
     from rise_edge.run_dir import save_tensors
 
     key_data = {"teacher": teacher.identity, "templates": list(templates), "classes": list(classes),
@@ -141,14 +139,42 @@ def text_embeddings_cached(teacher: ClipTeacher, classes: Sequence[str], templat
     for folder in folders:
         path = folder / f"text-{key}.safetensors"
         if path.is_file():
-            t = load_file(str(path))
-            return TextEmbeddings(t["raw_prototypes"], t["prototypes"], t["anchors"])
+            return _read_text_embeddings(path, len(classes), len(anchors), _embed_dim(teacher))
     emb = teacher.text_embeddings(classes, templates, anchors, verbatim)
     for folder in folders:
         save_tensors(folder / f"text-{key}.safetensors",
                      {"raw_prototypes": emb.raw_prototypes, "prototypes": emb.prototypes,
                       "anchors": emb.anchors}, key_data)
     return emb
+
+
+def _embed_dim(teacher: ClipTeacher) -> int | None:
+    """The width of the teacher's joint embedding, where its model says (open_clip's CLIP and
+    CustomTextCLIP do), else None."""
+    model = teacher.model
+    for owner in (model, getattr(model, "text", None)):
+        projection = getattr(owner, "text_projection", None)
+        if isinstance(projection, torch.Tensor) and projection.dim() == 2:
+            return int(projection.shape[1])
+    width = getattr(getattr(model, "visual", None), "output_dim", None)
+    return width if isinstance(width, int) else None
+
+
+def _read_text_embeddings(path: Path, classes: int, anchors: int, dim: int | None
+                          ) -> TextEmbeddings:
+    """Cached text embeddings, checked to be whole and of this teacher's and classes' shapes."""
+    from rise_edge.errors import DamagedFile
+    from rise_edge.files import read_safetensors
+
+    fix = f"delete {path}: it is computed again from the teacher"
+    t, _ = read_safetensors(path, fix, finite=True, expect={
+        "raw_prototypes": (classes, dim), "prototypes": (classes, dim),
+        "anchors": (classes, anchors, dim)})
+    widths = {t["raw_prototypes"].shape[1], t["prototypes"].shape[1], t["anchors"].shape[2]}
+    if len(widths) != 1:
+        raise DamagedFile(f"{path}: its tensors disagree on the embedding width ({sorted(widths)}); "
+                          f"{fix}")
+    return TextEmbeddings(t["raw_prototypes"], t["prototypes"], t["anchors"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,12 +228,8 @@ def load_teacher(cfg: TeacherConfig, device: torch.device) -> ClipTeacher:
         raise missing_extra("open_clip_torch", "cpu", "the CLIP teacher") from None
     precision = _precision(cfg, device)
     name, weights, identity, kwargs = _weight_source(cfg)
-    try:
-        model = open_clip.create_model(name, pretrained=str(weights) or None, precision=precision,
-                                       device=device, **kwargs)
-    except (RuntimeError, ValueError, FileNotFoundError) as exc:
-        raise UserError(f"could not build teacher {cfg.model} from {weights or 'random weights'}: "
-                        f"{exc}") from None
+    model = _create_model(open_clip, cfg, name, weights, precision=precision, device=device,
+                          **kwargs)
     pre = open_clip.get_model_preprocess_cfg(model)
     size = pre.get("size", 224)
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
@@ -224,6 +246,36 @@ def load_teacher(cfg: TeacherConfig, device: torch.device) -> ClipTeacher:
     elif weights:
         teacher.weights_files = (Path(str(weights)),)
     return teacher.to(device)
+
+
+def _create_model(open_clip: Any, cfg: TeacherConfig, name: str, weights: str | Path,
+                  **kwargs: Any) -> nn.Module:
+    """open_clip's model with its weights, or one line: a weights file that is cut short, damaged
+    or holds another model's tensors is named (DamagedFile), never a traceback from the loader."""
+    from rise_edge.errors import DamagedFile
+    from rise_edge.files import check_safetensors
+
+    folder = Path(name.split(":", 1)[1]).expanduser() if name.startswith("local-dir:") else None
+    files = ([Path(str(weights))] if weights else
+             sorted(p for p in folder.iterdir() if p.is_file()) if folder else [])
+    fix = (f"fetch the weights of teacher {cfg.model} again (or point teacher.pretrained at the "
+           "right file)")
+    for path in files:
+        if path.suffix == ".safetensors":
+            check_safetensors(path, fix)  # the header only: a cut file is named before loading
+    try:
+        return open_clip.create_model(name, pretrained=str(weights) or None, **kwargs)
+    except Exception as exc:  # the loaders raise many types for files that are not these weights
+        text = " ".join(str(exc).split())
+        text = text if len(text) <= 160 else text[:157] + "..."  # the first names say enough
+        where = ", ".join(str(p) for p in files if p.suffix in (".safetensors", ".bin", ".pt",
+                                                                  ".pth"))
+        if where and not isinstance(exc, FileNotFoundError):
+            raise DamagedFile(f"could not load teacher {cfg.model} from {where} "
+                              f"({type(exc).__name__}: {text}): the file is damaged or holds "
+                              f"another model's weights; {fix}") from None
+        raise UserError(f"could not build teacher {cfg.model} from {weights or 'random weights'}: "
+                        f"{text}") from None
 
 
 def _weight_source(cfg: TeacherConfig) -> tuple[str, str | Path, str, dict[str, Any]]:
