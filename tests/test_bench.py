@@ -19,13 +19,13 @@ from conftest import TINY_CLASSES, TINY_DOMAINS, TINY_TARGET
 
 from rise_edge.backend_table import backends
 from rise_edge.backends.latency import TimingPlan, mlperf_style, percentile, summarize, time_runner
-from rise_edge.backends.onnxruntime.runner import PLACED_FOR, onnx_metadata
+from rise_edge.backends.onnxruntime.runner import onnx_metadata
 from rise_edge.bench.driver import BENCH_DIR, bench_run
 from rise_edge.bench.resources import board_power_mw, parse_tegrastats_line
 from rise_edge.cli import main
 from rise_edge.config import BenchConfig
 from rise_edge.errors import UserError
-from rise_edge.export.session import stamp_metadata
+from rise_edge.export.session import PLACED_FOR, stamp_metadata
 from rise_edge.files import file_sha256
 
 onnx_stack = pytest.importorskip("onnxruntime", reason="the ONNX rows need the 'cpu' extra")

@@ -156,3 +156,28 @@ def test_onnxruntime_gpu_without_a_gpu_runs_on_the_cpu_and_says_so(
     assert "CUDAExecutionProvider" in asked.fallback and "CPUExecutionProvider" in asked.fallback
     assert not _ort_has("CUDAExecutionProvider") and not _ort_has("TensorrtExecutionProvider")
     assert _ort_has("CPUExecutionProvider")
+
+
+def test_a_qdq_graph_exported_before_its_placement_was_recorded_is_made_again(
+        qdq_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """Reused as it was, a graph without `placed_for` would be judged and benched through the CPU
+    kernels that saturate; export makes it again instead."""
+    import json
+
+    from rise_edge.backends.onnxruntime.runner import onnx_metadata
+    from rise_edge.export.session import PLACED_FOR, placed_for, stamp_metadata
+    from rise_edge.files import file_sha256
+
+    run = Path(shutil.copytree(qdq_run[0], tmp_path / "run"))
+    record_file = run / EXPORT_DIR / "export.json"
+    document = json.loads(record_file.read_text())
+    graph = run / EXPORT_DIR / document["artefacts"]["onnx-int8-tensorrt"]["path"]
+    stamp_metadata(graph, {k: v for k, v in onnx_metadata(graph).items() if k != PLACED_FOR})
+    document["artefacts"]["onnx-int8-tensorrt"]["sha256"] = file_sha256(graph)
+    record_file.write_text(json.dumps(document))
+    assert placed_for(graph) is None
+
+    again = export_run(run, ExportConfig(formats=("tensorrt",), int8=True, calibration_size=24),
+                       progress=False).artefacts["onnx-int8-tensorrt"]
+    assert again["status"] == "ok" and not again.get("reused")
+    assert placed_for(graph) == "tensorrt"

@@ -112,10 +112,18 @@ def _reusable(s: ExportSession, name: str, previous: dict[str, Any]) -> bool:
         fp32 = s.path_of("onnx-fp32")
         same_calibration = (previous.get("calibration_sha256") == s.calibration.sha256
                             if s.data_reachable() else True)  # the device may not have the data set
+        # and one that says what it was placed for: made before that, bench and the judge would
+        # run it through ONNX Runtime's saturating x86 kernels instead of as written.
         return (fp32.is_file() and previous.get("from_sha256") == file_sha256(fp32)
                 and previous.get("calibration_method_requested") == s.cfg.calibration_method
-                and same_calibration)
+                and same_calibration and _placed_for_tensorrt(path))
     return False
+
+
+def _placed_for_tensorrt(path: Path) -> bool:
+    from rise_edge.export.session import placed_for
+
+    return placed_for(path) == "tensorrt"
 
 
 def _make(s: ExportSession, name: str, previous: dict[str, Any], record: dict[str, Any],

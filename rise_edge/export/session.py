@@ -84,6 +84,20 @@ def export_graph(module: nn.Module, example: torch.Tensor, path: Path, opset: in
         return "dynamo"
 
 
+# Metadata key (rise_edge.*) naming the runtime a Q/DQ graph's placement was made for: a graph
+# placed for TensorRT runs on the CPU with its Q/DQ computed as written (the ONNX Runtime runner).
+PLACED_FOR = "placed_for"
+
+
+def placed_for(path: Path) -> str | None:
+    """The runtime an ONNX file's Q/DQ placement was made for, from its metadata (None: not said)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    value = next((p.value for p in model.metadata_props if p.key == META_PREFIX + PLACED_FOR), None)
+    return json.loads(value) if value is not None else None
+
+
 def stamp_metadata(path: Path, values: dict[str, Any]) -> None:
     """Set rise_edge.* metadata_props (JSON values) on an ONNX file, in place, and check the model."""
     import onnx

@@ -16,7 +16,7 @@ import torch
 
 from rise_edge.backends.base import Runner, physical_cores
 from rise_edge.errors import UserError, missing_extra
-from rise_edge.export.session import META_PREFIX
+from rise_edge.export.session import META_PREFIX, PLACED_FOR
 
 
 def onnx_metadata(path: str | Path) -> dict[str, Any]:
@@ -32,10 +32,6 @@ def onnx_metadata(path: str | Path) -> dict[str, Any]:
             except json.JSONDecodeError:
                 found[prop.key[len(META_PREFIX):]] = prop.value
     return found
-
-
-# ONNX metadata key (rise_edge.*) naming the runtime a Q/DQ graph's placement was made for.
-PLACED_FOR = "placed_for"
 
 
 class OnnxRuntimeRunner(Runner):

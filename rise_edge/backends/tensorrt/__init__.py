@@ -94,7 +94,7 @@ class TensorRTRunner(Runner):
 
 def make_onnx_int8_tensorrt(s: ExportSession, tmp: Path) -> dict[str, Any]:
     from rise_edge.backends.onnxruntime import OnnxRuntimeRunner
-    from rise_edge.backends.onnxruntime.runner import PLACED_FOR
+    from rise_edge.export.session import PLACED_FOR
     from rise_edge.backends.tensorrt.build import modelopt_qdq
 
     fp32 = s.path_of("onnx-fp32")
