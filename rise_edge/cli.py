@@ -50,7 +50,10 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                        "the paths in the command line, the recipe and its --set options", err=True)
             sys.exit(2)
         except OSError as exc:  # a full disk, a read-only file system, a folder that is a file...
-            where = f" ({exc.filename})" if exc.filename else ""
+            from rise_edge.files import written_path
+
+            path = written_path(exc)  # the file being written, never the source of a copy
+            where = f" ({path})" if path else ""
             click.echo(f"error: {exc.strerror or exc}{where}; files already in place were kept (each "
                        "is written under a temporary name, then renamed)", err=True)
             sys.exit(2)
@@ -682,13 +685,15 @@ def download(name: str, root: Path | None, archives: tuple[Path, ...], mirror: s
             click.echo(f"{filename}: {info['bytes']:,} bytes, sha256 {info['sha256']} ({origin})")
         click.echo(f"{result.dataset} ready in {result.path}")
     lists = result.split_lists
-    if lists:
+    if lists and lists["how"] != "missing":  # missing: a warning below says why and what to run
         how = {"present": "already there, left as they are",
                "fetched": f"{lists.get('files')} files fetched, each matching its pinned sha256",
                "given": f"{lists.get('files')} files checked and copied from --split-lists"}
         click.echo(f"split lists in {lists['path']} ({how[str(lists['how'])]})")
     if result.after:
         click.echo(f"note: {result.after}")
+    for warning in result.warnings:  # the data set is usable: exit status 0
+        click.echo(f"warning: {warning}", err=True)
 
 
 @data.command("list")

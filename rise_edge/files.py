@@ -468,3 +468,143 @@ def check_safetensors(path: str | Path, fix: str) -> dict[str, tuple[int, ...]]:
         raise DamagedFile(f"{path} is not a readable safetensors file "
                           f"({' '.join(str(exc).split())[:200]}): it was cut short or damaged; "
                           f"{fix}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writers beside what a command only reads: where they may write, the lock a reader takes, copies
+# and groups of files written whole, and the path a failed write is about.
+
+
+def _real(path: str | Path) -> Path:
+    """`path` absolute with '..' and symlinks resolved (its missing tail kept as written)."""
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def path_relation(dest: str | Path, source: str | Path) -> str | None:
+    """How `dest` lies against `source`, symlinks and '..' resolved: 'is' (the same folder),
+    'inside' (within it), 'holds' (an ancestor of it), or None when they are apart."""
+    d, s = _real(dest), _real(source)
+    if d == s:
+        return "is"
+    if d.is_relative_to(s):
+        return "inside"
+    if s.is_relative_to(d):
+        return "holds"
+    return None
+
+
+def check_destination(dest: str | Path, source: str | Path, *, command: str, writes: str,
+                      reads: str, given: str | None, fix: str, allow: tuple[str, ...] = ()) -> None:
+    """Refuse, before anything is written, a destination that is, lies inside or holds `source`,
+    which `command` only reads (the one check every writer makes against what it reads).
+
+    writes: what would be written there ('the adapted run'); reads: what `source` is ('the parent
+    run'); given: the option that chose `dest` ('--run-dir'), None for a default place; fix: what
+    to do instead; allow: the relations that are harmless for this writer (path_relation's words).
+    """
+    relation = path_relation(dest, source)
+    if relation is None or relation in allow:
+        return
+    where = {"is": "is", "inside": "lies inside", "holds": "holds"}[relation]
+    named = f"{given} {dest}" if given else str(dest)
+    raise UserError(f"{named} {where} {reads} {_real(source)}, which {command} only reads: writing "
+                    f"{writes} there would change it; nothing was written: {fix}")
+
+
+@contextmanager
+def read_lock(run_dir: str | Path, command: str, *, noun: str = "run directory") -> Iterator[None]:
+    """Read a run directory while no command writes it: a shared flock on the lock file run_lock
+    uses, so a train, export or bench on the run stops a reader (and is stopped by one), while
+    readers never stop each other. A reader needs no write access: where the lock file cannot be
+    made (a read-only folder), no writer can take it either, and the run is read without one."""
+    import fcntl
+
+    run_dir = Path(os.path.abspath(run_dir))
+    path = run_dir.parent / f".{run_dir.name}.rise-edge.lock"
+    writable = True
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        writable = False
+        try:
+            fd = os.open(path, os.O_RDONLY)  # flock needs no write access
+        except OSError:  # no lock file and none can be made here: no writer holds one
+            yield
+            return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise UserError(f"{run_dir} is in use by {holder}; wait for it to finish, then run "
+                            f"this again (rise-edge {command} only reads this {noun})") from None
+        if writable:  # so that a writer refused by this reader can name it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"rise-edge {command} (pid {os.getpid()})".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def copy_for_write(source: Path, dest: Path) -> None:
+    """Copy the file or folder tree `source` to `dest`. A failure raises the OSError itself with
+    `dest`'s file as its filename (shutil names the source for a full disk, and copytree folds
+    errors into a list of both paths): a message then names where the write failed."""
+    if source.is_dir():  # a link to a folder is copied as the folder (as copytree does)
+        try:
+            dest.mkdir()
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(dest)) from None
+        for entry in sorted(source.iterdir()):
+            copy_for_write(entry, dest / entry.name)
+        return
+    try:
+        shutil.copy2(source, dest)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(dest)) from None
+
+
+@contextmanager
+def atomic_paths(*paths: Path) -> Iterator[list[Path]]:
+    """Temporary paths beside each of `paths`; every one is renamed over its path only if the
+    whole block succeeds, so a group of files (a report's) is replaced all together or not at all:
+    a failure leaves each file as it was and no temporary behind."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(atomic_path(p)) for p in paths]
+
+
+def written_path(exc: OSError) -> str | None:
+    """The file a failed write was writing: the destination of a copy or rename (shutil and
+    os.rename name the source first), and for a temporary that atomic_path made, the file it
+    stands for; None when the error names no file."""
+    import errno
+    import re
+
+    name = exc.filename
+    if exc.filename2 is not None and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG,
+                                                   errno.EROFS):
+        name = exc.filename2  # space or a read-only disk: the side being written
+    if name is None:
+        return None
+    text = os.fsdecode(name) if isinstance(name, bytes) else str(name)
+    match = re.fullmatch(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp", os.path.basename(text))
+    return os.path.join(os.path.dirname(text), match.group(1)) if match else text
+
+
+def write_failure(exc: OSError, what: str, dest: Path, work: Path | None, elsewhere: str) -> str:
+    """One line for a failed all-or-nothing write of `what` (the adapted run, the bundle) at
+    `dest`, assembled in the work folder `work`: names `dest` and the file in it being written,
+    never the source of a copy (which a full disk names otherwise), and what to do (`elsewhere`:
+    how to choose another place, as the user chose this one)."""
+    import errno
+
+    failed = written_path(exc)
+    part = ""
+    if failed is not None and work is not None and Path(failed).is_relative_to(work) \
+            and Path(failed) != work:
+        part = f" (writing {Path(failed).relative_to(work).as_posix()})"
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    fix = (f"free space on the disk that holds {dest.parent}" if full else
+           f"check that {dest.parent} is writable")
+    return (f"cannot write {what} {dest}: {exc.strerror or exc}{part}; nothing was kept and "
+            f"nothing else changed: {fix}, or {elsewhere}")

@@ -20,6 +20,9 @@ class KnownDataset:
     anchors: tuple[str, ...] | None = None  # RD anchors when domains are not styles
     # Generates the data set (root: data.root, or None for the cache) and returns its folder.
     build: Callable[[Path | None], Path] | None = field(default=None, compare=False)
+    # The folder under the root where `rise-edge data download` places its official split lists
+    # (rise_edge.data.download), for messages that say how to fetch them; None: it has none.
+    official_lists: str | None = None
 
 
 _OFFICE_HOME_CLASSES = tuple("""Alarm_Clock Backpack Batteries Bed Bike Bottle Bucket Calculator Calendar
@@ -34,7 +37,8 @@ _PHOTO_QUALITY_ANCHORS = ("bright photo", "corrupted photo", "dark photo", "good
 KNOWN_DATASETS: dict[str, KnownDataset] = {
     "PACS": KnownDataset(
         "PACS", ("art_painting", "cartoon", "photo", "sketch"),
-        ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person")),
+        ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person"),
+        official_lists="PACS-splits"),
     "VLCS": KnownDataset(
         "VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007"),
         ("bird", "car", "chair", "dog", "person"), anchors=_PHOTO_QUALITY_ANCHORS),

@@ -127,6 +127,16 @@ def _download(root: Path, *args: str):
     return CliRunner().invoke(main, ["data", "download", "PACS", "--root", str(root), "--quiet", *args])
 
 
+def _one_warning(result, *needles: str) -> None:
+    """Done (exit status 0: the data set is usable), with one `warning:` line holding each needle."""
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, result.output
+    for needle in needles:
+        assert needle in warnings[0], warnings[0]
+
+
 def _one_line_error(result, *needles: str) -> None:
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
@@ -348,8 +358,9 @@ def test_a_changed_split_list_is_refused_and_nothing_half_placed(server: _Server
     server.files["PACS.zip"] = pacs_zip()
     server.files["sketch_crossval_kfold.txt"] = b"sketch/dog/0.png 1\n"  # not the pinned bytes
     result = _download(tmp_path, "--mirror", server.url)
-    _one_line_error(result, "is in", "but not its split lists", "sketch_crossval_kfold.txt",
-                    "sha256 of that file at the pinned commit", "removed")
+    _one_warning(result, "is in", "but not its split lists", "sketch_crossval_kfold.txt",
+                 "sha256 of that file at the pinned commit", "removed",
+                 f"rise-edge data download PACS --root {tmp_path}")
     assert (tmp_path / "PACS" / "photo").is_dir()  # the data set itself is complete and kept
     assert not (tmp_path / "PACS-splits").exists()
     server.files.update(split_lists())  # the source is right again: the next run completes
@@ -361,8 +372,8 @@ def test_unreachable_split_lists_say_where_to_get_them(tmp_path: Path, pacs_list
     mine = tmp_path / "PACS.zip"
     mine.write_bytes(pacs_zip())
     result = _download(tmp_path / "data", "--archive", str(mine))  # lists from their (dead) source
-    _one_line_error(result, "but not its split lists", "cannot reach", "the test's public copy",
-                    "--split-lists PATH", 'data.split_lists=""')
+    _one_warning(result, "but not its split lists", "cannot reach", "the test's public copy",
+                 "--split-lists PATH", 'data.split_lists=""')
     assert (tmp_path / "data" / "PACS").is_dir() and not (tmp_path / "data" / "PACS-splits").exists()
     listed = CliRunner().invoke(main, ["data", "list", "--root", str(tmp_path / "data")])
     assert "split lists missing (rise-edge data download PACS fetches them)" in listed.output
@@ -411,7 +422,7 @@ def test_an_incomplete_split_list_folder_is_left_alone(server: _Server, tmp_path
     (tmp_path / "PACS-splits" / "notes.txt").write_text("mine")
     server.files["PACS.zip"] = pacs_zip()
     result = _download(tmp_path, "--mirror", server.url)
-    _one_line_error(result, "PACS-splits exists but lacks", "left as it is")
+    _one_warning(result, "PACS-splits exists but lacks", "left as it is")
     assert (tmp_path / "PACS-splits" / "notes.txt").read_text() == "mine"
     assert not any(p.endswith(".txt") for p in server.paths)
 

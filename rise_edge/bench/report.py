@@ -7,12 +7,14 @@ Plots use matplotlib's object API with the Agg canvas (no pyplot, no global back
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from rise_edge.errors import UserError
-from rise_edge.files import atomic_path, write_json_atomic, write_text_atomic
+from rise_edge.files import atomic_paths
 
 REPORT_JSON, REPORT_MD = "report.json", "report.md"
 PLOT_ACCURACY_LATENCY, PLOT_ACCURACY_DOMAINS = "accuracy_latency.png", "accuracy_per_domain.png"
@@ -342,8 +344,9 @@ def _measured(data: dict[str, Any]) -> list[dict[str, Any]]:
 MIN_ACCURACY_SPAN = 5.0  # points: the accuracy axis of a panel never spans less
 
 
-def plot_accuracy_latency(data: dict[str, Any], path: Path) -> bool:
-    """Top-1 vs p50 latency at the smallest batch size, one point per engine, one panel per domain."""
+def plot_accuracy_latency(data: dict[str, Any], out: Path | BinaryIO) -> bool:
+    """Top-1 vs p50 latency at the smallest batch size, one point per engine, one panel per domain,
+    as a PNG into `out`; False (nothing written) when nothing was measured."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -382,13 +385,13 @@ def plot_accuracy_latency(data: dict[str, Any], path: Path) -> bool:
         if i == 0:
             ax.legend(fontsize=7, loc="best")
     fig.suptitle("accuracy vs latency per engine")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    fig.savefig(out, format="png", dpi=110)
     return True
 
 
-def plot_accuracy_per_domain(data: dict[str, Any], path: Path) -> bool:
-    """Grouped bars: top-1 per domain, one bar per engine x precision."""
+def plot_accuracy_per_domain(data: dict[str, Any], out: Path | BinaryIO) -> bool:
+    """Grouped bars: top-1 per domain, one bar per engine x precision, as a PNG into `out`; False
+    (nothing written) when nothing was measured."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -414,8 +417,7 @@ def plot_accuracy_per_domain(data: dict[str, Any], path: Path) -> bool:
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
     ax.set_title("accuracy per domain per engine")
     ax.grid(True, axis="y", alpha=0.3)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+    fig.savefig(out, format="png", dpi=110)
     return True
 
 
@@ -436,16 +438,25 @@ def write_report(data: dict[str, Any], folder: Path) -> dict[str, str]:
         have_plots = False
         data.setdefault("notes", []).append("matplotlib is not installed: no plots "
                                             "(pip install 'rise-edge[cpu]')")
-    plots = []
+    plots = {}
     if have_plots:
         for kind, name, draw in (("accuracy_latency", PLOT_ACCURACY_LATENCY, plot_accuracy_latency),
                                  ("accuracy_per_domain", PLOT_ACCURACY_DOMAINS, plot_accuracy_per_domain)):
-            if draw(data, folder / name):
+            buffer = io.BytesIO()  # drawn in memory: the files are written together below
+            if draw(data, buffer):
                 files[kind] = name
-                plots.append(name)
-            else:  # nothing measured to plot: no stale picture from an earlier bench either
-                (folder / name).unlink(missing_ok=True)
+                plots[name] = buffer.getvalue()
     data["files"] = files
-    write_json_atomic(folder / REPORT_JSON, data)
-    write_text_atomic(folder / REPORT_MD, to_markdown(data, plots))
+    # All the report's files are replaced together or not at all: a failure (a full disk) leaves
+    # the earlier report whole and no temporary behind.
+    names = [REPORT_JSON, REPORT_MD, *plots]
+    with atomic_paths(*(folder / n for n in names)) as temporaries:
+        written = dict(zip(names, temporaries))
+        written[REPORT_JSON].write_text(json.dumps(data, indent=2) + "\n")
+        written[REPORT_MD].write_text(to_markdown(data, list(plots)))
+        for name, content in plots.items():
+            written[name].write_bytes(content)
+    for name in (PLOT_ACCURACY_LATENCY, PLOT_ACCURACY_DOMAINS):
+        if name not in plots:  # nothing measured to plot: no stale picture from an earlier bench
+            (folder / name).unlink(missing_ok=True)
     return files

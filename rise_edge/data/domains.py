@@ -132,7 +132,10 @@ def split_lists_dir(cfg: DataConfig) -> Path | None:
         return None
     lists = Path(cfg.split_lists).expanduser()
     root = data_root(cfg)
-    if not lists.is_absolute() and root is not None and (root / lists).is_dir():
+    # From the data root, unless only the current directory has it: a folder found nowhere is
+    # named where download puts it (<root>/PACS-splits), which is where a message should look.
+    if not lists.is_absolute() and root is not None and (
+            (root / lists).is_dir() or not lists.is_dir()):
         return root / lists
     return lists
 
@@ -257,16 +260,26 @@ def _holdout(samples: list[Sample], fraction: float, seed: int, domain: str
             [s for i, s in enumerate(samples) if i in val_idx])
 
 
+def _missing_split_lists(lists_dir: Path, dataset_path: Path) -> str:
+    """The one line for a recipe that trains on official split lists that are not there: where
+    they were looked for, and the command that fetches them (`data download` places them later,
+    keeping the data set) or the seeded holdout that does without them."""
+    name = next((n for n, known in KNOWN_DATASETS.items() if known.official_lists
+                 and known.folder == dataset_path.name), None)
+    fetch = (f"fetch them with `rise-edge data download {name} --root {dataset_path.parent}`"
+             if name else "put the data set's official lists there")
+    return (f"data.split_lists: this recipe trains and selects on the official split lists, and "
+            f"{lists_dir} is not a folder holding them; {fetch}, or train on a seeded holdout of "
+            "each source domain with --set data.split_lists=\"\"")
+
+
 def _official_splits(lists_dir: Path, dataset_path: Path, sources: Sequence[str],
                      classes: Sequence[str], skipped: set[str]
                      ) -> tuple[dict[str, list[Sample]], dict[str, list[Sample]]]:
     """Read `<domain>_train_kfold.txt` / `<domain>_crossval_kfold.txt` (paths relative to the root,
     or to the data set's folder)."""
     if not lists_dir.is_dir():
-        raise UserError(f"data.split_lists '{lists_dir}' is not a folder; put the official lists "
-                        "there (relative paths are taken from the data root; `rise-edge data "
-                        "download PACS` places PACS's in <root>/PACS-splits), or use a seeded "
-                        "holdout of each source domain with --set data.split_lists=\"\"")
+        raise UserError(_missing_split_lists(lists_dir, dataset_path))
     label = {c: i for i, c in enumerate(classes)}
     root = dataset_path.parent
     splits: dict[str, dict[str, list[Sample]]] = {"train": {}, "crossval": {}}

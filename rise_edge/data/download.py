@@ -11,7 +11,9 @@ PACS's official train/crossval split lists are not in DomainBed's archive: they 
 copy pinned at one commit of a public repository, each file checked against the sha256 of its bytes
 at that commit, and placed as `<root>/PACS-splits/` (where the PACS recipes' data.split_lists
 looks) only once all of them are there; `--split-lists PATH` takes a folder of lists the user has,
-checked line by line for their format instead.
+checked line by line for their format instead. The data set and its lists are two results: lists
+that cannot be had now (a mirror without them, no network) are a warning with the command that
+fetches them later, and the data set is placed and usable all the same.
 
 Work files live in `<root>/.rise-edge-downloads/`: `NAME.part` (a partial download), `NAME`
 (a finished archive, removed after extraction unless kept), `checksums.json`, and staging folders
@@ -144,7 +146,7 @@ _DOMAINNET = "http://csr.bu.edu/ftp/visda/2019/multi-source"
 # the PACS folder ("art_painting/dog/pic_333.jpg 1", 1-based labels in alphabetical class order):
 # the same lines, with "PACS/" in front, as the lists the RISE code reads.
 _PACS_LISTS = SplitLists(
-    "PACS-splits",
+    "PACS-splits",  # KNOWN_DATASETS["PACS"].official_lists: where messages say they go
     "https://raw.githubusercontent.com/DeLightCMU/RSC/bf6d280c5d74910f009ea8963c59167252659666/"
     "Domain_Generalization/data/correct_txt_lists",
     (("art_painting_train_kfold.txt", "f2b08879408bc8951cb4e6d79a0ecf8f12c2f9ebd7933499922b87c4e96cd67e"),
@@ -200,8 +202,14 @@ class DownloadResult:
     already_present: bool
     archives: dict[str, dict[str, object]] = field(default_factory=dict)  # filename -> sha256, bytes
     after: str = ""
-    # where the split lists are, and how they came: fetched, given (--split-lists) or present
+    # where the split lists are, and how they came: fetched, given (--split-lists), present or
+    # missing (then `warnings` says why and how to fetch them later)
     split_lists: dict[str, object] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class SplitListsMissing(UserError):
+    """The split lists could not be placed now; the data set itself is complete and usable."""
 
 
 def missing_parts(path: Path, known: KnownDataset) -> list[str]:
@@ -248,8 +256,19 @@ def download_dataset(name: str, root: Path, *, mirror: str | None = None,
         else:
             result = _place_dataset(name, root, work, given, mirror, keep_archives, progress)
         if source.split_lists is not None:
-            result.split_lists = _place_split_lists(name, source.split_lists, known, root, mirror,
-                                                    given_lists, progress)
+            try:
+                result.split_lists = _place_split_lists(name, source.split_lists, known, root,
+                                                        mirror, given_lists, progress)
+            except SplitListsMissing as exc:  # the data set is there and usable all the same
+                result.split_lists = {"path": str(root / source.split_lists.folder),
+                                      "how": "missing"}
+                result.warnings.append(
+                    f"{name} is in {target}, but not its split lists: {exc}; the data set is "
+                    f"usable: fetch the lists later with `rise-edge data download {name} --root "
+                    f"{root}` (it keeps the data set and fetches only them), or give a folder of "
+                    "them with --split-lists PATH; until then the recipes that read them stop "
+                    "at train time, and --set data.split_lists=\"\" trains on a seeded holdout "
+                    "instead")
     return result
 
 
@@ -505,9 +524,9 @@ def _place_split_lists(name: str, spec: SplitLists, known: KnownDataset, root: P
     if dest.exists():
         missing = [f for f, _ in spec.sha256 if not (dest / f).is_file()]
         if missing:
-            raise UserError(f"{dest} exists but lacks {', '.join(missing[:3])}"
-                            f"{' and more' if len(missing) > 3 else ''}; it was left as it is: add "
-                            "the missing lists (or move the folder away) and run the download again")
+            raise SplitListsMissing(f"{dest} exists but lacks {', '.join(missing[:3])}"
+                                    f"{' and more' if len(missing) > 3 else ''} (it was left as it "
+                                    "is: add the missing lists, or move the folder away)")
         return {"path": str(dest), "how": "present"}
     work = root / WORK_FOLDER
     staging = work / f"{spec.folder}.staging"
@@ -516,9 +535,8 @@ def _place_split_lists(name: str, spec: SplitLists, known: KnownDataset, root: P
     staging.mkdir()
     checksums_path = work / "checksums.json"
     checksums = _read_checksums(checksums_path)
-    manual = (f"get {name}'s lists from {spec.origin} (or any copy of the "
-              "<domain>_{train,crossval}_kfold.txt files) and pass their folder with --split-lists "
-              "PATH, or train with --set data.split_lists=\"\" (a seeded holdout)")
+    manual = (f"they are published at {spec.origin} (any copy of the "
+              "<domain>_{train,crossval}_kfold.txt files will do)")
     for archive in spec.archives():
         if given is not None:
             path = given[archive.filename]
@@ -530,8 +548,8 @@ def _place_split_lists(name: str, spec: SplitLists, known: KnownDataset, root: P
                 digest = _verify(archive, path, None, downloaded=True)
                 check_split_list(path, known)
             except UserError as exc:
-                raise UserError(f"{name} is in {root / known.folder}, but not its split lists: "
-                                f"{exc}") from None
+                shutil.rmtree(staging, ignore_errors=True)  # nothing half placed
+                raise SplitListsMissing(str(exc)) from None
             path.rename(staging / archive.filename)
             url = archive.url
         checksums[f"{spec.folder}/{archive.filename}"] = {

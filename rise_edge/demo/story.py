@@ -22,7 +22,7 @@ from typing import Any
 
 from rise_edge.config import Recipe, load_recipe, recipe_to_dict, shipped_recipes
 from rise_edge.errors import UserError
-from rise_edge.files import RUN_MARKER
+from rise_edge.files import RUN_MARKER, check_destination
 
 STEPS = 5
 
@@ -102,9 +102,25 @@ def run_demo(recipe_path: Path | None = None, out_dir: Path = Path("runs/demo"),
     if built_teacher(recipe.teacher.model) is None:
         raise UserError(f"the demo's teacher is one rise-edge builds ({', '.join(BUILT_TEACHERS)}), "
                         f"not '{recipe.teacher.model}'")
+    for place, what in _built_places(recipe):  # before anything is written, the lock included
+        check_destination(out_dir, place, command="the demo", writes="the demo's runs", reads=what,
+                          given="--out", allow=("holds",),
+                          fix="choose an --out folder apart from it (the default is runs/demo)")
     # One demo per folder: a second one would delete the runs the first is training.
     with run_lock(out_dir, "demo", noun="demo folder", clean=False):
         return _story(recipe, out_dir, started, progress)
+
+
+def _built_places(recipe: Recipe) -> list[tuple[Path, str]]:
+    """Where the demo's world and teacher are kept (built there on first use, then only read): the
+    demo's runs never go there."""
+    from rise_edge.demo.teacher import teacher_folder
+    from rise_edge.demo.world import default_world_spec, world_path
+    from rise_edge.files import cache_root
+
+    root = Path(recipe.data.root).expanduser() if recipe.data.root else cache_root()
+    return [(world_path(root, default_world_spec()), "the demo world"),
+            (teacher_folder(), "the demo teacher")]
 
 
 def _story(recipe: Recipe, out_dir: Path, started: float, progress: bool) -> DemoResult:

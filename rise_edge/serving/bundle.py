@@ -17,6 +17,7 @@ made it). Only files that export made, judged and recorded go in; nothing is re-
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import re
 import shutil
@@ -33,8 +34,10 @@ import rise_edge.serving.graphs as graphs
 import rise_edge.serving.selection as selection
 import rise_edge.serving.triton as triton
 from rise_edge.errors import UserError
-from rise_edge.files import file_sha256, write_text_atomic
-from rise_edge.serving.manifest import check_replaceable, replace_whole, write_manifest
+from rise_edge.files import (check_destination, file_sha256, path_relation, write_failure,
+                             write_text_atomic)
+from rise_edge.serving.manifest import (check_replaceable, replace_whole, stale_work_folders,
+                                        write_manifest)
 
 SERVING_FORMATS = ("triton", "deepstream")
 BUNDLE_DIR = "bundle"  # default place: <run>/bundle/
@@ -77,8 +80,43 @@ def model_base_name(run: Path, given: str | None) -> str:
     """A Triton model-name stem: letters, digits, '_' and '-' only."""
     name = re.sub(r"[^A-Za-z0-9_-]+", "_", given or run.resolve().name).strip("_")
     if not name:
-        raise UserError(f"--model-name '{given}' has no letters or digits; Triton names folders by it")
+        if given is None:  # the default: the run directory's name, which no option gave
+            raise UserError(f"the run directory's name '{run.resolve().name}' has no letters or "
+                            "digits (A-Z, 0-9) to name the served models by, as Triton names "
+                            "folders; give --model-name NAME")
+        raise UserError(f"--model-name '{given}' has no letters or digits (A-Z, 0-9); Triton names "
+                        "folders by it")
     return name
+
+
+def check_class_names(classes: Sequence[str], formats: Sequence[str]) -> None:
+    """Every class name a label file each of `formats` can carry, checked before anything is
+    written: a name that breaks a label file's rule would label logits with the wrong classes."""
+    rules = {"triton": (f"Triton's {triton.LABELS_FILE}", triton.label_problem),
+             "deepstream": (f"DeepStream's {deepstream.LABELS_FILE}", deepstream.label_problem)}
+    for fmt in formats:
+        for index, name in enumerate(classes):
+            problem = rules[fmt][1](name)
+            if problem:
+                raise UserError(f"--format {fmt}: class {index} of the run, {name!r}, {problem}; "
+                                f"nothing was written: rename that class folder in the data set "
+                                f"and train again to serve it through {rules[fmt][0]}")
+
+
+def _check_target(run: Path, target: Path, given: bool) -> None:
+    """The bundle's place, before anything is written: never the run itself or a folder holding it
+    (replacing the bundle would delete it), nor inside export/, whose files the bundle reads; and
+    a folder there already only when it is a bundle rise-edge made."""
+    from rise_edge.run_dir import EXPORT_DIR
+
+    option = "--bundle-dir" if given else None
+    fix = (f"choose a folder apart from the run and its {EXPORT_DIR}/, or leave --bundle-dir out "
+           f"for its default place {run / BUNDLE_DIR}")
+    check_destination(target, run, command="a serving bundle", writes="the bundle",
+                      reads="the run", given=option, fix=fix, allow=("inside",))
+    check_destination(target, run / EXPORT_DIR, command="a serving bundle", writes="the bundle",
+                      reads="the run's export folder", given=option, fix=fix)
+    check_replaceable(target, given)  # a folder that is not ours is never touched
 
 
 def package_run(run_dir: str | Path, formats: Sequence[str], *, serve: Sequence[str] = (),
@@ -102,7 +140,7 @@ def package_run(run_dir: str | Path, formats: Sequence[str], *, serve: Sequence[
     if not (run / STUDENT_FILE).is_file():
         raise UserError(f"{run} is not a trained run directory (no {STUDENT_FILE})")
     target = Path(bundle_dir) if bundle_dir is not None else run / BUNDLE_DIR
-    check_replaceable(target)  # before any work: a folder that is not ours is never touched
+    _check_target(run, target, bundle_dir is not None)
     selection.check_names(serve)
     with run_lock(run, f"export --format {','.join(formats)}"):
         document = read_export_record(run, advice="export the run again")
@@ -124,16 +162,43 @@ def package_run(run_dir: str | Path, formats: Sequence[str], *, serve: Sequence[
                             f"{'; '.join(missing.values())}")
         if not served:
             raise UserError(f"nothing to serve: {'; '.join(missing.values())}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".work-{target.name}-", dir=target.parent))
-        try:
-            result = _lay_out(staging, run, run / EXPORT_DIR / EXPORT_JSON, document, formats,
-                              served, missing, recommended,
-                              model_base_name(run, model_name), embedding, progress)
-            replace_whole(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        check_class_names(document["student"]["classes"], formats)
+        base = model_base_name(run, model_name)
+        # A place inside the run is the run lock's already (which removes what a kill left there);
+        # a place outside it gets a lock of its own.
+        command = None if path_relation(target, run) == "inside" else \
+            f"export --format {','.join(formats)}"
+        result = _write_bundle(target, bundle_dir is not None, command,
+                               lambda staging: _lay_out(
+                                   staging, run, run / EXPORT_DIR / EXPORT_JSON, document, formats,
+                                   served, missing, recommended, base, embedding, progress))
     result.path = target
+    return result
+
+
+def _write_bundle(target: Path, given: bool, command: str | None,
+                  lay_out: Callable[[Path], BundleResult]) -> BundleResult:
+    """Lay the bundle out in a work folder beside `target` and put it there whole. With `command`,
+    holding the bundle folder's own lock (two runs may name one --bundle-dir) and removing first
+    the work folders a killed bundle of this place left, as no live process owns them then."""
+    from rise_edge.files import run_lock
+
+    with run_lock(target, command, noun="bundle folder", clean=False) if command else \
+            contextlib.nullcontext():
+        for stale in stale_work_folders(target) if command else ():
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".work-{target.name}-", dir=target.parent))
+            result = lay_out(staging)
+            replace_whole(staging, target, given)
+        except OSError as exc:
+            elsewhere = "choose another --bundle-dir" if given else "give --bundle-dir DIR"
+            raise UserError(write_failure(exc, "the bundle", target, staging, elsewhere)) from None
+        finally:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
     return result
 
 

@@ -62,12 +62,23 @@ def nvinfer_config_text(properties: dict[str, str], note: Sequence[str] = ()) ->
     return "\n".join(lines) + "\n"
 
 
+def label_problem(name: str) -> str | None:
+    """Why class `name` cannot be a label of nvinfer's classifier label file (None when it can):
+    the file is one line per output layer, its classes separated by ';'."""
+    if ";" in name:
+        return ("holds ';', which separates the classes in DeepStream's classifier label file (it "
+                "would read as two classes)")
+    if name.splitlines() != [name]:
+        return ("holds a line break, and DeepStream's classifier label file holds each output "
+                "layer's classes on one line")
+    return None
+
+
 def labels_text(classes: Sequence[str]) -> str:
     """nvinfer's classifier label file: one line per output layer, its classes separated by ';'."""
-    bad = [c for c in classes if ";" in c or "\n" in c]
-    if bad:
-        raise ValueError(f"class name '{bad[0]}' holds ';' or a newline, which nvinfer's label file "
-                         "uses as separators")
+    bad = [c for c in classes if label_problem(c)]
+    if bad:  # package_run refuses such classes before writing anything; never write a wrong file
+        raise ValueError(f"class name {bad[0]!r} {label_problem(bad[0])}")
     return ";".join(classes) + "\n"
 
 

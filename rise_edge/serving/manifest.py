@@ -27,15 +27,32 @@ def is_bundle(folder: Path) -> bool:
     return isinstance(data, dict) and data.get("kind") == KIND
 
 
-def check_replaceable(target: Path) -> None:
-    """A UserError unless `target` is absent or a bundle rise-edge made (which may be replaced)."""
+def check_replaceable(target: Path, given: bool = True) -> None:
+    """A UserError unless `target` is absent or a bundle rise-edge made (which may be replaced);
+    `given`: whether --bundle-dir chose it (else it is the default place, RUN/bundle)."""
     if not target.exists() and not target.is_symlink():
         return
     if target.is_dir() and not target.is_symlink() and is_bundle(target):
         return
     what = "a folder" if target.is_dir() else "a file"
+    elsewhere = ("choose another --bundle-dir" if given else
+                 "give --bundle-dir DIR for another place")
     raise UserError(f"{target} exists and is {what} whose {MANIFEST} does not say rise-edge made it; "
-                    "it was left as it is: move it aside or choose another --bundle-dir")
+                    f"it was left as it is: move it aside or {elsewhere}")
+
+
+# The names replace_whole and package_run give their folders beside a bundle: `.work-<name>-` and
+# mkdtemp's 8 characters, `.work-old-<name>-<pid>`. Matched exactly, so that the work folders of
+# another bundle whose name starts alike ('bundle-x' beside 'bundle') are never taken for ours.
+def stale_work_folders(target: Path) -> list[Path]:
+    """The work folders a killed bundle of `target` left beside it (call with its lock held)."""
+    import re
+
+    name = re.escape(target.name)
+    pattern = re.compile(rf"\.work-{name}-[a-z0-9_]{{8}}|\.work-old-{name}-[0-9]+")
+    if not target.parent.is_dir():
+        return []
+    return sorted(p for p in target.parent.iterdir() if pattern.fullmatch(p.name))
 
 
 def file_hashes(folder: Path) -> dict[str, dict[str, Any]]:
@@ -57,12 +74,12 @@ def write_manifest(folder: Path, document: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def replace_whole(staging: Path, target: Path) -> None:
+def replace_whole(staging: Path, target: Path, given: bool = True) -> None:
     """Put the finished `staging` folder at `target`, replacing an earlier bundle whole: the old one
     is renamed aside first and deleted only after the new one is in place, so a failure at any
-    point leaves one complete bundle (or, killed between the renames, none and a .work- folder the
-    next command on this run removes)."""
-    check_replaceable(target)
+    point leaves one complete bundle (or, killed between the renames, none and .work- folders the
+    next bundle made at this place removes: stale_work_folders)."""
+    check_replaceable(target, given)  # again: it may have changed while the bundle was laid out
     old = None
     if target.exists():
         old = target.parent / f".work-old-{target.name}-{os.getpid()}"

@@ -70,6 +70,18 @@ def config_pbtxt(model: TritonModel, logits_name: str = "logits") -> str:
             f'version_policy: {{ specific: {{ versions: [ {VERSION} ] }} }}\n')
 
 
+def label_problem(name: str) -> str | None:
+    """Why class `name` cannot be a line of Triton's label file (None when it can): Triton reads
+    one label a line, in logit order, so a name that breaks the line shifts every later class."""
+    if name.splitlines() != [name]:
+        return ("holds a line break, and Triton's labels.txt holds one class a line (the classes "
+                "after it would name the wrong logits)")
+    return None
+
+
 def labels_text(classes: Sequence[str]) -> str:
     """Triton's label file: one class a line, in logit order."""
+    bad = [c for c in classes if label_problem(c)]
+    if bad:  # package_run refuses such classes before writing anything; never write a wrong file
+        raise ValueError(f"class name {bad[0]!r} {label_problem(bad[0])}")
     return "".join(f"{c}\n" for c in classes)

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from rise_edge.errors import DamagedFile, UserError
-from rise_edge.files import RUN_MARKER, file_sha256, run_lock, write_json_atomic, write_text_atomic
+from rise_edge.files import (RUN_MARKER, check_destination, copy_for_write, file_sha256, read_lock,
+                             run_lock, write_failure, write_json_atomic, write_text_atomic)
 from rise_edge.run_dir import (ADAPT_FILE, STUDENT_FILE, TrainedRun, open_run, read_adapt_record,
                                run_splits, save_student)
 from rise_edge.data.site_images import SiteImages, find_site_images
@@ -71,34 +72,44 @@ def _atc(record: dict[str, Any] | None) -> float | None:
     return next((e["estimate"] for e in record.get("estimates", []) if e["method"] == "ATC"), None)
 
 
+def _elsewhere(given: bool) -> str:
+    """How to put the child somewhere else, naming --run-dir as the user gave it or not."""
+    return "choose another --run-dir" if given else "give --run-dir DIR to put it elsewhere"
+
+
+def _assemble(work: Path, parent: Path, run: TrainedRun, student: Any,
+              record: dict[str, Any]) -> None:
+    """Write the child's files into the new folder `work` (the parent's only read)."""
+    work.mkdir(parents=True)
+    (work / RUN_MARKER).write_text("rise-edge run directory (adapted)\n")
+    for name in COPIED:
+        if (parent / name).is_file():
+            copy_for_write(parent / name, work / name)
+    if (parent / "text_embeddings").is_dir():
+        copy_for_write(parent / "text_embeddings", work / "text_embeddings")
+    save_student(work, student, run.meta, run.recipe)
+    write_json_atomic(work / ADAPT_FILE, record)
+    site = record["site"]
+    write_text_atomic(work / "README.txt",
+                      f"Adapted from {parent} with {record['method']} on {site['images']} "
+                      f"images of {site['folder']} (sha256 {site['sha256'][:16]}).\n")
+
+
 def _write_child(child: Path, parent: Path, run: TrainedRun, student: Any,
-                 record: dict[str, Any]) -> None:
+                 record: dict[str, Any], given: bool) -> None:
     """Assemble the child in a work folder beside it and rename it into place: all or nothing."""
     with run_lock(child, "adapt", clean=False):
         if child.exists():
-            raise UserError(f"{child} already exists; adapt never overwrites")
+            raise UserError(f"{child} already exists; adapt never overwrites: {_elsewhere(given)}")
         work = child.parent / f".{child.name}.work-adapt"
         shutil.rmtree(work, ignore_errors=True)  # a killed adapt's leftovers: we hold the lock
         try:
-            work.mkdir(parents=True)
-            (work / RUN_MARKER).write_text("rise-edge run directory (adapted)\n")
-            for name in COPIED:
-                if (parent / name).is_file():
-                    shutil.copy2(parent / name, work / name)
-            if (parent / "text_embeddings").is_dir():
-                shutil.copytree(parent / "text_embeddings", work / "text_embeddings")
-            save_student(work, student, run.meta, run.recipe)
-            write_json_atomic(work / ADAPT_FILE, record)
-            site = record["site"]
-            write_text_atomic(work / "README.txt",
-                              f"Adapted from {parent} with {record['method']} on {site['images']} "
-                              f"images of {site['folder']} (sha256 {site['sha256'][:16]}).\n")
+            _assemble(work, parent, run, student, record)
             os.rename(work, child)
         except OSError as exc:
             shutil.rmtree(work, ignore_errors=True)
-            raise UserError(f"cannot write the adapted run {child}: {exc.strerror or exc}; "
-                            "nothing was kept (free space, or choose a writable --run-dir)"
-                            ) from None
+            raise UserError(write_failure(exc, "the adapted run", child, work,
+                                            _elsewhere(given))) from None
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -121,7 +132,12 @@ def adapt_run(parent_dir: str | Path, site_dir: str | Path, method: str, *,
         raise UserError(f"--int8-calibration {int8_calibration}: choose one of "
                         f"{', '.join(CALIBRATION_SOURCES)}")
     parent = Path(os.path.abspath(parent_dir))
-    with run_lock(parent, "adapt (reading)", clean=False):
+    if child_dir is not None:  # before anything is written (the default place is beside it)
+        check_destination(child_dir, parent, command="adapt", writes="the adapted run",
+                          reads="the parent run", given="--run-dir",
+                          fix=f"choose a new folder apart from {parent} (by default the child "
+                              "goes beside it)")
+    with read_lock(parent, "adapt"):  # a shared lock, where one can be had: adapt only reads
         run = open_run(parent)
         parent_sha = file_sha256(parent / STUDENT_FILE)
         if method == "adabn" and not batchnorm_layers(run.student):
@@ -136,8 +152,8 @@ def adapt_run(parent_dir: str | Path, site_dir: str | Path, method: str, *,
         child = Path(os.path.abspath(child_dir)) if child_dir else \
             default_child_dir(parent, method, site, int8_calibration)
         if child.exists():
-            raise UserError(f"{child} already exists; adapt never overwrites: remove it or choose "
-                            "another --run-dir")
+            raise UserError(f"{child} already exists; adapt never overwrites: "
+                            f"{_elsewhere(child_dir is not None)}")
         if method == "adabn" and len(site.paths) < 2:
             raise UserError("--method adabn estimates BatchNorm statistics from the site's images "
                             f"and --site {site_dir} holds {len(site.paths)}; give at least 2 (a "
@@ -165,7 +181,7 @@ def adapt_run(parent_dir: str | Path, site_dir: str | Path, method: str, *,
                        f"before, {b:.1f} % after); keep the parent, or check with labelled site "
                        "images")
         record["warning"] = warning
-        _write_child(child, parent, run, student, record)
+        _write_child(child, parent, run, student, record, given=child_dir is not None)
     if warning:
         log(f"warning: {warning}")
     return child, record

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from rise_edge.errors import DamagedFile, UserError
-from rise_edge.files import (Record, read_json_record, read_jsonl_records, write_json_atomic,
-                             write_text_atomic)
+from rise_edge.files import (Record, atomic_path, read_json_record, read_jsonl_records,
+                             write_json_atomic, write_text_atomic)
 from rise_edge.sweep.launch import SWEEP_COPY, SWEEP_RECORD, expand, grid_points, load_sweep
 
 SELECTIONS = {"training": "training-domain validation",
@@ -300,7 +300,8 @@ def _plot(data: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{dataset}: training-domain validation")
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_path(path) as tmp:  # a failed save (a full disk) leaves no temporary behind
+            fig.savefig(tmp, format="png", dpi=120)
+    finally:
+        plt.close(fig)

@@ -148,6 +148,7 @@ def load_sweep(path: Path) -> Sweep:
     recipe = load_recipe(base, [_override(k, v) for k, v in fixed.items()])
     targets = _targets(raw.get("targets", "all"), recipe, path)
     output = Path(raw.get("output_dir") or Path(recipe.train.output_dir) / "sweeps" / path.stem)
+    _check_output_dir(output, recipe, f"{path}: output_dir" if raw.get("output_dir") else None)
     # The hash covers what the runs are (the base recipe's content, not its file name), so a
     # copied sweep file names the same sweep.
     normalised = {"base": recipe_to_dict(load_recipe(base)), "targets": list(targets), "seeds": seeds,
@@ -162,6 +163,23 @@ def load_sweep(path: Path) -> Sweep:
         if spec.export is not None:
             load_recipe(base, [*spec.overrides, *(_override(f"export.{k}", v) for k, v in spec.export.items())])
     return sweep
+
+
+def _check_output_dir(output: Path, recipe: Any, given: str | None) -> None:
+    """The sweep's runs never go into the data set every run reads: a folder among its domains
+    would read as one more domain or class (and the sweep's files would change the data). A folder
+    holding the data set (the data root) is fine: the runs go beside it."""
+    from rise_edge.data.domains import data_root
+    from rise_edge.files import check_destination
+    from rise_edge.registry import known_dataset
+
+    root, known = data_root(recipe.data), known_dataset(recipe.data.dataset)
+    if root is None or (known is not None and known.build is not None):
+        return  # no data set named yet (each run says so), or one rise-edge generates elsewhere
+    folder = root / (known.folder if known is not None else recipe.data.dataset)
+    check_destination(output, folder, command="a sweep", writes="the sweep's runs",
+                      reads="the data set", given=given, allow=("holds",),
+                      fix=f"set the sweep file's output_dir to a folder outside {folder}")
 
 
 def _grid_fields(grid: Any, path: Path) -> list[str]:

@@ -126,27 +126,35 @@ def _training_changes(saved: Recipe, recipe: Recipe) -> list[str]:
             if old[s].get(k) != new[s][k] and f"{s}.{k}" not in NOT_TRAINING]
 
 
-def _check_run_dir(path: Path, recipe: Recipe, resume: bool) -> None:
+def _check_run_dir(path: Path, recipe: Recipe, resume: bool, given: bool = True) -> None:
     """Refuse to overwrite a run; on resume, refuse a recipe that changed what training does.
+    `given`: whether --run-dir chose the folder (else the recipe's output_dir and run_name did).
 
     A folder holding no training output (a start that failed before the first step) is reused, and
     so is one whose run was interrupted before its first checkpoint (only its log is left: it is
     started again, as nothing could be resumed).
     """
+    elsewhere = ("choose another --run-dir" if given else
+                 "give --run-dir DIR, or --set train.run_name=NAME")
     if path.is_dir() and not is_run_directory(path):
         theirs = sorted(p.name for p in path.iterdir())
         if theirs:
             shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+            if resume:  # what was asked for cannot be: say that first
+                raise UserError(f"nothing to resume in {path}: it is not a rise-edge run directory "
+                                f"(it holds {shown}, files rise-edge did not write), and nothing "
+                                f"in it was touched; resume the run where train wrote it, or "
+                                f"{elsewhere} to start a new one without --resume")
             raise UserError(f"{path} holds files rise-edge did not write ({shown}); train writes only "
                             "into a new or empty folder or a run directory of its own, so nothing of "
-                            "yours is overwritten: choose another --run-dir")
+                            f"yours is overwritten: {elsewhere}")
     checkpointed = any((path / name).exists() for name in (STUDENT_FILE, RESUME_FILE, "results.json"))
     if not resume:
         if checkpointed:
             hint = ("continue it with --resume" if (path / RESUME_FILE).is_file()
                     else "it holds a trained run")
-            raise UserError(f"run directory {path} already exists ({hint}); choose another with "
-                            "--run-dir or --set train.run_name=NAME")
+            other = "choose another --run-dir, or --set train.run_name=NAME" if given else elsewhere
+            raise UserError(f"run directory {path} already exists ({hint}); {other}")
         if (path / "metrics.jsonl").exists():
             print(f"{path} was interrupted before its first checkpoint: starting it again",
                   file=sys.stderr)
@@ -417,7 +425,7 @@ def _prepare_run(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume:
     recipe = _absolute_paths(recipe)
     path = _run_dir(recipe, recipe_name, run_dir)
     if dist.is_main:
-        _check_run_dir(path, recipe, resume)
+        _check_run_dir(path, recipe, resume, given=run_dir is not None)
     # The other ranks wait here while rank 0 checks every image (the first time, longer than NCCL's
     # timeout on a large data set): `share` waits on the start group, up to $RISE_EDGE_START_TIMEOUT.
     splits = dist.share(build_splits(recipe.data, progress=progress) if dist.is_main else None)
