@@ -885,14 +885,17 @@ sys.argv = [{argv0!r}, "recipes"]
 ])
 def test_ctrl_c_while_a_program_imports_is_one_line_and_130(argv0: str, entry: str, module: str) -> None:
     code = _CTRL_C_DURING_IMPORT.format(module=module, argv0=argv0, entry=entry)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # SIGINT as a terminal leaves it: a test run started in the background inherits it ignored.
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode == 130, done.stderr
     assert done.stderr == "interrupted\n"
 
 
 def test_importing_the_cli_from_python_leaves_ctrl_c_alone() -> None:
     code = "import signal, rise_edge.cli; assert signal.getsignal(signal.SIGINT) is signal.default_int_handler"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert done.returncode == 0, done.stderr
 
 
