@@ -50,6 +50,7 @@ def test_the_table_is_consistent() -> None:
 
 
 @pytest.mark.parametrize("fmt", EXPORTABLE)
+@pytest.mark.slow
 def test_every_backend_this_machine_runs_exports_and_benches_the_same_way(fmt: str,
                                                                          tiny_run: Path) -> None:
     backend = backends()[fmt]

@@ -298,6 +298,7 @@ def test_export_and_bench_use_the_splits_training_recorded(tiny_data_root: Path,
         assert scored["cartoon"] == len(record["val"]["cartoon"])
 
 
+@pytest.mark.slow
 def test_data_that_moved_is_found_again_with_data_root(tiny_data_root: Path, recipe_file: Path,
                                                        tmp_path: Path) -> None:
     data = Path(shutil.copytree(tiny_data_root, tmp_path / "data"))
@@ -317,6 +318,7 @@ def test_data_that_moved_is_found_again_with_data_root(tiny_data_root: Path, rec
     _one_clean_line(wrong, "only data.root can change")
 
 
+@pytest.mark.slow
 def test_a_failed_reexport_never_hides_intact_artefacts_from_bench(tiny_run: Path) -> None:
     import json
 

@@ -287,6 +287,7 @@ def test_a_full_disk_while_adapt_writes_its_child_names_the_child(
 # Leftovers after a kill or a failure
 
 
+@pytest.mark.slow
 def test_a_bundle_killed_mid_write_leaves_nothing_for_the_next_start(exported: Path,
                                                                      tmp_path: Path) -> None:
     out = tmp_path / "served"

@@ -258,6 +258,7 @@ QAT = ["--int8", "--qat", "--quiet", "--set", "export.qat_eval_every=2",
        "--set", "export.fidelity_images=12"]
 
 
+@pytest.mark.slow
 def test_qat_export_records_and_never_reads_a_target_image(tiny_run: Path, monkeypatch) -> None:
     import rise_edge.data.domains
     import rise_edge.export.calibration

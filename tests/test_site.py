@@ -190,6 +190,7 @@ def test_bench_site_estimates_are_the_same_whatever_the_layout(tiny_run: Path, s
     assert "## Site: label-free estimates" in (tiny_run / "bench" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_adapt_makes_a_child_that_exports_and_benches_and_leaves_the_parent_byte_identical(
         tiny_run: Path, site: Path, tmp_path: Path) -> None:
     before = _tree_hash(tiny_run)

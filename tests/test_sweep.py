@@ -110,6 +110,7 @@ def test_a_killed_sweep_resumes_without_retraining_and_collects_the_runs_numbers
     assert record["sweep_hash"] == data["sweep_hash"] and record["complete"]
 
 
+@pytest.mark.slow
 def test_a_finished_sweep_skips_everything_and_another_sweep_is_not_mixed_in(
         tiny_data_root: Path, tiny_clip_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -159,6 +160,7 @@ def test_collect_of_a_folder_that_is_not_a_sweep_is_one_line(tmp_path: Path) -> 
     assert result.exit_code == 2 and "not a sweep's output folder" in result.output
 
 
+@pytest.mark.slow
 def test_a_finished_run_of_another_recipe_in_the_sweeps_place_is_not_adopted(
         tiny_data_root: Path, tiny_clip_dir: Path, tmp_path: Path) -> None:
     """A run folder the sweep did not make (or made with other settings) is never taken as done."""
@@ -305,6 +307,7 @@ def _processes_naming(text: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_starts_no_run_and_leaves_none_running(tiny_data_root: Path,
                                                                      tmp_path: Path) -> None:
     """Ctrl-C as a run ends: the worker thread that ran it must not start the next run, and every

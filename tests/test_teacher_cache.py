@@ -155,6 +155,7 @@ cache.fill(teacher, {paths!r})
 """
 
 
+@pytest.mark.slow
 def test_kill_during_a_build_resumes_from_complete_shards(tiny_data_root: Path, tiny_clip_dir: Path,
                                                           tmp_path: Path) -> None:
     from rise_edge.config import TeacherConfig
