@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from int8_target import _figures, _logits  # noqa: E402
+from int8_target import _figures, _logits, cpu_session  # noqa: E402
 from site_estimates import header, log, record_of, run_dirs, write  # noqa: E402
 
 # export.json artefact -> how the table names it
@@ -39,17 +39,6 @@ INT8 = {"onnx-int8": "ONNX Runtime INT8", "openvino-int8": "OpenVINO INT8",
         "onnx-int8-tensorrt": "TensorRT Q/DQ graph"}
 KERNELS = "onnx-int8-tensorrt, x86 kernels"
 SCORED = {**INT8, KERNELS: "TensorRT Q/DQ graph through ONNX Runtime's fused x86 kernels"}
-
-
-def _fused(path: Path) -> Any:
-    """ONNX Runtime's CPU session with every graph optimisation: the fused integer kernels."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})[0]
 
 
 def _have(document: dict[str, Any]) -> list[str]:
@@ -121,7 +110,8 @@ def measure_run(run_dir: Path, copy: Path, data_root: str | None, max_unseen: in
     models = {"fp32": runner_for(artefacts["onnx-fp32"], export_dir, device="cpu")}
     models.update({name: runner_for(artefacts[name], export_dir, device="cpu") for name in forms})
     # The same Q/DQ graph through ONNX Runtime's fused x86 kernels: why it must run as written here.
-    models[KERNELS] = _fused(export_dir / artefacts["onnx-int8-tensorrt"]["path"])
+    models[KERNELS] = cpu_session(export_dir / artefacts["onnx-int8-tensorrt"]["path"],
+                                  optimised=True)
     splits = session.splits
     unseen = list(splits.test)
     if max_unseen and len(unseen) > max_unseen:

@@ -83,6 +83,14 @@ def train_cli_args(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
             "--set", "train.batch_size=8", "--set", "optim.lr=0.05", *extra]
 
 
+
+def tree_hash(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (relative path -> sha256): to show a command left it unchanged."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
 @pytest.fixture(autouse=True, scope="session")
 def _image_check_records(tmp_path_factory: pytest.TempPathFactory):
     """The image-check records of the tests' throw-away data sets go to a folder of this session,

@@ -6,7 +6,6 @@ the command line."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import tree_hash
 
 from rise_edge.cli import main
 from rise_edge.files import file_sha256, write_json_atomic
@@ -43,10 +43,6 @@ def _one_error_line(result, *needles: str, code: int = 2) -> str:
         assert needle in lines[0], lines[0]
     return lines[0]
 
-
-def _tree(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
@@ -135,11 +131,11 @@ def test_damaged_tensors_the_site_path_reads_are_one_line(_teacher_run_template:
 def test_a_damaged_parent_student_is_one_line_for_adapt(tiny_run: Path, site: Path, tmp_path: Path,
                                                         how: str) -> None:
     _damage_safetensors(tiny_run / "student.safetensors", how)
-    before = _tree(tiny_run)
+    before = tree_hash(tiny_run)
     result = CliRunner().invoke(main, ["adapt", str(tiny_run), "--site", str(site), "--no-export",
                                        "--run-dir", str(tmp_path / "child"), "--quiet"])
     _one_error_line(result, "student.safetensors", "train the run again")
-    assert _tree(tiny_run) == before and not (tmp_path / "child").exists()
+    assert tree_hash(tiny_run) == before and not (tmp_path / "child").exists()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,11 +181,11 @@ def test_a_damaged_or_mistyped_adapt_record_is_one_line(tiny_run: Path, site: Pa
                                                            else content))
     if isinstance(content, bytes):
         (child / "adapt.json").write_bytes(content)
-    before = _tree(child)
+    before = tree_hash(child)
     for command in (["bench", str(child), *QUICK], ["export", str(child), "--quiet"]):
         _one_error_line(CliRunner().invoke(main, command), "adapt.json", needle,
                         "adapt its parent again")
-    assert _tree(child) == before  # the record is left for the user to see
+    assert tree_hash(child) == before  # the record is left for the user to see
 
 
 @pytest.mark.parametrize("change, needle", [
@@ -267,10 +263,10 @@ def test_an_export_record_pointing_outside_its_folder_is_never_opened(
 ])
 def test_a_nul_byte_in_a_path_argument_is_one_line(tiny_run: Path, args: list[str]) -> None:
     args = [a.replace("{run}", str(tiny_run)) for a in args]
-    before = _tree(tiny_run)
+    before = tree_hash(tiny_run)
     result = CliRunner().invoke(main, args)
     _one_error_line(result, "NUL byte")
-    assert _tree(tiny_run) == before
+    assert tree_hash(tiny_run) == before
 
 
 def test_a_nul_byte_in_a_path_from_anywhere_else_is_one_line() -> None:

@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 from torch import nn
+from conftest import tree_hash
 
 from rise_edge.cli import main
 from rise_edge.errors import UserError
@@ -24,10 +25,6 @@ from rise_edge.site.estimates import Calibration, atc, doc, estimate_accuracy
 
 QUICK = ["--iterations", "2", "--warmup", "0", "--batch", "1", "--quiet"]
 
-
-def _tree_hash(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
@@ -193,13 +190,13 @@ def test_bench_site_estimates_are_the_same_whatever_the_layout(tiny_run: Path, s
 @pytest.mark.slow
 def test_adapt_makes_a_child_that_exports_and_benches_and_leaves_the_parent_byte_identical(
         tiny_run: Path, site: Path, tmp_path: Path) -> None:
-    before = _tree_hash(tiny_run)
+    before = tree_hash(tiny_run)
     child = tmp_path / "child"
     result = CliRunner().invoke(main, ["adapt", str(tiny_run), "--site", str(site), "--method",
                                        "adabn", "--int8-calibration", "site", "--run-dir",
                                        str(child), "--quiet"])
     assert result.exit_code in (0, 1), result.output  # 1: an INT8 budget note is not a failure
-    assert _tree_hash(tiny_run) == before
+    assert tree_hash(tiny_run) == before
     record = json.loads((child / "adapt.json").read_text())
     assert record["parent"]["run_dir"] == str(tiny_run.resolve())
     assert record["site"]["images"] == 24 and len(record["site"]["sha256"]) == 64
@@ -213,11 +210,11 @@ def test_adapt_makes_a_child_that_exports_and_benches_and_leaves_the_parent_byte
     assert {"pytorch", "before-adapt", "onnx-fp32", "onnx-int8"} <= set(rows)
     assert all(rows[e].get("site") for e in ("pytorch", "before-adapt"))
     # never overwritten: a second adapt into the same folder is refused, the child unchanged
-    kept = _tree_hash(child)
+    kept = tree_hash(child)
     again = CliRunner().invoke(main, ["adapt", str(tiny_run), "--site", str(site), "--run-dir",
                                       str(child), "--no-export"])
     assert again.exit_code == 2 and "already exists" in again.output
-    assert _tree_hash(child) == kept and _tree_hash(tiny_run) == before
+    assert tree_hash(child) == kept and tree_hash(tiny_run) == before
 
 
 def test_t3a_child_without_export(tiny_run: Path, site: Path, tmp_path: Path) -> None:
@@ -236,13 +233,13 @@ def test_a_failed_adapt_leaves_nothing(tiny_run: Path, site: Path, tmp_path: Pat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(child_module, "save_student", full_disk)
-    before = _tree_hash(tiny_run)
+    before = tree_hash(tiny_run)
     result = CliRunner().invoke(main, ["adapt", str(tiny_run), "--site", str(site), "--no-export",
                                        "--run-dir", str(tmp_path / "child")])
     assert result.exit_code == 2 and "No space left on device" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "child").exists() and not list(tmp_path.glob(".child.work*"))
-    assert _tree_hash(tiny_run) == before
+    assert tree_hash(tiny_run) == before
 
 
 def _bad(args: list[str]) -> str:
@@ -320,7 +317,7 @@ def test_adabn_on_a_run_without_batchnorm_is_one_line(tiny_data_root: Path, site
 
     run = build_tiny_run(tmp_path / "convnext", tiny_data_root, ["student.model=test_convnext",
                                                                  "train.steps=2"])
-    before = _tree_hash(run)
+    before = tree_hash(run)
     assert "no BatchNorm layer; use --method t3a" in _bad(
         ["adapt", str(run), "--site", str(site), "--no-export"])
-    assert _tree_hash(run) == before and not list(tmp_path.glob("convnext-*"))
+    assert tree_hash(run) == before and not list(tmp_path.glob("convnext-*"))
