@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from site_estimates import header, log, measure_groups, record_of, write  # same folder
+from common import header, log, measure_groups, record_of, write  # same folder
 
 VARIANTS = ((0.0, 0), (0.0, 1), (0.5, 0), (0.5, 1))  # (share shifted, calibration seed)
 

@@ -182,7 +182,7 @@ def anatomy(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def preamble(record: dict[str, Any]) -> list[str]:
     """The record's title, command, machine, where carried groups came from, notes, definitions."""
-    from site_estimates import header
+    from common import header
 
     lines = [*header("INT8 and shift: do shifted source images predict the unseen domain's drop?",
                      record, ("python", "torch", "onnxruntime", "openvino", "rise_edge")),
@@ -281,7 +281,7 @@ def main() -> None:
     parser.add_argument("--note", action="append", default=[],
                         help="a sentence the record must carry about what it measured (repeatable)")
     args = parser.parse_args()
-    from site_estimates import measure_groups, record_of, write
+    from common import measure_groups, record_of, write
 
     started = time.perf_counter()
     earlier, sources = carried(args.carry, [g.partition("=")[0] for g in args.group])

@@ -33,8 +33,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from site_estimates import header, log, record_of, run_dirs, write  # noqa: E402
+from common import header, log, record_of, run_dirs, write  # noqa: E402
 
 KINDS = ("x86-avx2", "x86-vnni")
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from site_estimates import (anonymous_site, ensure_export, header, measure_groups,  # same folder
+from common import (anonymous_site, ensure_export, header, measure_groups,  # same folder
                             record_of, write)
 
 RESULTS = Path(__file__).resolve().parent / "results"

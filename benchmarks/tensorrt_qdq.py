@@ -30,9 +30,8 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from int8_target import _figures, _logits, cpu_session  # noqa: E402
-from site_estimates import header, log, record_of, run_dirs, write  # noqa: E402
+from common import header, log, record_of, run_dirs, write  # noqa: E402
 
 # export.json artefact -> how the table names it
 INT8 = {"onnx-int8": "ONNX Runtime INT8", "openvino-int8": "OpenVINO INT8",

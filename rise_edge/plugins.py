@@ -13,9 +13,10 @@ public register functions:
         from rise_edge.data import KnownDataset, register_dataset
         register_dataset("MyCameras", KnownDataset("my_cameras", ("day", "night"), ("car", "person")))
 
-Register functions: rise_edge.data.register_dataset, rise_edge.teacher.register_teacher,
-rise_edge.backends.register_backend, rise_edge.methods.register_method. timm models are registered with
-timm's own @register_model in the plugin's module and named in recipes as usual.
+Register functions: rise_edge.data.register_dataset, rise_edge.train.teacher.register_teacher,
+rise_edge.backends.register_backend, rise_edge.train.methods.register_method and
+rise_edge.cli.register_command. timm models are registered with timm's own @register_model in the
+plugin's module and named in recipes as usual.
 """
 
 from __future__ import annotations

@@ -149,9 +149,23 @@ def test_heads_route_features_as_documented() -> None:
         split.init_classifier_from_text(torch.randn(3, EMBED))
 
 
-def test_records_from_before_head_kinds_read_as_their_heads() -> None:
-    assert HeadSpec(8, 3).kind == "linear"
-    assert HeadSpec(8, 3, EMBED).kind == "rise"  # RISE runs trained on the released head then
+def test_a_head_is_named_and_fits_its_kind(tiny_run: Path) -> None:
+    """A student record names its head's kind; one without (or with a head that does not fit its
+    kind) is a damaged record, one line, not a guess."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from rise_edge.errors import DamagedFile
+    from rise_edge.run_dir import open_run
+
+    weights = tiny_run / "student.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        metadata = dict(f.metadata())
+    record = json.loads(metadata["rise_edge"])
+    del record["head"]["kind"]
+    save_file(load_file(str(weights)), str(weights), {**metadata, "rise_edge": json.dumps(record)})
+    with pytest.raises(DamagedFile, match="does not describe a student"):
+        open_run(tiny_run)
     with pytest.raises(ValueError, match="needs embed_dim"):
         HeadSpec(8, 3, None, "split")
     with pytest.raises(ValueError, match="not one of"):

@@ -41,7 +41,7 @@ def _tf_padding_student() -> Student:
     """A tiny EfficientNet with TF 'same' padding (timm's Conv2dSame), as tf_efficientnet_lite0."""
     torch.manual_seed(0)
     backbone = timm.create_model("test_efficientnet", pad_type="same", num_classes=0)
-    student = Student(backbone, HeadSpec(backbone.num_features, 3)).eval()
+    student = Student(backbone, HeadSpec(backbone.num_features, 3, None, "linear")).eval()
     with torch.no_grad():  # trained-looking BN statistics, so folding has something to fold
         for m in student.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -385,7 +385,7 @@ def test_every_onnx_layer_maps_back_to_its_module(arch: str, tmp_path: Path) -> 
     from rise_edge.export.onnx_graph import module_of_onnx_node
 
     backbone = timm.create_model(arch, num_classes=0)
-    student = Student(backbone, HeadSpec(backbone.num_features, 3)).eval()
+    student = Student(backbone, HeadSpec(backbone.num_features, 3, None, "linear")).eval()
     path = tmp_path / "m.onnx"
     export_graph(with_static_padding(student, SIZE)[0], torch.randn(1, 3, SIZE, SIZE), path, 18)
     layers = [n.name for n in onnx.load(str(path)).graph.node if n.op_type in ("Conv", "Gemm")]

@@ -59,7 +59,8 @@ def _estimates(run: TrainedRun, student: Any, site: SiteImages, data_root: str |
 
     inputs = SiteInputs(source, site.paths)
     decode = decoder(run.meta.preprocessing)
-    with fast_model(student, run.meta.preprocessing.input_size) as (model, _):
+    with fast_model(student, run.meta.preprocessing.input_size,
+                    run.recipe.export.opset) as (model, _):
         src, at_site = inputs.logits(model, decode)
     if keep is not None:
         keep[key] = at_site

@@ -37,16 +37,17 @@ def torch_model(module: nn.Module) -> Model:
 
 
 @contextlib.contextmanager
-def fast_model(module: nn.Module, image_size: int) -> Iterator[tuple[Model, str]]:
+def fast_model(module: nn.Module, image_size: int, opset: int) -> Iterator[tuple[Model, str]]:
     """(logits function, what runs it) for the duration of the block: ONNX Runtime on the CPU when
-    the module exports, else PyTorch. The temporary graph is removed afterwards."""
+    the module exports, else PyTorch. The graph is made by export's own path at the run's
+    export.opset, so the estimates see the graph `rise-edge export` ships; it is removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="rise-edge-site-") as tmp:
         try:
             from rise_edge.backends.onnxruntime import OnnxRuntimeRunner
             from rise_edge.export.session import export_graph
 
             path = Path(tmp) / "student.onnx"
-            export_graph(module, torch.randn(2, 3, image_size, image_size), path, 17)
+            export_graph(module, torch.randn(2, 3, image_size, image_size), path, opset)
             runner = OnnxRuntimeRunner(path, device="cpu")
         except Exception:  # the exporters and onnxruntime raise many types: PyTorch then
             yield torch_model(module), "pytorch"

@@ -38,12 +38,10 @@ class HeadSpec:
 
     feature_dim: int
     num_classes: int
-    embed_dim: int | None = None  # projector output (the teacher's embedding dim); None: no projector
-    kind: str = ""                # one of HEAD_KINDS; '' (records before head kinds): from embed_dim
+    embed_dim: int | None  # projector output (the teacher's embedding dim); None: no projector
+    kind: str              # one of HEAD_KINDS
 
     def __post_init__(self) -> None:
-        if not self.kind:  # records written before head kinds existed had exactly these two heads
-            object.__setattr__(self, "kind", "linear" if self.embed_dim is None else "rise")
         if self.kind not in HEAD_KINDS:
             raise ValueError(f"head kind '{self.kind}' is not one of {', '.join(HEAD_KINDS)}")
         if (self.kind in PROJECTED_HEADS) != (self.embed_dim is not None):
