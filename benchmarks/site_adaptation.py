@@ -32,8 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from common import (anonymous_site, ensure_export, header, measure_groups,  # same folder
-                            record_of, write)
+from common import anonymous_site, ensure_export, header, measure_groups, record_of, write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
