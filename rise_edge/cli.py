@@ -183,12 +183,10 @@ _set_option = click.option(
 def train(recipe: Path, overrides: tuple[str, ...], resume: bool, run_dir: Path | None) -> None:
     """Train a student on the source domains of RECIPE (a file, or a shipped recipe's name: see
     `rise-edge recipes`) and test it on the unseen target domain."""
-    from rise_edge.config import load_recipe, resolve_recipe
-    from rise_edge.train.loop import train_run
+    from rise_edge.api import train as train_api
 
-    path = resolve_recipe(recipe)
-    result = train_run(load_recipe(path, overrides), recipe_name=path.stem, run_dir=run_dir,
-                       resume=resume)
+    result = train_api(recipe, overrides, run_dir=run_dir, resume=resume).train_result
+    assert result is not None  # train() always records its result
     click.echo(result.table())
     click.echo(f"run directory: {result.run_dir}")
 
@@ -288,10 +286,10 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
                         "onnx --format triton) or export first")
     missing: dict[str, str] = {}
     if bundle_formats:
-        from rise_edge.serving import package_run
+        from rise_edge.api import Run
 
-        bundle = package_run(run_dir, bundle_formats, serve=serve, bundle_dir=bundle_dir,
-                             model_name=model_name, embedding=embedding, progress=not quiet)
+        bundle = Run(run_dir).bundle(bundle_formats, serve=serve, bundle_dir=bundle_dir,
+                                     model_name=model_name, embedding=embedding, progress=not quiet)
         click.echo(bundle.table())
         for note in bundle.notes:
             click.echo(f"note: {note}", err=True)
@@ -307,12 +305,12 @@ def export(run_dir: Path, formats: tuple[str, ...], fp16: bool | None, int8: boo
 def _export_artefacts(run_dir: Path, formats: list[str], quiet: bool, overrides: tuple[str, ...],
                       **flags: Any) -> list[str]:
     """Run export as asked; exit 1 when an artefact failed; returns the unavailable ones."""
-    from rise_edge.export.driver import export_run, resolve_export_config
-    from rise_edge.run_dir import open_run
+    from rise_edge.api import Run
 
     data_root, overrides = _data_root(overrides)
-    cfg = resolve_export_config(open_run(run_dir), overrides, formats=formats or None, **flags)
-    result = export_run(run_dir, cfg, progress=not quiet, data_root=data_root)
+    result = Run(run_dir).export(formats, overrides=overrides, data_root=data_root,
+                                 progress=not quiet, **flags)
+    cfg = result.config
     click.echo(result.table())
     click.echo(f"artefacts and metadata: {result.path}")
     for name, judged in result.recommended.get("candidates", {}).items():
@@ -399,34 +397,77 @@ def bench(run_dir: Path, domains: tuple[str, ...], engines: tuple[str, ...],
     With --site DIR, also what each artefact would do at a site whose images have no labels:
     estimates of its accuracy there (ATC, difference of confidences, teacher agreement), each
     with an interval, and a flag when the site looks unlike every source domain."""
-    from rise_edge.bench.driver import bench_run, resolve_bench_config
-    from rise_edge.run_dir import open_run
+    from rise_edge.api import Run
 
-    if iterations is not None and duration is not None:
-        raise UserError("give --iterations or --duration, not both")
     data_root, rest = _data_root(overrides)
     if rest:
         raise UserError(f"--set {rest[0]}: bench takes only --set data.root=PATH; its own settings "
                         "are flags (see rise-edge bench --help)")
-    flags: dict[str, Any] = {
-        "domains": domains or None, "batch_sizes": batch_sizes or None, "warmup": warmup,
-        "max_images": max_images, "cuda_graphs": True if cuda_graphs else None,
-        "engines": tuple(e.strip() for item in engines for e in item.split(",") if e.strip()) or None}
-    if iterations is not None:
-        flags.update(iterations=iterations, duration_s=0.0)
-    if duration is not None:
-        flags["duration_s"] = duration
-    cfg = resolve_bench_config(open_run(run_dir), **flags)
-    if skip_bad_images and site is None:
-        raise UserError("--skip-bad-images applies to --site images; give --site DIR")
-    report = bench_run(run_dir, cfg, progress=not quiet, data_root=data_root, site=site,
-                       skip_bad_site=skip_bad_images)
+    report = Run(run_dir).bench(domains=domains, engines=engines, batch_sizes=batch_sizes,
+                                iterations=iterations, duration_s=duration, warmup=warmup,
+                                cuda_graphs=cuda_graphs, max_images=max_images, data_root=data_root,
+                                site=site, skip_bad_images=skip_bad_images, progress=not quiet)
     click.echo(report.table())
     click.echo(f"report: {report.path / report.data['files']['markdown']} "
                f"(+ {', '.join(f for k, f in report.data['files'].items() if k != 'markdown')})")
     if report.failed:
         click.echo(f"error: {len(report.failed)} engine(s) failed: {', '.join(report.failed)}", err=True)
         sys.exit(1)
+
+
+@main.command()
+@click.argument("run_dir", type=PathParam())
+@click.argument("sources", metavar="SOURCE...", nargs=-1, required=True, type=PathParam())
+@click.option("--artefact", default=None, metavar="NAME",
+              help="pytorch or an artefact of export.json, e.g. onnx-int8 (default: export's "
+                   "recommended INT8, else onnx-fp32, else pytorch).")
+@click.option("--top-k", type=click.IntRange(min=1, max=100_000), default=5, show_default=True,
+              help="Classes per image, most likely first.")
+@click.option("--batch", type=click.IntRange(min=1, max=BATCH_MAX), default=32, show_default=True,
+              help="Images per inference call.")
+@click.option("--output", type=PathParam(), default=None, metavar="FILE",
+              help="Write the predictions to FILE (.csv or .jsonl: the format from its suffix), "
+                   "whole or not at all, instead of stdout.")
+@click.option("--format", "fmt", type=click.Choice(["terminal", "csv", "jsonl"]), default=None,
+              help="Output format (default: from --output's suffix, else terminal lines).")
+@click.option("--skip-bad-images", is_flag=True, default=False,
+              help="Leave unreadable images out (listed at the end) instead of refusing.")
+@click.option("--frame-step", type=click.IntRange(min=1, max=1_000_000), default=1,
+              show_default=True, help="Videos: classify every N-th frame.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def predict(run_dir: Path, sources: tuple[Path, ...], artefact: str | None, top_k: int, batch: int,
+            output: Path | None, fmt: str | None, skip_bad_images: bool, frame_step: int,
+            quiet: bool) -> None:
+    """Classify images with an artefact of RUN_DIR: top-k classes and probabilities per image.
+
+    SOURCE: image files, folders (recursively), quoted glob patterns ('photos/**/*.jpg'), .txt
+    lists of paths (one per line) and videos (.mp4 .avi .mov .mkv .webm, frame by frame: needs
+    pip install 'rise-edge[video]'), streamed in constant memory; see docs/predict.md."""
+    from rise_edge.api import Run
+    from rise_edge.predict.writers import check_output, open_output, output_format
+
+    fmt = output_format(output, fmt)
+    check_output(output, run_dir)
+    predictions = Run(run_dir).predict(sources, artefact=artefact, top_k=top_k, batch=batch,
+                                       skip_bad_images=skip_bad_images, frame_step=frame_step,
+                                       progress=not quiet)
+    for warning in predictions.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    with open_output(output, fmt, predictions.top_k) as write:
+        for prediction in predictions:
+            write(prediction)
+    rate = predictions.images_per_s
+    click.echo(f"{predictions.images} images in {predictions.seconds:.2f} s "
+               f"({rate or 0:.1f} images/s) with {predictions.artefact} on {predictions.device}"
+               + (f"; predictions: {output}" if output else ""), err=True)
+    if predictions.skipped:
+        click.echo(f"skipped {len(predictions.skipped)} unreadable image(s) (--skip-bad-images):",
+                   err=True)
+        for source, why in predictions.skipped[:20]:
+            click.echo(f"  {source}: {why}", err=True)
+        if len(predictions.skipped) > 20:
+            click.echo(f"  and {len(predictions.skipped) - 20} more", err=True)
 
 
 # -- adapt command --
@@ -460,19 +501,17 @@ def adapt(run_dir: Path, site: Path, method: str, int8_calibration: str, child_d
     `rise-edge bench CHILD --site DIR` shows it beside its parent (before-adapt)."""
     import shlex
 
-    from rise_edge.site.child import adapt_run
+    from rise_edge.api import Run
 
-    if method == "none" and int8_calibration == "sources":
-        raise UserError("--method none with --int8-calibration sources would copy the run "
-                        "unchanged; give --method adabn|t3a, or --int8-calibration site")
     data_root, rest = _data_root(overrides)
     if rest:
         raise UserError(f"--set {rest[0]}: adapt takes only --set data.root=PATH")
-    child, record = adapt_run(run_dir, site, method, child_dir=child_dir,
-                              int8_calibration=int8_calibration, skip_bad=skip_bad_images,
-                              data_root=data_root, command=shlex.join(["rise-edge", *sys.argv[1:]]),
-                              log=(lambda line: None) if quiet else
-                              (lambda line: click.echo(line, err=True)))
+    adapted = Run(run_dir).adapt(site, method, int8_calibration=int8_calibration,
+                                 child_dir=child_dir, skip_bad_images=skip_bad_images,
+                                 data_root=data_root, export=False, progress=not quiet,
+                                 command=shlex.join(["rise-edge", *sys.argv[1:]]))
+    child, record = adapted.path, adapted.adapt_record
+    assert record is not None  # adapt() always records adapt.json's content
     before, after = (record["estimates"][k] for k in ("before", "after"))
     if before and after and "error" not in before and "error" not in after:
         click.echo("label-free estimates on the site (top-1 %, [95 % interval]):")

@@ -252,6 +252,26 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """Experiment tracking (docs/tracking.md): fed from the records metrics.jsonl gets, which stays
+    the record; off by default. Both trackers come with the `track` extra."""
+
+    tensorboard: bool = _f(False, "write TensorBoard event files into <run>/tensorboard/ "
+                           "(`tensorboard --logdir runs/` sees every run)")
+    mlflow: bool = _f(False, "log to an MLflow run: metrics, the recipe as parameters, export's "
+                      "and bench's reports as artefacts")
+    mlflow_tracking_uri: str = _f("", "MLflow tracking URI; a plain path is a file store, taken "
+                                  "from the current directory ('' = $MLFLOW_TRACKING_URI, else the "
+                                  "file store mlruns/ in the folder that holds the run directory)")
+    mlflow_experiment: str = _f("rise-edge", "MLflow experiment the run goes to (made when missing)")
+    mlflow_run_name: str = _f("", "MLflow run name ('' = the run directory's name)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.tensorboard or self.mlflow
+
+
+@dataclass(frozen=True)
 class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -261,6 +281,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def method(self) -> str:
@@ -274,6 +295,7 @@ class Recipe:
 _SECTION_TYPES: dict[str, type] = {
     "data": DataConfig, "student": StudentConfig, "teacher": TeacherConfig, "loss": LossConfig,
     "optim": OptimConfig, "train": TrainConfig, "export": ExportConfig, "bench": BenchConfig,
+    "log": LogConfig,
 }
 
 
@@ -383,9 +405,11 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     def plain(value: Any) -> Any:
         return [plain(v) for v in value] if isinstance(value, tuple) else value
 
+    # `log` is left out while it is the default (no tracking): what does not track reads as it did
+    # before the section existed (sweep hashes and student headers made from recipe data unchanged).
     return {
         name: {k: plain(v) for k, v in dataclasses.asdict(getattr(recipe, name)).items()}
-        for name in _SECTION_TYPES
+        for name in _SECTION_TYPES if name != "log" or recipe.log != LogConfig()
     }
 
 

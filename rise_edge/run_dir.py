@@ -8,6 +8,8 @@
     <run>/resume.safetensors     training state for --resume (model, optimizer, RNG, position)
     <run>/text_embeddings/       cached teacher text embeddings (RISE)
     <run>/export/, <run>/bench/  artefacts and reports
+    <run>/tensorboard/           TensorBoard event files, <run>/tracking.json: the MLflow run
+                                 (experiment tracking, rise_edge.track; only when the recipe asks)
 
 Every file is written to a temporary name and renamed, so a kill at any moment leaves either the old
 or the new file, never half of one. Loading never unpickles: tensors come from safetensors, the rest
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -377,15 +379,22 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl; on resume, lines past the checkpoint's step are dropped first."""
+    """Append-only metrics.jsonl; on resume, lines past the checkpoint's step are dropped first.
+    `listeners` (the experiment trackers, rise_edge.track) get each record once its line is
+    written: what they log is what the file holds."""
 
-    def __init__(self, path: Path, keep: Callable[[dict[str, Any]], bool] | None = None):
+    def __init__(self, path: Path, keep: Callable[[dict[str, Any]], bool] | None = None,
+                 listeners: Sequence[Callable[[dict[str, Any]], None]] = ()):
         self.path = path
+        self.listeners = tuple(listeners)
         if keep is not None:
             kept = [r for r in read_jsonl(path) if keep(r)]
             write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record)
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(line + "\n")
             f.flush()
+        for listener in self.listeners:  # the record as the file holds it, read back from its line
+            listener(json.loads(line))

@@ -314,18 +314,15 @@ class Decoder:
         self.images: dict[str, int] = {}
 
     def __call__(self, samples: Sequence[Sample], domain: str | None = None) -> np.ndarray:
-        # One torch thread, as in a data-loader worker: the transform's tensor ops are tiny, and on a
-        # busy machine a second OpenMP thread waiting for a core made them 20x slower (measured).
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        # preprocess_images is predict's path too (rise_edge.predict): one code for both.
+        from rise_edge.data.transforms import preprocess_images
+
         begin = time.perf_counter()
         try:
-            batch = np.stack([self.transform(load_rgb(path)).numpy() for path, _ in samples])
+            batch = preprocess_images(self.transform, (load_rgb(path) for path, _ in samples))
         except OSError as exc:
             raise UserError(f"cannot read an image of domain '{domain}': {exc}; fix or remove it "
                             "(or set data.skip_bad_images=true and re-train)") from None
-        finally:
-            torch.set_num_threads(threads)
         if domain is not None:
             self.seconds[domain] = self.seconds.get(domain, 0.0) + time.perf_counter() - begin
             self.images[domain] = self.images.get(domain, 0) + len(samples)
@@ -753,4 +750,6 @@ def _bench(run: TrainedRun, cfg: BenchConfig, log: Callable[[str], None], progre
     }
     out_dir = run_dir / BENCH_DIR
     write_report(data, out_dir)  # adds data["files"]
+    from rise_edge.track import log_run_files  # the report to the run's trackers (log:), if any
+    log_run_files(run_dir, run.recipe, "bench", [out_dir / name for name in data["files"].values()])
     return BenchReport(data, out_dir)

@@ -3,9 +3,10 @@ transforms built from it, so they never drift from the weights it travels with."
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -46,6 +47,21 @@ def eval_transform(pre: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
         T.ToTensor(),
         T.Normalize(pre.mean, pre.std),
     ])
+
+
+def preprocess_images(transform: Callable[[Image.Image], torch.Tensor],
+                      images: Iterable[Image.Image]) -> np.ndarray:
+    """RGB images -> the (N, 3, S, S) float32 batch every runner takes, by `transform` (eval_transform).
+
+    The one per-image path of bench's accuracy pass and of predict, so the two cannot differ. Runs
+    with one torch thread, as in a data-loader worker: the transform's tensor ops are tiny, and on
+    a busy machine a second OpenMP thread waiting for a core made them 20x slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return np.stack([transform(image).numpy() for image in images])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def train_transform(pre: Preprocessing, augment: bool = True) -> Callable[[Image.Image], torch.Tensor]:

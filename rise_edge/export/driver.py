@@ -58,6 +58,7 @@ class ExportResult:
     path: Path
     attempted: list[str] = field(default_factory=list)
     recommended: dict[str, Any] = field(default_factory=dict)  # export.json's `recommended`
+    config: ExportConfig | None = None  # the settings this export ran with
 
     @property
     def failed(self) -> list[str]:
@@ -162,7 +163,10 @@ def export_run(run_dir: str | Path, cfg: ExportConfig, *, progress: bool = True,
     """
     run = open_run(run_dir)  # says what is missing before anything is locked or written
     with run_lock(run.path, "export"):
-        return _export(run, cfg, progress, data_root)
+        result = _export(run, cfg, progress, data_root)
+        from rise_edge.track import log_run_files  # export.json to the run's trackers (log:), if any
+        log_run_files(run.path, run.recipe, "export", [result.path])
+        return result
 
 
 def _marked_stale(records: dict[str, dict[str, Any]], student_sha256: str
@@ -263,7 +267,8 @@ def _export(run: TrainedRun, cfg: ExportConfig, progress: bool, data_root: str |
         save()
     if "calibration" in session._cache and cfg.int8 and "tensorrt" in plan_formats(cfg.formats):
         _write_calibration_tensors(session)
-    return ExportResult({**records, **outcomes}, json_path, names, document.get("recommended", {}))
+    return ExportResult({**records, **outcomes}, json_path, names, document.get("recommended", {}),
+                        cfg)
 
 
 def resolve_export_config(run: TrainedRun, overrides: Sequence[str] = (), **flags: Any) -> ExportConfig:

@@ -229,7 +229,18 @@ def collect(folder: Path) -> dict[str, Any]:
     write_text_atomic(folder / "results.md", to_markdown(data))
     write_text_atomic(folder / "results.csv", to_csv(data))
     _plot(data, folder / "results.png")
+    _track(folder, sweep)
     return data
+
+
+def _track(folder: Path, sweep: Any) -> None:
+    """The collected table to the trackers the sweep's runs' recipes name (docs/tracking.md)."""
+    from rise_edge.config import load_recipe
+    from rise_edge.track import log_sweep_files
+
+    runs = [(Path(spec.run_dir), load_recipe(spec.recipe, spec.overrides).log)
+            for spec in expand(sweep)]
+    log_sweep_files(folder, runs, [folder / "results.md", folder / "results.json"])
 
 
 def _cell(value: list[Any] | None) -> str:

@@ -34,6 +34,7 @@ from rise_edge.errors import UserError
 from rise_edge.files import (RUN_MARKER, cache_root, is_run_directory, run_lock,
                              write_json_atomic, write_text_atomic)
 from rise_edge.run_dir import RESUME_FILE, STUDENT_FILE, MetricsLog, StudentMeta, save_student
+from rise_edge.track import Trackers, finish_training, require_trackers, start_training
 from rise_edge.train.distributed import Distributed
 from rise_edge.train.fit import (build_optimizer, count_correct, improves, learning_rate,
                                  load_state, optimizer_step, save_state)
@@ -228,23 +229,32 @@ def train_run(recipe: Recipe, *, recipe_name: str = "recipe", run_dir: Path | No
     # An unknown loss.method, or a head the method cannot train, stops here, before anything is
     # written; the run's recipe.yaml names the method and head it trained with.
     recipe, notes = resolved(recipe)
+    require_trackers(recipe.log)  # a tracker asked for but not installed: one line, nothing written
     device = _device(recipe.train.device)
     dist = Distributed.from_env(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     path = _run_dir(_absolute_paths(recipe), recipe_name, run_dir)
+    trackers, status = Trackers(), "FAILED"  # the recipe's trackers (log:), opened by _train
     try:
         with run_lock(path, "train") if dist.is_main else contextlib.nullcontext():
-            return _train(recipe, recipe_name, run_dir, resume, progress and dist.is_main, device,
-                          dist, cache_dir, notes)
+            result = _train(recipe, recipe_name, run_dir, resume, progress and dist.is_main, device,
+                            dist, cache_dir, notes, trackers)
+        finish_training(trackers, result.run_dir)
+        status = "FINISHED"
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"  # --resume continues it, and its MLflow run with it
+        raise
     finally:
+        trackers.close(status)
         dist.close()
 
 
 def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool, progress: bool,
            device: torch.device, dist: Distributed, cache_dir: Path | None,
-           notes: list[str]) -> TrainResult:
+           notes: list[str], trackers: Trackers) -> TrainResult:
     started = time.perf_counter()
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -271,8 +281,10 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
     step, best = 0, {"val_mean": -1.0, "step": -1}
     if resume:
         step, best = _load_resume(path, student, optimizer, scaler, device)
+    if dist.is_main:  # the trackers get exactly the records metrics.jsonl gets
+        start_training(trackers, path, recipe, resume, step)
     log = MetricsLog(path / "metrics.jsonl", keep=(lambda r: r["step"] <= step) if resume else
-                     None) if dist.is_main else None
+                     None, listeners=(trackers.record,)) if dist.is_main else None
     meta = StudentMeta(recipe.student.model, student.head_spec, pre, splits.classes,
                        splits.source_domains, splits.target_domain, step, {})
 
