@@ -608,7 +608,7 @@ def tensorrt_engines(device: torch.device, tiny: TinyRun, iterations: int) -> di
         return {"skipped": skip}
     from rise_edge.backend_table import runner_for
     from rise_edge.backends.latency import TimingPlan, time_runner
-    from rise_edge.bench.driver import int8_judge
+    from rise_edge.bench.scoring import int8_judge
     from rise_edge.config import ExportConfig
     from rise_edge.export.driver import export_run
     from rise_edge.run_dir import open_run

@@ -91,7 +91,7 @@ def latency(models: dict[str, Path], image: np.ndarray, rounds: int, iters: int)
 
 
 def measure_run(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from rise_edge.bench.driver import int8_judge
+    from rise_edge.bench.scoring import int8_judge
     from rise_edge.export.driver import export_run, resolve_export_config
     from rise_edge.export.recommend import recommended_int8
     from rise_edge.export.session import ExportSession

@@ -22,7 +22,7 @@ from pathlib import Path
 from export_pacs import accuracy, latency
 
 from rise_edge.backend_table import runner_for
-from rise_edge.bench.driver import int8_judge
+from rise_edge.bench.scoring import int8_judge
 from rise_edge.bench.resources import machine_info
 from rise_edge.export.calibration import load_images
 from rise_edge.export.driver import export_run, resolve_export_config

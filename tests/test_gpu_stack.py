@@ -146,7 +146,7 @@ def test_onnxruntime_gpu_without_a_gpu_runs_on_the_cpu_and_says_so(
     for them silently runs on the CPU. rise-edge must neither pick them nor report them."""
     _require_onnxruntime_gpu()
     from rise_edge.backends.onnxruntime import OnnxRuntimeRunner
-    from rise_edge.bench.driver import _ort_has
+    from rise_edge.bench.plan import ort_has
 
     run, artefacts = qdq_run
     path = run / EXPORT_DIR / artefacts["onnx-fp32"]["path"]
@@ -154,8 +154,8 @@ def test_onnxruntime_gpu_without_a_gpu_runs_on_the_cpu_and_says_so(
     asked = OnnxRuntimeRunner(path, device="cuda")
     assert asked.provider == "CPUExecutionProvider" and asked.device == "cpu"
     assert "CUDAExecutionProvider" in asked.fallback and "CPUExecutionProvider" in asked.fallback
-    assert not _ort_has("CUDAExecutionProvider") and not _ort_has("TensorrtExecutionProvider")
-    assert _ort_has("CPUExecutionProvider")
+    assert not ort_has("CUDAExecutionProvider") and not ort_has("TensorrtExecutionProvider")
+    assert ort_has("CPUExecutionProvider")
 
 
 def test_a_qdq_graph_exported_before_its_placement_was_recorded_is_made_again(

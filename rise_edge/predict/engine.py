@@ -3,7 +3,7 @@
     spec = choose_artefact(run, None)      # export's recommended INT8, else ONNX FP32, else PyTorch
     runner = load_artefact(run, spec)      # (N, 3, S, S) float32 -> (N, C) logits
 
-The artefact goes through bench's own checks (rise_edge.bench.driver.plan_engines): a stale,
+The artefact goes through bench's own checks (rise_edge.bench.plan.plan_engines): a stale,
 tampered, unverified, missing or not-exported artefact is refused with the reason bench's row would
 give (exit status 2), and one this machine cannot run with exit status 3.
 """
@@ -14,7 +14,9 @@ from typing import Any
 
 from rise_edge.backend_table import artefacts, runner_for
 from rise_edge.backends.base import Runner
-from rise_edge.bench.driver import REFERENCE, EngineSpec, _load_failure, _max_batch, plan_engines
+from rise_edge.bench.driver import load_failure
+from rise_edge.bench.plan import REFERENCE, EngineSpec, plan_engines
+from rise_edge.bench.timing import max_batch
 from rise_edge.errors import UserError, did_you_mean
 from rise_edge.export.recommend import recommended_int8
 from rise_edge.files import file_sha256
@@ -84,11 +86,11 @@ def load_artefact(run: TrainedRun, spec: EngineSpec) -> Runner:
             return TorchRunner(module=run.student, device="auto")
         return runner_for(spec.record, run.path / EXPORT_DIR, device=spec.device)
     except Exception as exc:  # damaged files fail inside onnx/onnxruntime/openvino in many ways
-        raise UserError(f"{_load_failure(spec, exc)}; re-export it with `rise-edge export "
+        raise UserError(f"{load_failure(spec, exc)}; re-export it with `rise-edge export "
                         f"{run.path}`") from None
 
 
 
 def batch_limit(spec: EngineSpec) -> int | None:
     """The largest batch the artefact takes (a TensorRT engine's profile, as bench reads it)."""
-    return _max_batch(spec)
+    return max_batch(spec)
