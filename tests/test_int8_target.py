@@ -163,6 +163,15 @@ def _agreement_with_fp32(model: torch.nn.Module, reference: torch.nn.Module, ima
         return float((model(x).argmax(1) == reference.eval()(x).argmax(1)).float().mean())
 
 
+def _kl_from_fp32(model: torch.nn.Module, reference: torch.nn.Module, images: np.ndarray) -> float:
+    """Mean KL(FP32 || model) over the images' class distributions."""
+    with torch.no_grad():
+        x = torch.from_numpy(images)
+        return float(torch.nn.functional.kl_div(model(x).log_softmax(1),
+                                                reference.eval()(x).log_softmax(1),
+                                                log_target=True, reduction="batchmean"))
+
+
 def test_qat_that_distils_fp32_ends_closer_to_fp32_than_qat_on_the_task_loss(tiny_run: Path,
                                                                             tmp_path: Path) -> None:
     from rise_edge.export.calibration import (load_images, select_calibration_set,
@@ -184,7 +193,7 @@ def test_qat_that_distils_fp32_ends_closer_to_fp32_than_qat_on_the_task_loss(tin
     unseen = decoded([s for d in splits.source_domains for s in judge[d]] + list(splits.test))
     train = splits.train_samples[:48]
     x, y = torch.from_numpy(decoded(train)), torch.tensor([c for _, c in train])
-    agreement = {}
+    agreement, divergence = {}, {}
     for objective in ("fp32", "run"):
         # the same fake-quant start, batches and lr
         torch.manual_seed(0)
@@ -193,7 +202,7 @@ def test_qat_that_distils_fp32_ends_closer_to_fp32_than_qat_on_the_task_loss(tin
         loss_of = run_objective(run, splits, torch.device("cpu"), objective)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01,
                                     momentum=0.9)
-        for step in range(30):
+        for step in range(60):  # long enough for the task loss to pull the model off FP32
             batch = torch.randint(0, len(x), (16,), generator=torch.Generator().manual_seed(step))
             model.train()
             loss = loss_of(model, x[batch], y[batch])["loss"]
@@ -202,7 +211,11 @@ def test_qat_that_distils_fp32_ends_closer_to_fp32_than_qat_on_the_task_loss(tin
             optimizer.step()
         model.eval()
         agreement[objective] = _agreement_with_fp32(model, run.student, unseen)
+        divergence[objective] = _kl_from_fp32(model, run.student, unseen)
+    # Top-1 over 36 images moves in steps of 2.8 points; the KL to FP32's distribution is what the
+    # fp32 objective minimises, and it separates the two on any machine (measured 0.002 vs 0.022).
     assert agreement["fp32"] > agreement["run"], agreement
+    assert divergence["fp32"] < divergence["run"], divergence
 
     # export's QAT with the fp32 objective selects its step by agreement with FP32, and says so
     selection = select_qat_selection_samples(splits, 12, set(calibration.files), 0)
@@ -244,7 +257,7 @@ def test_a_cpu_int8_graph_is_planned_on_the_cpu_whatever_providers_onnxruntime_l
         tiny_run: Path, monkeypatch) -> None:
     """The U8S8 graph export made for CPU kernels is never handed to ONNX Runtime's CUDA provider
     (onnxruntime-gpu lists it even with no usable GPU); the FP32 graph keeps `auto`."""
-    from rise_edge.bench.driver import plan_engines
+    from rise_edge.bench.plan import plan_engines
     from rise_edge.run_dir import open_run
 
     assert not export_run(tiny_run, ExportConfig(int8=True, calibration_size=12, fidelity_images=12,
