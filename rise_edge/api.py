@@ -208,7 +208,8 @@ class Run:
               child_dir: str | Path | None = None, skip_bad_images: bool = False,
               data_root: str | Path | None = None, export: bool = True, progress: bool = True,
               command: str = "") -> Run:
-        """A child run adapted to the unlabelled images of `site` ("adabn", "t3a" or "none"),
+        """A child run adapted to the unlabelled images of `site` ("adabn", "t3a", "distill": the
+        student distilled from the run's teacher on the site, or "none"),
         exported unless export=False; this run is only read. The child's adapt.json is in
         `adapt_record`, its export in `child.export_record()`."""
         import sys

@@ -395,8 +395,9 @@ def bench(run_dir: Path, domains: tuple[str, ...], engines: tuple[str, ...],
     """Accuracy per domain and latency of every artefact of RUN_DIR; report in RUN_DIR/bench/.
 
     With --site DIR, also what each artefact would do at a site whose images have no labels:
-    estimates of its accuracy there (ATC, difference of confidences, teacher agreement), each
-    with an interval, and a flag when the site looks unlike every source domain."""
+    estimates of its accuracy there (ATC, ATC after temperature scaling, difference of
+    confidences, teacher agreement), listed by their measured error, each with its sampling
+    spread or bound, and a flag when the site looks unlike every source domain."""
     from rise_edge.api import Run
 
     data_root, rest = _data_root(overrides)
@@ -477,11 +478,14 @@ def predict(run_dir: Path, sources: tuple[Path, ...], artefact: str | None, top_
 @click.argument("run_dir", type=PathParam())
 @click.option("--site", type=PathParam(), required=True, metavar="DIR",
               help="The folder of the site's unlabelled images (any layout).")
-@click.option("--method", type=click.Choice(["adabn", "t3a", "none"]), default="adabn",
+@click.option("--method", type=click.Choice(["adabn", "t3a", "distill", "none"]), default="adabn",
               show_default=True,
               help="adabn: BatchNorm statistics re-estimated on the site; t3a: the classifier "
-                   "re-fit from the site's pseudo-prototypes; none: unchanged (with "
-                   "--int8-calibration site: INT8 calibrated on the site only).")
+                   "re-fit from the site's pseudo-prototypes; distill: the student fine-tuned "
+                   "against the run's teacher on the site's images with replay of the source "
+                   "images, the step chosen by agreement with the teacher on held-out site images "
+                   "(KD and RISE runs; minutes); none: unchanged (with --int8-calibration site: "
+                   "INT8 calibrated on the site only).")
 @click.option("--int8-calibration", type=click.Choice(["sources", "site"]), default="sources",
               show_default=True, help="Calibrate the child's INT8 on the source images or the site's.")
 @click.option("--run-dir", "child_dir", type=PathParam(), default=None,
@@ -514,11 +518,16 @@ def adapt(run_dir: Path, site: Path, method: str, int8_calibration: str, child_d
     assert record is not None  # adapt() always records adapt.json's content
     before, after = (record["estimates"][k] for k in ("before", "after"))
     if before and after and "error" not in before and "error" not in after:
-        click.echo("label-free estimates on the site (top-1 %, [95 % interval]):")
-        for b, a in zip(before["estimates"], after["estimates"]):
-            click.echo(f"  {b['method']:<18} before {b['estimate']:5.1f} "
-                       f"[{b['interval'][0]:.1f}, {b['interval'][1]:.1f}]  after {a['estimate']:5.1f} "
-                       f"[{a['interval'][0]:.1f}, {a['interval'][1]:.1f}]")
+        click.echo("label-free estimates on the site (top-1 %; spread: sampling noise only, bound: "
+                   "the teacher's error either side; docs/site.md gives each one's measured error):")
+        later = {e["method"]: e for e in after["estimates"]}  # paired by name: the order is measured
+        for b in before["estimates"]:
+            a = later.get(b["method"])
+            if a is None:
+                continue
+            click.echo(f"  {b['method']:<18} before {b['estimate']:5.1f} ({b['interval_kind']} "
+                       f"{b['interval'][0]:.1f}-{b['interval'][1]:.1f})  after {a['estimate']:5.1f} "
+                       f"({a['interval_kind']} {a['interval'][0]:.1f}-{a['interval'][1]:.1f})")
     elif before is None or after is None:
         click.echo("note: no estimates: the run's source validation images are not readable here "
                    "(--set data.root=PATH)", err=True)

@@ -90,7 +90,10 @@ def format_table(data: dict[str, Any]) -> str:
 
 def _estimate_cell(entry: dict[str, Any]) -> str:
     low, high = entry["interval"]
-    return f"{entry['estimate']:.1f} [{low:.1f}, {high:.1f}]"
+    kind = entry.get("interval_kind")
+    if kind is None:  # a record written before each interval said what it is
+        return f"{entry['estimate']:.1f} [{low:.1f}, {high:.1f}]"
+    return f"{entry['estimate']:.1f} ({kind} {low:.1f}-{high:.1f})"
 
 
 def _site_rows(data: dict[str, Any], errors: bool = False
@@ -100,14 +103,33 @@ def _site_rows(data: dict[str, Any], errors: bool = False
             if r.get("site") and (errors or "error" not in r["site"])]
 
 
+def _estimate_notes(data: dict[str, Any]) -> list[str]:
+    """Once per site: what each kind of interval means, and the measured errors the estimates are
+    listed by (both recorded by rise_edge.site.assess)."""
+    first = {}
+    for _, found in _site_rows(data):
+        for e in found["estimates"]:
+            first.setdefault(e["method"], e)
+    kinds = {e["interval_kind"]: e["interval_meaning"] for e in first.values()
+             if e.get("interval_kind")}
+    basis = next((f["estimates_order"] for _, f in _site_rows(data) if "estimates_order" in f), None)
+    if not kinds or not basis:
+        return []
+    errors = ", ".join([*(f"{m} {v:.1f}" for m, v in basis["mean_abs_error"].items()),
+                        *(f"{m} not measured yet" for m in basis["not_measured"])])
+    where = " and ".join(basis["compared_on"]) or "each one's own groups"
+    return [*(f"{kind}: {meaning}" for kind, meaning in kinds.items()),
+            f"listed by measured mean absolute error on {where} (points): {errors}; every group's "
+            "errors in docs/site.md"]
+
+
 def site_lines(data: dict[str, Any]) -> list[str]:
-    """The site's estimates for the terminal: one line per engine."""
+    """The site's estimates for the terminal: one line per engine, then what the intervals are."""
     site = data.get("site")
     if not site:
         return []
     lines = [f"site {site['folder']}: {site['images']} unlabelled image(s); label-free ESTIMATES "
-             "of top-1 %, [95 % interval], not measurements (docs/site.md says how far to trust "
-             "each)"]
+             "of top-1 %, not measurements (docs/site.md says how far to trust each)"]
     for row, found in _site_rows(data, errors=True):
         if "error" in found:
             lines.append(f"  {row['engine']:<22} {found['error']}")
@@ -115,7 +137,7 @@ def site_lines(data: dict[str, Any]) -> list[str]:
         cells = ", ".join(f"{e['method']} {_estimate_cell(e)}" for e in found["estimates"])
         flag = "; looks unlike every source domain" if found["shift"]["unlike_every_source"] else ""
         lines.append(f"  {row['engine']:<22} {cells}{flag}")
-    return lines
+    return lines + [f"  {note}" for note in _estimate_notes(data)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,14 +216,13 @@ def _site_section(data: dict[str, Any]) -> list[str]:
              f"{site['images']} unlabelled image(s) under `{site['folder']}` (sha256 "
              f"{site['sha256'][:16]}; {len(site['skipped_unreadable'])} unreadable skipped, "
              f"{site['ignored_not_images']} other files left out). These are ESTIMATES made without "
-             "labels, calibrated on the run's " + site["calibration"] + "; the intervals cover "
-             "sampling noise only, not an estimator's bias under shift, whose measured size is in "
-             "docs/site.md.",
-             ""]
+             "labels, calibrated on the run's " + site["calibration"] + "; how far each can be "
+             "trusted is in docs/site.md.", ""]
+    lines += [f"- {note}" for note in _estimate_notes(data)] + [""]
     if teacher:
         lines += [f"Teacher agreement uses {teacher['model']}, whose error on source validation is "
                   f"{teacher['source_error']:.1f} %: the bound is as wide as that.", ""]
-    header = ["engine", "precision", *(f"{m} % [95 %]" for m in methods), "mean confidence",
+    header = ["engine", "precision", *(f"{m} %" for m in methods), "mean confidence",
               "unlike every source"]
     body = []
     for row, found in _site_rows(data):
@@ -211,6 +232,13 @@ def _site_section(data: dict[str, Any]) -> list[str]:
                      f"{found['confidence']['mean']:.3f}",
                      "yes" if found["shift"]["unlike_every_source"] else "no"])
     lines += [*_md_table(header, body), ""]
+    temperatures = [(row["engine"], e) for row, found in _site_rows(data)
+                    for e in found["estimates"] if "temperature" in e]
+    if temperatures:
+        lines += ["ATC-TS temperature (fit on source validation): " + ", ".join(
+            f"{engine} T = {e['temperature']:.3g}" + (
+                "" if e.get("temperature_fitted") else f" (not fit: {e['temperature_fallback']})")
+            for engine, e in temperatures) + ".", ""]
     lines += [f"- {row['engine']}: {found['error']}" for row, found in _site_rows(data, errors=True)
               if "error" in found]
     first = next((f for _, f in _site_rows(data)), None)

@@ -11,6 +11,8 @@
            the class's L2-normalised supports, normalised again; bias zero. The backbone is
            unchanged.
     none   nothing changes (so that INT8 calibrated on the site can be compared with the parent's).
+    distill  the student fine-tuned against the run's teacher with source replay: it needs the
+           run, its teacher and its source images, so rise_edge.site.distill runs it, not adapt().
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 from rise_edge.errors import UserError
 from rise_edge.train.student import Student
 
-METHODS = ("adabn", "t3a", "none")
+METHODS = ("adabn", "t3a", "none", "distill")
 T3A_FILTER_K = 100  # supports kept per class (T3A's filter_K; the paper tunes it in 1..100 and all)
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -105,6 +107,8 @@ def adapt(student: Student, method: str, batches: Callable[[], object]) -> dict[
         raise UserError(f"--method {method}: choose one of {', '.join(METHODS)}")
     if method == "none":
         return {"method": method}
+    if method == "distill":  # a caller's mistake, not a user's: distill needs the whole run
+        raise ValueError("distill runs through rise_edge.site.distill.distill, not adapt()")
 
     def channels_last() -> object:
         return (b.contiguous(memory_format=torch.channels_last) for b in batches())

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from rise_edge.data.domains import DomainSplits
-from rise_edge.site.estimates import Calibration, describe_predictions, estimate_accuracy, shift_check
+from rise_edge.site.estimates import (Calibration, describe_predictions, estimate_accuracy,
+                                     order_basis, shift_check)
 
 Decode = Callable[[Sequence[str]], np.ndarray]  # image paths -> (N, 3, S, S) float32, as at inference
 Model = Callable[[np.ndarray], Any]             # (N, 3, S, S) -> (N, C) logits
@@ -65,8 +66,9 @@ class SiteInputs:
 def assess(inputs: SiteInputs, source_logits: np.ndarray, site_logits: np.ndarray,
            classes: Sequence[str], teacher: dict[str, Any] | None = None, seed: int = 0
            ) -> dict[str, Any]:
-    """One model's site record: predictions, confidence, estimates with intervals, shift flag; or,
-    when the model's logits are not finite (NaN, inf), only an error saying so."""
+    """One model's site record: predictions, confidence, estimates (best-measured first, each with
+    its interval, what kind of interval that is, and its measured error), shift flag; or, when the
+    model's logits are not finite (NaN, inf), only an error saying so."""
     bad = int((~np.isfinite(site_logits)).any(axis=1).sum() + (~np.isfinite(source_logits)).any(
         axis=1).sum())
     if bad:
@@ -74,9 +76,10 @@ def assess(inputs: SiteInputs, source_logits: np.ndarray, site_logits: np.ndarra
                          "made from them; re-export the artefact or check its inputs"}
     calibration = Calibration.from_logits(source_logits, np.array([y for _, y, _ in inputs.source]),
                                           [d for _, _, d in inputs.source])
+    found = estimate_accuracy(calibration, site_logits, seed=seed, teacher=teacher)
     return {**describe_predictions(site_logits, classes),
             "source_validation_accuracy": round(100 * calibration.accuracy, 2),
-            "estimates": estimate_accuracy(calibration, site_logits, seed=seed, teacher=teacher),
+            "estimates": found, "estimates_order": order_basis([e["method"] for e in found]),
             "shift": shift_check(calibration, site_logits)}
 
 

@@ -9,6 +9,8 @@
 The child is assembled in a work folder beside it and renamed into place at the end, so a kill at
 any moment leaves either no child or a whole one; it is then exported through the normal export
 path (INT8 calibrated on the site's images when asked), and bench treats it like any run.
+--method distill (rise_edge.site.distill) trains before that, keeping its resumable state in a work
+folder of its own beside the child, removed once the child is in place.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from rise_edge.run_dir import (ADAPT_FILE, STUDENT_FILE, TrainedRun, open_run, r
                                run_splits, save_student)
 from rise_edge.data.site_images import SiteImages, find_site_images
 from rise_edge.site.assess import decoder
+from rise_edge.site.distill import DistillSettings, check_teacher, checkpoint_dir
 
 CALIBRATION_SOURCES = ("sources", "site")
 HARM_POINTS = 1.0  # adapt warns when ATC predicts a fall of more than this many points
@@ -116,16 +119,54 @@ def _write_child(child: Path, parent: Path, run: TrainedRun, student: Any,
             raise
 
 
+def _check_run(run: TrainedRun, method: str) -> None:
+    """Refuse, before anything is written, a run the method cannot adapt."""
+    from rise_edge.site.adapt import batchnorm_layers
+
+    if method == "distill":  # a run without a teacher
+        check_teacher(run)
+    if method == "adabn" and not batchnorm_layers(run.student):
+        raise UserError(f"--method adabn re-estimates BatchNorm statistics, and {run.path}'s "
+                        f"student ({run.meta.model}) has no BatchNorm layer; use --method t3a")
+
+
+def _adapted(run: TrainedRun, method: str, site: SiteImages, child: Path, data_root: str | None,
+             settings: DistillSettings | None, log: Callable[[str], None]
+             ) -> tuple[Any, dict[str, Any]]:
+    """(the adapted copy of the run's student, in eval mode; what was done, for adapt.json). The
+    site's size is checked first: nothing is written when it is too small for the method."""
+    import copy
+
+    from rise_edge.site.adapt import adapt, path_batches
+    from rise_edge.site.distill import describe, distill, plan_distill
+
+    if method == "adabn" and len(site.paths) < 2:
+        raise UserError("--method adabn estimates BatchNorm statistics from the site's images "
+                        f"and --site {site.folder} holds {len(site.paths)}; give at least 2 (a "
+                        "few hundred for stable statistics), or use --method t3a")
+    plan = plan_distill(run, site, data_root, settings or DistillSettings()) \
+        if method == "distill" else None
+    log(f"adapting {run.path.name} with {method} on {len(site.paths)} site image(s)")
+    student = copy.deepcopy(run.student)
+    if plan is not None:
+        done = distill(plan, student, child, log)
+        log(describe(done))
+    else:
+        done = adapt(student, method, path_batches(list(site.paths),
+                                                   decoder(run.meta.preprocessing)))
+    return student.eval(), done
+
+
 def adapt_run(parent_dir: str | Path, site_dir: str | Path, method: str, *,
               child_dir: str | Path | None = None, int8_calibration: str = "sources",
               skip_bad: bool = False, data_root: str | None = None, command: str = "",
               log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
-              keep: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+              keep: dict[str, Any] | None = None, distill: DistillSettings | None = None
+              ) -> tuple[Path, dict[str, Any]]:
     """Make the adapted child run of `parent_dir` for the images of `site_dir`; returns its path and
-    adapt.json's content. The parent is only read. `keep`: see _estimates ("before", "after")."""
-    import copy
-
-    from rise_edge.site.adapt import METHODS, adapt, batchnorm_layers, path_batches
+    adapt.json's content. The parent is only read. `keep`: see _estimates ("before", "after");
+    `distill`: the settings of --method distill (default DistillSettings())."""
+    from rise_edge.site.adapt import METHODS
 
     if method not in METHODS:
         raise UserError(f"--method {method}: choose one of {', '.join(METHODS)}")
@@ -141,9 +182,7 @@ def adapt_run(parent_dir: str | Path, site_dir: str | Path, method: str, *,
     with read_lock(parent, "adapt"):  # a shared lock, where one can be had: adapt only reads
         run = open_run(parent)
         parent_sha = file_sha256(parent / STUDENT_FILE)
-        if method == "adabn" and not batchnorm_layers(run.student):
-            raise UserError(f"--method adabn re-estimates BatchNorm statistics, and {parent}'s "
-                            f"student ({run.meta.model}) has no BatchNorm layer; use --method t3a")
+        _check_run(run, method)
         if read_adapt_record(parent) is not None:
             log(f"note: {parent} is itself an adapted run; its child adapts it further")
         site = find_site_images(site_dir, runs=(parent,) + ((Path(child_dir),) if child_dir else ()),
@@ -155,15 +194,7 @@ def adapt_run(parent_dir: str | Path, site_dir: str | Path, method: str, *,
         if child.exists():
             raise UserError(f"{child} already exists; adapt never overwrites: "
                             f"{_elsewhere(child_dir is not None)}")
-        if method == "adabn" and len(site.paths) < 2:
-            raise UserError("--method adabn estimates BatchNorm statistics from the site's images "
-                            f"and --site {site_dir} holds {len(site.paths)}; give at least 2 (a "
-                            "few hundred for stable statistics), or use --method t3a")
-        log(f"adapting {parent.name} with {method} on {len(site.paths)} site image(s)")
-        student = copy.deepcopy(run.student)
-        decode = decoder(run.meta.preprocessing)
-        done = adapt(student, method, path_batches(list(site.paths), decode))
-        student.eval()
+        student, done = _adapted(run, method, site, child, data_root, distill, log)
         before = _estimates(run, run.student, site, data_root, keep, "before")
         after = before if method == "none" else _estimates(run, student, site, data_root, keep,
                                                             "after")
@@ -173,6 +204,7 @@ def adapt_run(parent_dir: str | Path, site_dir: str | Path, method: str, *,
                       timespec="seconds"),
                   "command": command, "parent": {"run_dir": str(parent), "student_sha256": parent_sha},
                   "site": site.to_record(), "method": method, "adaptation": done,
+                  **({"selection": done.pop("selection")} if "selection" in done else {}),
                   "int8_calibration": int8_calibration,
                   "estimates": {"before": before, "after": after}}
         warning = None
@@ -183,6 +215,8 @@ def adapt_run(parent_dir: str | Path, site_dir: str | Path, method: str, *,
                        "images")
         record["warning"] = warning
         _write_child(child, parent, run, student, record, given=child_dir is not None)
+        if method == "distill":  # the child is whole: the distillation's resumable state is done
+            shutil.rmtree(checkpoint_dir(child), ignore_errors=True)
     if warning:
         log(f"warning: {warning}")
     return child, record
