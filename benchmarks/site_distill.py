@@ -134,15 +134,33 @@ def score_child(method: str, run_dir: Path, site: Path, work: Path, data_root: s
     return found
 
 
+def transformed(samples: list[tuple[str, int]], how: str, folder: Path) -> list[tuple[str, int]]:
+    """The site's images as a camera unlike anything the teacher saw would give them: `negative`
+    inverts every pixel (no style the demo teacher was trained on is a photographic negative).
+    Copies in `folder`, labels kept here; 'none' returns the samples as they are."""
+    if how == "none":
+        return samples
+    from PIL import Image, ImageOps
+
+    folder.mkdir(parents=True)
+    out = []
+    for n, (path, label) in enumerate(samples):
+        target = folder / f"{n:05d}.png"
+        with Image.open(path) as image:
+            ImageOps.invert(image.convert("RGB")).save(target)
+        out.append((str(target), label))
+    return out
+
+
 def measure_size(run_dir: Path, size: int, work: Path, data_root: str | None,
-                 settings: Any) -> dict[str, Any]:
+                 settings: Any, transform: str = "none") -> dict[str, Any]:
     """Parent, teacher and the three children at one site size."""
     from rise_edge.run_dir import open_run, run_splits
     from rise_edge.site.assess import source_validation
 
     run = open_run(run_dir)
     splits = run_splits(run, data_root)
-    domain = sorted(splits.test)
+    domain = transformed(sorted(splits.test), transform, work / "transformed")
     random.Random(f"site:{splits.target_domain}:{run.recipe.train.seed}:{size}").shuffle(domain)
     seen, unseen = sorted(domain[:size]), sorted(domain[size:])
     sets = {"seen": seen, "unseen": unseen,
@@ -175,7 +193,7 @@ def measure_run(run_dir: Path, work: Path, args: argparse.Namespace, settings: A
     for size in args.site_size:
         with tempfile.TemporaryDirectory(dir=work) as tmp:
             found["sizes"][str(size)] = measure_size(run_dir, size, Path(tmp), args.data_root,
-                                                     settings)
+                                                     settings, args.site_transform)
     found["parent_unchanged"] = _tree(run_dir) == fingerprint
     return found
 
@@ -224,6 +242,11 @@ def to_markdown(record: dict[str, Any]) -> str:
     s = record["settings"]
     lines = [*header("Distilling a student at a site: what it gains where adapt never looked",
                      record, ("python", "torch", "onnxruntime", "rise_edge")),
+             *(f"Merged from `{m['command']}` ({m['seconds'] / 60:.1f} min).  "
+               for m in record.get("merged", [])),
+             *(["Site images transformed: " + record["site_transform"] + " (every pixel "
+                "inverted: a camera unlike anything the teacher saw).  "]
+               if record.get("site_transform", "none") != "none" else []),
              f"Wall time: {record['seconds'] / 60:.1f} min. Parents byte-identical afterwards: "
              f"{all(r['parent_unchanged'] for g in record['groups'].values() for r in g)}.", "",
              "The site is each run's held-out domain: adapt sees a seeded sample of N of its images "
@@ -294,6 +317,12 @@ def main() -> None:
                         help="a DistillSettings field (e.g. steps=20), for trials only")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--name", default="site_distill")
+    parser.add_argument("--site-transform", choices=("none", "negative"), default="none",
+                        help="negative: the site's images inverted, a camera unlike anything the "
+                             "teacher saw (what a teacher that is wrong at the site does)")
+    parser.add_argument("--merge", nargs="*", default=[], metavar="RECORD.json",
+                        help="earlier records of this script (e.g. other styles, run in parallel) "
+                             "whose groups join this one's")
     args = parser.parse_args()
     args.site_size = args.site_size or [200, 800]
     settings = _settings(args.distill)
@@ -301,9 +330,19 @@ def main() -> None:
     groups = measure_groups(args.group, lambda run, work: measure_run(run, work, args, settings,
                                                                        budget))
     groups = {name: [r for r in runs if r is not None] for name, runs in groups.items()}
+    merged = []
+    for path in args.merge:  # runs measured by another invocation (same settings), kept as measured
+        earlier = json.loads(Path(path).read_text())
+        if earlier["settings"] != settings.to_dict():
+            raise SystemExit(f"--merge {path}: measured with other distill settings")
+        for name, runs in earlier["groups"].items():
+            groups.setdefault(name, []).extend(runs)
+        merged.append({"record": path, "command": earlier["command"],
+                       "seconds": earlier["seconds"]})
     command = sys.argv[1:]
     record = {**record_of("site_distill.py", command, started, groups),
               "settings": settings.to_dict(), "expectation": EXPECT,
+              "site_transform": args.site_transform, "merged": merged,
               "summary": summarise(groups, args.site_size)}
     write(args.name, record, to_markdown(record))
 
