@@ -85,7 +85,7 @@ def load_artefact(run: TrainedRun, spec: EngineSpec) -> Runner:
         if spec.record is None:
             return TorchRunner(module=run.student, device="auto")
         return runner_for(spec.record, run.path / EXPORT_DIR, device=spec.device)
-    except Exception as exc:  # damaged files fail inside onnx/onnxruntime/openvino in many ways
+    except Exception as exc:  # damaged files fail inside each backend's runtime in many ways
         raise UserError(f"{load_failure(spec, exc)}; re-export it with `rise-edge export "
                         f"{run.path}`") from None
 
