@@ -97,6 +97,8 @@ def test_terms_are_zero_when_the_student_equals_its_target(batch) -> None:
 
 
 def _tiny_student(embed_dim: int | None, classes: int = 3, kind: str = "") -> Student:
+    """kind '' : the released RISE head with a projector, a linear head without."""
+    kind = kind or ("linear" if embed_dim is None else "rise")
     torch.manual_seed(0)
     backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4), torch.nn.ReLU(),
                                    torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
