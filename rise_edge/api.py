@@ -212,8 +212,7 @@ class Run:
         student distilled from the run's teacher on the site, or "none"),
         exported unless export=False; this run is only read. The child's adapt.json is in
         `adapt_record`, its export in `child.export_record()`."""
-        import sys
-
+        from rise_edge.logs import logger
         from rise_edge.site.child import adapt_run
 
         if method == "none" and int8_calibration == "sources":
@@ -223,7 +222,7 @@ class Run:
         child_path, record = adapt_run(
             self.path, site, method, child_dir=child_dir, int8_calibration=int8_calibration,
             skip_bad=skip_bad_images, data_root=root, command=command,
-            log=(lambda line: print(line, file=sys.stderr)) if progress else (lambda line: None))
+            log=logger("site").info if progress else (lambda line: None))
         child = Run(Path(child_path), adapt_record=record)
         if export:
             child.export(data_root=root, progress=progress,

@@ -137,8 +137,28 @@ class _PluginGroup(click.Group):
 
 @click.group(cls=_PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rise-edge")
-def main() -> None:
-    """Train domain-robust compact classifiers with a CLIP teacher (RISE), export them, benchmark them."""
+@click.option("-q", "--quiet", "quiet_all", is_flag=True,
+              help="Only warnings and errors on stderr: no progress lines or bars.")
+@click.option("-v", "--verbose", is_flag=True, help="Also debug messages.")
+@click.option("--log-file", type=PathParam(dir_okay=False), default=None, metavar="FILE",
+              help="Also append every message, time-stamped, to FILE.")
+def main(quiet_all: bool, verbose: bool, log_file: Path | None) -> None:
+    """Train domain-robust compact classifiers with a CLIP teacher (RISE), export them, benchmark them.
+
+    Messages go to stderr (and --log-file), results to stdout; where stderr is not a terminal,
+    progress bars become a line every 30 s ($RISE_EDGE_PROGRESS_S)."""
+    import logging
+
+    from rise_edge.logs import configure
+
+    if quiet_all and verbose:
+        raise click.UsageError("give --quiet or --verbose, not both")
+    try:
+        configure(logging.WARNING if quiet_all else logging.DEBUG if verbose else logging.INFO,
+                  log_file)
+    except OSError as exc:
+        raise click.UsageError(f"--log-file {log_file}: {exc.strerror or exc}; give a file in a "
+                               "folder you can write to") from None
 
 
 def register_command(command: click.Command) -> None:

@@ -44,8 +44,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from rise_edge.logs import logger
+from rise_edge.logs import progress as progress_bar
 from rise_edge.backend_table import backends, runner_for
 from rise_edge.backends.base import Runner
 from rise_edge.backends.latency import PERCENTILE_DEFINITION, mlperf_style
@@ -72,7 +73,7 @@ FAILED = frozenset({"missing", "load-failed", "run-failed", "tampered", "unverif
 def _log(progress: bool) -> Callable[[str], None]:
     def log(message: str) -> None:
         if progress:
-            print(f"[bench] {message}", file=sys.stderr, flush=True)
+            logger("bench").info(f"[bench] {message}")
     return log
 
 
@@ -173,14 +174,14 @@ def bench_engine(spec: EngineSpec, ctx: _Context, predictions: dict[str, dict[st
     total = sum(len(d.samples) for d in ctx.domains)
     batch = min(ACCURACY_BATCH, max_batch(spec) or ACCURACY_BATCH)
     try:
-        with tqdm(total=total, desc=f"{spec.name} accuracy", unit="img", file=sys.stderr,
-                  disable=not ctx.progress, leave=False) as bar:
+        with progress_bar(total=total, desc=f"{spec.name} accuracy", unit="img",
+                          enabled=ctx.progress, leave=False) as bar:
             predictions[spec.name] = predict_domains(runner, ctx.domains, ctx.decode if spec.name == REFERENCE
                                              else untimed(ctx.decode), batch, bar)
         if ctx.site is not None:
-            with tqdm(total=len(ctx.site.source) + len(ctx.site.site_paths), file=sys.stderr,
-                      desc=f"{spec.name} site", unit="img", disable=not ctx.progress,
-                      leave=False) as bar:
+            with progress_bar(total=len(ctx.site.source) + len(ctx.site.site_paths),
+                              desc=f"{spec.name} site", unit="img", enabled=ctx.progress,
+                              leave=False) as bar:
                 ctx.site_logits[spec.name] = ctx.site.logits(
                     runner, lambda paths: ctx.decode([(p, 0) for p in paths], None), batch,
                     bar.update)

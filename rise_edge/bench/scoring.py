@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from rise_edge.backends.base import Runner
 from rise_edge.bench.plan import REFERENCE, DomainSet
@@ -51,7 +50,7 @@ class Decoder:
 
 
 def predict_domains(runner: Runner, domains: Sequence[DomainSet], decode: Decoder, batch: int,
-            bar: tqdm) -> dict[str, np.ndarray]:
+            bar: Any) -> dict[str, np.ndarray]:
     """Predicted class per image, per domain (runs every image once)."""
     predictions = {}
     for domain in domains:

@@ -36,8 +36,9 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import parse_qs, urlparse
 from urllib.request import Request, urlopen
 
-from tqdm import tqdm
 
+from rise_edge.logs import logger
+from rise_edge.logs import progress as progress_bar
 from rise_edge.data.domains import IMAGE_SUFFIXES, KNOWN_DATASETS, KnownDataset
 from rise_edge.errors import UserError
 from rise_edge.files import file_sha256, run_lock, write_json_atomic
@@ -392,8 +393,8 @@ def _fetch(archive: Archive, work: Path, mirror: str | None, progress: bool,
             have = 0
         length = response.headers.get("Content-Length")
         total = have + int(length) if length and length.isdigit() else None
-        bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                   desc=archive.filename, disable=not progress or None, leave=False)
+        bar = progress_bar(total=total, initial=have, unit="B", unit_scale=True,
+                           unit_divisor=1024, desc=archive.filename, enabled=progress, leave=False)
         with part.open("ab" if have else "wb") as out, bar:
             while True:
                 try:
@@ -454,7 +455,7 @@ def _extract(path: Path, into: Path, progress: bool, *, ours: bool) -> None:
                         f"{'it was removed; run again to download it anew' if ours else 'replace it'}"
                         ) from None
     if progress:
-        print(f"extracted {path.name} in {time.monotonic() - started:.0f} s", flush=True)
+        logger("data").info(f"extracted {path.name} in {time.monotonic() - started:.0f} s")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import stat as stat_module
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,8 +38,9 @@ from typing import Any
 
 import PIL
 from PIL import Image
-from tqdm import tqdm
 
+from rise_edge.logs import logger
+from rise_edge.logs import progress as progress_bar
 from rise_edge.files import atomic_path, cache_root, exclusive_lock
 
 RECORDS_ENV = "RISE_EDGE_IMAGE_CHECKS"
@@ -237,7 +237,7 @@ def check_image_files(dataset_dir: Path, files: Sequence[ScannedFile], scope: Se
         if note:
             notes.append(note)
     for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+        logger("data").info(f"note: {note}")
     return ImageCheck(bad, len(todo), len(files) - len(todo), time.perf_counter() - started, path,
                       notes)
 
@@ -248,10 +248,10 @@ def _decode_all(todo: list[tuple[str, str, Identity]], progress: bool, total: in
         return []
     workers = min(8, (os.cpu_count() or 1) * 2)  # PIL releases the GIL while decoding
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return list(tqdm(pool.map(lambda t: _decode(t[0], t[2]), todo, chunksize=64),
-                         total=len(todo), unit="img", leave=False,
-                         desc=f"checking {len(todo):,} new or changed of {total:,} images",
-                         disable=not progress or None))
+        return list(progress_bar(pool.map(lambda t: _decode(t[0], t[2]), todo, chunksize=64),
+                                 total=len(todo), unit="img", leave=False,
+                                 desc=f"checking {len(todo):,} new or changed of {total:,} images",
+                                 enabled=progress))
 
 
 def _stat_or_none(path: Path) -> Identity | None:

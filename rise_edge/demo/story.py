@@ -14,12 +14,12 @@ its latency. Re-running reuses what is built: the world and teacher (cache) and 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from rise_edge.logs import logger
 from rise_edge.config import Recipe, load_recipe, recipe_to_dict, shipped_recipes
 from rise_edge.errors import UserError
 from rise_edge.files import RUN_MARKER, check_destination
@@ -28,7 +28,7 @@ STEPS = 5
 
 
 def _say(step: int, text: str) -> None:
-    print(f"[{step}/{STEPS}] {text}", file=sys.stderr, flush=True)
+    logger("demo").info(f"[{step}/{STEPS}] {text}")
 
 
 def default_demo_recipe() -> Path:
@@ -68,7 +68,7 @@ def train_or_reuse(recipe: Recipe, run_dir: Path, progress: bool) -> dict[str, A
     from rise_edge.train.loop import finished_with, train_run
 
     if finished_with(run_dir, recipe):
-        print(f"      reusing {run_dir}", file=sys.stderr)
+        logger("demo").info(f"      reusing {run_dir}")
     else:
         _clear_own_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -133,9 +133,9 @@ def _story(recipe: Recipe, out_dir: Path, started: float, progress: bool) -> Dem
     _say(1, "demo world: shapes drawn in four styles")
     # Builds the world on first use; its images are decoded and checked by each training run.
     splits = build_splits(recipe.data, check_images=False, progress=progress)
-    print(f"      {len(splits.classes)} classes x {len(splits.source_domains) + 1} styles in "
-          f"{splits.dataset_dir}; trained on {', '.join(splits.source_domains)}, unseen: "
-          f"{splits.target_domain}", file=sys.stderr)
+    logger("demo").info(f"      {len(splits.classes)} classes x {len(splits.source_domains) + 1} "
+                        f"styles in {splits.dataset_dir}; trained on "
+                        f"{', '.join(splits.source_domains)}, unseen: {splits.target_domain}")
     _say(2, "demo teacher: a small CLIP that has seen more styles than the student")
     teacher_dir = built_teacher(recipe.teacher.model)()
     zero_shot = json.loads((teacher_dir / "zero_shot.json").read_text())["accuracy"]["rise"]

@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
+from rise_edge.logs import logger
 from rise_edge.config import CLIP_TEMPLATES
 from rise_edge.demo.world import (ALL_STYLES, DEMO_CLASSES, DEMO_COLOURS, STUDENT_STYLES, WorldSpec,
                                   caption, default_world_spec, generate_world, iter_samples,
@@ -187,14 +187,14 @@ def _to_tensor(images: Sequence, size: int) -> torch.Tensor:
 
 
 def _build_pool(settings: DemoTeacherSettings, progress: bool) -> _Pool:
-    from tqdm import tqdm
+    from rise_edge.logs import progress as progress_bar
 
     count = len(settings.styles) * len(settings.classes) * settings.images_per_cell
-    samples = list(tqdm(iter_samples(settings.classes, settings.styles, seed=settings.seed,
-                                     image_size=settings.source_size, colours=settings.colours,
-                                     count=count),
-                        total=count, desc="teacher images", unit="img", disable=not progress,
-                        leave=False))
+    samples = list(progress_bar(iter_samples(settings.classes, settings.styles, seed=settings.seed,
+                                             image_size=settings.source_size,
+                                             colours=settings.colours, count=count),
+                                total=count, desc="teacher images", unit="img", enabled=progress,
+                                leave=False))
     return _Pool(_to_tensor([s.image for s in samples], settings.image_size),
                  [s.style for s in samples], [s.colour for s in samples],
                  [s.class_name for s in samples])
@@ -312,7 +312,8 @@ def train_teacher(settings: DemoTeacherSettings, cache_dir: Path, progress: bool
     """A freshly trained teacher (eval mode); deterministic for given settings and thread count."""
     import open_clip
     from open_clip.loss import ClipLoss
-    from tqdm import tqdm
+
+    from rise_edge.logs import progress as progress_bar
 
     torch.manual_seed(settings.seed)
     register_demo_teacher_config(settings, cache_dir)
@@ -333,7 +334,7 @@ def train_teacher(settings: DemoTeacherSettings, cache_dir: Path, progress: bool
     loss_fn = ClipLoss()
     groups = _groups(pool)
     model.train()
-    bar = tqdm(range(settings.steps), desc="demo teacher", disable=not progress, leave=False)
+    bar = progress_bar(range(settings.steps), desc="demo teacher", enabled=progress, leave=False)
     for _ in bar:
         indices, texts = _batch(rng, groups, settings.batch_size, settings.student_style_weight)
         images = normalise(_augment(pool.images[indices], gen))
@@ -472,9 +473,9 @@ def _build_into(folder: Path, settings: DemoTeacherSettings, cache: Path, progre
              for name, templates in (("rise", RISE_TEMPLATES), ("plain", PLAIN_TEMPLATES))}
     timings["zero_shot"] = time.perf_counter() - start
     if progress:
-        print(f"demo teacher zero-shot accuracy on the student's styles "
-              f"(chance {100 / len(settings.classes):.1f}%):\n{format_accuracy_table(table)}",
-              file=sys.stderr)
+        logger("demo").info(f"demo teacher zero-shot accuracy on the student's styles "
+                            f"(chance {100 / len(settings.classes):.1f}%):\n"
+                            f"{format_accuracy_table(table)}")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"))
     write_json_atomic(folder / "zero_shot.json", {

@@ -207,10 +207,10 @@ def current_umask() -> int:
 
 
 def _write_world(folder: Path, spec: WorldSpec, progress: bool) -> None:
-    from tqdm import tqdm
+    from rise_edge.logs import progress as progress_bar
 
-    bar = tqdm(total=spec.num_images, desc="demo world", unit="img", disable=not progress,
-               leave=False)
+    bar = progress_bar(total=spec.num_images, desc="demo world", unit="img", enabled=progress,
+                       leave=False)
     with bar:
         for style in spec.styles:
             for class_name in spec.classes:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from rise_edge.logs import logger
 from rise_edge.backend_table import artefacts, backends, plan_formats, why_unavailable
 from rise_edge.config import ExportConfig, parse_override, recipe_from_dict, recipe_to_dict
 from rise_edge.errors import UserError, missing_extra
@@ -194,7 +194,7 @@ def _export(run: TrainedRun, cfg: ExportConfig, progress: bool, data_root: str |
             ) -> ExportResult:
     def log(message: str) -> None:
         if progress:
-            print(f"[export] {message}", file=sys.stderr, flush=True)
+            logger("export").info(f"[export] {message}")
 
     try:
         import onnx  # noqa: F401

@@ -14,7 +14,6 @@ class index, as arg-max breaks them), probabilities are the softmax of the logit
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -23,8 +22,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from rise_edge.logs import progress as progress_bar
 from rise_edge.backends.base import Runner
 from rise_edge.data.transforms import eval_transform, preprocess_images
 from rise_edge.errors import UserError
@@ -112,8 +111,7 @@ class Predictions:
             yield chunk
 
     def _generate(self) -> Iterator[Prediction]:
-        bar = tqdm(desc=f"predict ({self.artefact})", unit="img", file=sys.stderr,
-                   disable=None if self._progress else True)
+        bar = progress_bar(desc=f"predict ({self.artefact})", unit="img", enabled=self._progress)
         begin = time.perf_counter()
         try:
             for chunk in self._batches():

@@ -21,7 +21,6 @@ import contextlib
 import datetime
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import rise_edge.serving.deepstream as deepstream
 import rise_edge.serving.graphs as graphs
 import rise_edge.serving.selection as selection
 import rise_edge.serving.triton as triton
+from rise_edge.logs import logger
 from rise_edge.errors import UserError
 from rise_edge.files import (check_destination, file_sha256, path_relation, write_failure,
                              write_text_atomic)
@@ -208,7 +208,7 @@ def _lay_out(root: Path, run: Path, export_json: Path, document: dict[str, Any],
              base: str, embedding: bool, progress: bool) -> BundleResult:
     def log(message: str) -> None:
         if progress:
-            print(f"[bundle] {message}", file=sys.stderr, flush=True)
+            logger("serving").info(f"[bundle] {message}")
 
     student = document["student"]
     classes, pre = list(student["classes"]), student["preprocessing"]

@@ -18,11 +18,11 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rise_edge.logs import logger
 from rise_edge.errors import DamagedFile, UserError
 from rise_edge.files import (RUN_MARKER, check_destination, copy_for_write, file_sha256, read_lock,
                              run_lock, write_failure, write_json_atomic, write_text_atomic)
@@ -160,7 +160,7 @@ def _adapted(run: TrainedRun, method: str, site: SiteImages, child: Path, data_r
 def adapt_run(parent_dir: str | Path, site_dir: str | Path, method: str, *,
               child_dir: str | Path | None = None, int8_calibration: str = "sources",
               skip_bad: bool = False, data_root: str | None = None, command: str = "",
-              log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+              log: Callable[[str], None] = logger("site").info,
               keep: dict[str, Any] | None = None, distill: DistillSettings | None = None
               ) -> tuple[Path, dict[str, Any]]:
     """Make the adapted child run of `parent_dir` for the images of `site_dir`; returns its path and

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rise_edge.logs import configure_once, logger
 from rise_edge.config import load_recipe, read_yaml_file, recipe_to_dict, resolve_recipe
 from rise_edge.errors import UserError
 from rise_edge.files import cache_key, write_json_atomic, write_text_atomic
@@ -294,6 +295,7 @@ def read_run_record(run_dir: Path) -> dict[str, Any]:
 def run_one(spec: RunSpec) -> dict[str, Any]:
     """Train (or resume, or skip when finished), then the asked export and bench stages; write the
     run's sweep record. Returns the run's results.json."""
+    configure_once()  # a worker or a SLURM job: its messages go to its stderr, its log
     import torch
 
     from rise_edge.run_dir import open_run
@@ -343,11 +345,11 @@ def run_worker(spec_file: str) -> int:
     try:
         run_one(spec)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        logger("sweep").error(f"error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted: run the sweep again to resume this run from its last checkpoint",
-              file=sys.stderr)
+        logger("sweep").error("interrupted: run the sweep again to resume this run from its last "
+                              "checkpoint")
         return 130
     return 0
 

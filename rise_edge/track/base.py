@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any, Protocol
 
+from rise_edge.logs import logger
 from rise_edge.config import Recipe
 
 # metrics.jsonl's keys of a training window that are not loss terms (every other number is one),
@@ -126,6 +126,4 @@ def _close_quietly(tracker: Tracker) -> None:
 
 
 def warn(message: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(f"warning: {message}", file=sys.stderr)  # above training's progress bar, not into it
+    logger("track").warning(f"warning: {message}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import resource
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -22,8 +21,9 @@ import torch
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
+from rise_edge.logs import logger
+from rise_edge.logs import progress as progress_bar
 from rise_edge.config import Recipe, dump_recipe, recipe_from_dict, recipe_to_dict
 from rise_edge.data.domains import (SPLITS_FILE, DomainImages, DomainSplits, build_splits,
                                     data_root, split_lists_dir, splits_to_record)
@@ -157,8 +157,8 @@ def _check_run_dir(path: Path, recipe: Recipe, resume: bool, given: bool = True)
             other = "choose another --run-dir, or --set train.run_name=NAME" if given else elsewhere
             raise UserError(f"run directory {path} already exists ({hint}); {other}")
         if (path / "metrics.jsonl").exists():
-            print(f"{path} was interrupted before its first checkpoint: starting it again",
-                  file=sys.stderr)
+            logger("train").info(f"{path} was interrupted before its first checkpoint: starting "
+                                 "it again")
             (path / "metrics.jsonl").unlink()
         return
     if not (path / RESUME_FILE).is_file():
@@ -264,14 +264,14 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
     objective, student, pre = _objective(recipe, splits, device, path, cache_dir)
     if dist.is_main:  # once everything is checked and training is about to start
         for note in notes:
-            print(f"note: {note}", file=sys.stderr)
+            logger("train").info(f"note: {note}")
     model = _placed(student, recipe, device, dist)
     optimizer = build_optimizer(recipe.optim, (p for p in student.parameters() if p.requires_grad))
     scaler, autocast = _mixed_precision(recipe, device)
 
     workers = loader_workers(recipe.data.num_workers, device.type)
     views_set, cached, views = training_views(recipe, splits.train_samples, pre, objective,
-                                              log=lambda line: print(line, file=sys.stderr))
+                                              log=logger("train").info)
     train_set = TimedBatches(views_set)
     per_epoch = len(train_set) // recipe.train.batch_size
     total = recipe.train.steps or recipe.train.epochs * per_epoch
@@ -288,8 +288,8 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
     meta = StudentMeta(recipe.student.model, student.head_spec, pre, splits.classes,
                        splits.source_domains, splits.target_domain, step, {})
 
-    bar = tqdm(total=total, initial=step, unit="step", desc=f"train {path.name}", disable=not progress,
-               dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(total=total, initial=step, unit="step", desc=f"train {path.name}",
+                       enabled=progress)
     window: dict[str, float] = defaultdict(float)
     rates = _Rates(workers, dist.world_size, time.perf_counter())
     while step < total:
@@ -329,7 +329,7 @@ def _train(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume: bool,
     return _finish(path, splits, eval_sets, best, total, started, device, dist, rates.run(), views)
 
 
-def _log_window(log: MetricsLog | None, bar: tqdm, window: dict[str, float], rates: _Rates,
+def _log_window(log: MetricsLog | None, bar: Any, window: dict[str, float], rates: _Rates,
                 step: int, epoch: int, lr: float) -> None:
     """One metrics.jsonl line (the window's mean loss terms and images/s) and the bar's figures;
     then a new window."""
@@ -442,8 +442,8 @@ def _prepare_run(recipe: Recipe, recipe_name: str, run_dir: Path | None, resume:
     # timeout on a large data set): `share` waits on the start group, up to $RISE_EDGE_START_TIMEOUT.
     splits = dist.share(build_splits(recipe.data, progress=progress) if dist.is_main else None)
     if splits.skipped_images and dist.is_main:
-        print(f"skipped {len(splits.skipped_images)} unreadable image(s) (data.skip_bad_images)",
-              file=sys.stderr)
+        logger("train").warning(f"skipped {len(splits.skipped_images)} unreadable image(s) "
+                                "(data.skip_bad_images)")
     batches = ViewBatches(len(splits.train_samples), recipe.train.batch_size, recipe.train.seed,
                           rank=dist.rank, world_size=dist.world_size)
     if dist.is_main and not resume:

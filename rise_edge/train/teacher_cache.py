@@ -27,7 +27,6 @@ import errno
 import hashlib
 import json
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from rise_edge.logs import logger
 from rise_edge.data.transforms import Preprocessing
 from rise_edge.data.views import PARAMS, ViewImages, ViewSpec, apply_view, read_image, sample_view
 from rise_edge.errors import UserError
@@ -62,7 +62,7 @@ def size_text(n: float) -> str:
 
 
 def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    logger("train").info(line)
 
 
 def default_dir(cache_dir: str) -> Path:
