@@ -17,6 +17,25 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+
+def _absl_handler_on_the_real_stderr() -> None:
+    """absl-py (tensorboard's dependency; nncf imports absl.logging where it is installed) makes a
+    logging handler on whatever sys.stderr is when it is imported: inside a test, pytest's capture
+    stream. Importing submitit runs logging.config.dictConfig, which closes every handler, and
+    absl's closes its stream unless it is the process's own: pytest's capture then dies mid-session
+    ('I/O operation on closed file', found in test_sweep after test_backends' NNCF test). Pointing
+    it at sys.__stderr__ now, before any test, keeps that stream the process's own."""
+    import sys
+
+    try:
+        import absl.logging
+    except ImportError:
+        return
+    absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
+_absl_handler_on_the_real_stderr()
+
 TINY_CLASSES = ("circle", "square", "triangle")
 TINY_DOMAINS = ("cartoon", "photo", "sketch")  # sketch is the target
 TINY_TARGET = "sketch"

@@ -13,6 +13,7 @@ class index, as arg-max breaks them), probabilities are the softmax of the logit
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -128,6 +129,12 @@ class Predictions:
             self.seconds += time.perf_counter() - begin
         finally:
             bar.close()
+            # The runner goes with the stream: its memory back at once, and runtimes released in
+            # the order they were made (one CPU plugin swaps the thread's signal stack on every
+            # compile and release; released out of order, it left a freed one, and the next
+            # signal, Ctrl-C included, crashed the process: found as a SIGSEGV in the test suite).
+            self._runner = None  # type: ignore[assignment]
+            gc.collect()
         if not self.images:
             raise UserError(f"none of the {len(self.skipped)} image(s) found could be read (all "
                             f"skipped: {self.skipped[0][0]}: {self.skipped[0][1]}, ...)")
