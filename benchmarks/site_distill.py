@@ -247,7 +247,7 @@ def to_markdown(record: dict[str, Any]) -> str:
              *(["Site images transformed: " + record["site_transform"] + " (every pixel "
                 "inverted: a camera unlike anything the teacher saw).  "]
                if record.get("site_transform", "none") != "none" else []),
-             f"Wall time: {record['seconds'] / 60:.1f} min. Parents byte-identical afterwards: "
+             f"Wall time of this invocation: {record['seconds'] / 60:.1f} min. Parents byte-identical afterwards: "
              f"{all(r['parent_unchanged'] for g in record['groups'].values() for r in g)}.", "",
              "The site is each run's held-out domain: adapt sees a seeded sample of N of its images "
              "without labels; *unseen* is the rest of the domain (images of tomorrow, never given "
