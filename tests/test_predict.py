@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
+import stat
 import shutil
 import subprocess
 import sys
@@ -368,3 +370,7 @@ def test_output_inside_the_run_directory_or_of_no_known_format_is_refused(
     assert record.read_bytes() == before
     _refused(_cli(benched, image, "--output", tmp_path / "p.xlsx"), 2, "--format")
     _refused(_cli(benched, image, "--output", tmp_path / "no" / "p.csv"), 2, "does not exist")
+    pipe = tmp_path / "pipe.csv"
+    os.mkfifo(pipe)  # renamed over, a pipe (or a device such as /dev/full) would be replaced itself
+    _refused(_cli(benched, image, "--output", pipe), 2, "not a regular file")
+    assert stat.S_ISFIFO(pipe.stat().st_mode)

@@ -59,6 +59,12 @@ def check_output(output: Path | None, run_dir: Path) -> None:
     if output.is_dir():
         raise UserError(f"--output {output} is a folder; give a file name such as "
                         f"{output / 'predictions.csv'}")
+    if output.exists() and not output.is_file():
+        # The output is written under a temporary name and renamed over the old one: over a
+        # device or a pipe, that would replace the device or pipe itself.
+        raise UserError(f"--output {output} exists and is not a regular file (a device, a pipe or "
+                        "a socket), which predict would replace whole; give a file path, or leave "
+                        "out --output and redirect the terminal output")
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():
         raise UserError(f"--output {output}: its folder {parent} does not exist; create it or "
