@@ -59,6 +59,27 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
 
 
+class _LogFile(logging.FileHandler):
+    """--log-file's handler: a file that cannot be written (a full disk, a device that refuses,
+    a folder gone) is said once, in one line, and left; the command goes on, its messages on
+    stderr. logging's default would print a traceback for every message."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        error = sys.exc_info()[1]
+        why = getattr(error, "strerror", None) or error
+        tqdm.write(f"warning: --log-file {self.baseFilename}: {why}; messages go to stderr only "
+                   "from here", file=sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+
 def configure(level: int = logging.INFO, log_file: Path | None = None) -> None:
     """The command line's logging: bare lines on stderr from `level` up, and with `log_file` every
     message (debug included), time-stamped, appended to that file. Called once per command."""
@@ -73,7 +94,7 @@ def configure(level: int = logging.INFO, log_file: Path | None = None) -> None:
     console.setFormatter(logging.Formatter("%(message)s"))
     handlers: list[logging.Handler] = [console]
     if log_file is not None:
-        to_file = logging.FileHandler(log_file, encoding="utf-8")
+        to_file = _LogFile(log_file, encoding="utf-8")
         to_file.setLevel(logging.DEBUG)
         to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handlers.append(to_file)

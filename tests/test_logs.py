@@ -84,6 +84,10 @@ def test_the_command_line_options(tmp_path: Path, tiny_run: Path) -> None:
     assert "[bench]" not in quiet.output and "pytorch" in quiet.output  # the table still prints
     both = CliRunner().invoke(main, ["--quiet", "--verbose", *args])
     assert both.exit_code == 2 and both.output.count("\n") == 1 and "not both" in both.output
+    full = CliRunner().invoke(main, ["--log-file", "/dev/full", *args])  # a disk that is full
+    assert full.exit_code == 0, full.output
+    assert full.output.count("warning: --log-file /dev/full: No space left on device") == 1
+    assert "Traceback" not in full.output and "Logging error" not in full.output
     nowhere = CliRunner().invoke(main, ["--log-file", str(tmp_path / "no" / "such.log"), *args])
     assert nowhere.exit_code == 2 and "--log-file" in nowhere.output
     assert nowhere.output.count("\n") == 1
