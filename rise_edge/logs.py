@@ -102,6 +102,9 @@ def configure(level: int = logging.INFO, log_file: Path | None = None) -> None:
         handler._rise_edge = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(min(level, logging.DEBUG if log_file is not None else level))
+    # The command owns its output: a library that configured the root logger (some do, on import)
+    # would otherwise print every rise-edge line a second time, in its own format.
+    root.propagate = False
     _bars_hidden = level > logging.INFO
 
 

@@ -27,6 +27,7 @@ def _fresh_logging():
         root.removeHandler(handler)
         handler.close()
     root.setLevel(logging.NOTSET)
+    root.propagate = True
     logs._bars_hidden = False
 
 
@@ -69,6 +70,14 @@ def test_quiet_hides_info_and_bars_verbose_shows_debug(capsys) -> None:
     logs.configure(logging.DEBUG)
     logs.logger("bench").debug("a debug line")
     assert "a debug line" in capsys.readouterr().err
+    # a library that configured the root logger does not get rise-edge's lines a second time
+    other = logging.StreamHandler(sys.stderr)
+    logging.getLogger().addHandler(other)
+    try:
+        logs.logger("bench").info("once")
+        assert capsys.readouterr().err.count("once") == 1
+    finally:
+        logging.getLogger().removeHandler(other)
 
 
 def test_the_command_line_options(tmp_path: Path, tiny_run: Path) -> None:
