@@ -110,6 +110,17 @@ def tree_hash(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures(...)`): the tiny
+    students are too small to gain from threads, and on a shared 2-core machine two torch threads
+    waiting on each other turn a 1 ms forward pass into hundreds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _image_check_records(tmp_path_factory: pytest.TempPathFactory):
     """The image-check records of the tests' throw-away data sets go to a folder of this session,

@@ -40,14 +40,7 @@ LATENCY_KEYS = {"status", "batch_size", "warmup", "clock", "count", "min_ms", "m
                 "p90_ms", "p99_ms", "max_ms", "total_ms", "images_per_s", "power"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> None:
-    """The tiny student is too small to gain from threads, and on a shared 2-core machine two torch
-    threads waiting on each other turn a 1 ms forward pass into hundreds: keep these tests quick."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _report(run: Path) -> dict:

@@ -22,13 +22,7 @@ from rise_edge.files import file_sha256, write_json_atomic
 QUICK = ["--iterations", "1", "--warmup", "0", "--batch", "1", "--max-images", "3", "--quiet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> None:
-    """The tiny models gain nothing from threads, and on a shared machine they cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _one_error_line(result, *needles: str, code: int = 2) -> str:

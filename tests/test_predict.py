@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 from conftest import TINY_CLASSES, TINY_DATASET, TINY_TARGET
 
@@ -36,13 +35,7 @@ from rise_edge.run_dir import open_run, run_splits
 pytest.importorskip("onnxruntime", reason="the ONNX artefacts need the 'cpu' extra")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> None:
-    """The tiny student gains nothing from threads, and on a shared 2-core machine they cost 100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _openvino_here() -> bool:
