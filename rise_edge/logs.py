@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -106,6 +106,13 @@ def configure(level: int = logging.INFO, log_file: Path | None = None) -> None:
     # would otherwise print every rise-edge line a second time, in its own format.
     root.propagate = False
     _bars_hidden = level > logging.INFO
+
+
+def stage_lines(stage: str, label: str, enabled: bool = True) -> Callable[[str], None]:
+    """A stage's progress lines, `[label] message` at INFO on `rise_edge.<stage>`, or nothing when
+    not `enabled` (the commands' --quiet)."""
+    log = logger(stage)
+    return (lambda message: log.info(f"[{label}] {message}")) if enabled else (lambda message: None)
 
 
 def configure_once() -> None:

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rise_edge.logs import logger
+from rise_edge.logs import stage_lines
 from rise_edge.logs import progress as progress_bar
 from rise_edge.backend_table import backends, runner_for
 from rise_edge.backends.base import Runner
@@ -68,13 +68,6 @@ ACCURACY_BATCH = 32
 SCHEMA = 1
 
 FAILED = frozenset({"missing", "load-failed", "run-failed", "tampered", "unverified"})
-
-
-def _log(progress: bool) -> Callable[[str], None]:
-    def log(message: str) -> None:
-        if progress:
-            logger("bench").info(f"[bench] {message}")
-    return log
 
 
 def resolve_bench_config(run: TrainedRun, **flags: Any) -> BenchConfig:
@@ -251,7 +244,7 @@ def bench_run(run_dir: str | Path, cfg: BenchConfig, *, progress: bool = True,
               site: str | Path | None = None, skip_bad_site: bool = False) -> BenchReport:
     """Bench every chosen engine of a run on the chosen domains; write RUN_DIR/bench/ and return it."""
     run_dir = Path(run_dir)
-    log = _log(progress)
+    log = stage_lines("bench", "bench", progress)
     if not cfg.batch_sizes or any(b < 1 for b in cfg.batch_sizes):
         raise UserError(f"batch sizes must be positive integers, got {list(cfg.batch_sizes)}")
     run = open_run(run_dir)

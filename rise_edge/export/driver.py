@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from rise_edge.logs import logger
+from rise_edge.logs import stage_lines
 from rise_edge.backend_table import artefacts, backends, plan_formats, why_unavailable
 from rise_edge.config import ExportConfig, parse_override, recipe_from_dict, recipe_to_dict
 from rise_edge.errors import UserError, missing_extra
@@ -192,9 +192,7 @@ def _check_adapted(session: ExportSession, names: Sequence[str]) -> None:
 
 def _export(run: TrainedRun, cfg: ExportConfig, progress: bool, data_root: str | None
             ) -> ExportResult:
-    def log(message: str) -> None:
-        if progress:
-            logger("export").info(f"[export] {message}")
+    log = stage_lines("export", "export", progress)
 
     try:
         import onnx  # noqa: F401

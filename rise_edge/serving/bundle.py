@@ -32,7 +32,7 @@ import rise_edge.serving.deepstream as deepstream
 import rise_edge.serving.graphs as graphs
 import rise_edge.serving.selection as selection
 import rise_edge.serving.triton as triton
-from rise_edge.logs import logger
+from rise_edge.logs import stage_lines
 from rise_edge.errors import UserError
 from rise_edge.files import (check_destination, file_sha256, path_relation, write_failure,
                              write_text_atomic)
@@ -206,9 +206,7 @@ def _lay_out(root: Path, run: Path, export_json: Path, document: dict[str, Any],
              formats: Sequence[str],
              served: list[selection.Served], missing: dict[str, str], recommended: str | None,
              base: str, embedding: bool, progress: bool) -> BundleResult:
-    def log(message: str) -> None:
-        if progress:
-            logger("serving").info(f"[bundle] {message}")
+    log = stage_lines("serving", "bundle", progress)
 
     student = document["student"]
     classes, pre = list(student["classes"]), student["preprocessing"]
